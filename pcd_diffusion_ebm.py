@@ -1,0 +1,683 @@
+"""DA-EBM: Persistently Trained, Diffusion-assisted Energy-based Models (Zhang, Ou, Tan 2023, arXiv 2304.10707).
+
+One network f(x, t) defines a joint EBM over data and diffusion step, p(x, t) ∝ exp(-U(x, t)) with
+U = -f and t ∈ {0..T}. The positive samples are "diffusion data": t ~ Uniform{0..T} and
+x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (t = 0 is clean data). The negatives come from persistent chains over
+(x, t) that are never re-initialised; each training step draws a batch of chains and moves them by one MGMS
+transition: K Langevin steps on x at fixed t (Metropolis-adjusted once switched on, per-level step sizes
+adapted toward 0.6-0.8 acceptance), then one exact Gibbs draw of t from softmax_t f(x, t) over all levels.
+The loss is mean U(positives) - mean U(negatives) (persistent contrastive divergence on the joint model).
+The high-noise levels mix fast and carry the chains between modes, which keeps persistent training stable
+where plain persistent EBMs diverge. After training, samples are chains started from noise at t = T and kept
+at their M-th visit to t = 0; the energy at t = 0 scores OOD inputs.
+
+Deliberate differences from the official code (github.com/XinweiZhang/DAEBM):
+1. MALA acceptance is correct: the reverse-proposal term is -ξ + (s/2)(∇U(x) + ∇U(x')). The official code
+   uses s²/2 instead of s/2, which is not the Metropolis-Hastings ratio of its own proposal.
+   `--official-mh-ratio` reproduces it.
+2. Acceptance statistics for step-size adaptation are averaged over the chains actually at each level in the
+   window (sum / count, and the MH acceptance probability rather than the 0/1 outcome, same expectation).
+   The official code averages per-iteration level means with empty levels counted as 0, which biases the
+   rate down at levels few chains visit.
+3. The learning-rate schedule is a per-iteration function of the step (warm-up, then the paper's decay
+   expressed as fractions of --steps); the official code steps its decay once per epoch. With --steps at
+   the paper's value the two differ only by the within-epoch granularity.
+4. The 2D step-size adaptation runs every 500 iterations (one official epoch of 50k points at batch 100);
+   the official toy script adapts once per epoch, which is the same number.
+5. Data batches come from shuffled epochs of an in-memory tensor (`common.EpochLoader`), not a DataLoader;
+   the 2D training set is 50,000 fixed points drawn once, as in the official toy script.
+6. Optional EMA of the weights (`--ema-decay`, off by default as in the official code): when on, the EMA
+   model is what the checkpoint's "ema" holds for post-training sampling and evaluation; the persistent
+   chains always use the trained weights.
+7. The long-run stability check reports numbers (mean energy at t = 0 and RMS drift from the start, against
+   MALA steps) besides the image grid; the official check is visual only.
+8. CIFAR-10, CIFAR-100, SVHN, CelebA and folder datasets use the MNIST configuration with 3 channels; the
+   paper has no configuration for them.
+9. 2D default run length: `python pcd_diffusion_ebm.py` trains the paper's rings configuration for 10,000
+   iterations instead of the paper's 100,000 so that the quick start takes minutes on a CPU; the learning-rate
+   milestones are fractions of --steps, so `--steps 100000` is the paper's run.
+"""
+import copy
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    exp_name: str = "daebm"
+    """name used in the run folder"""
+    seed: int = 1
+    """random seed (weights, chains, data order)"""
+    dataset: str = "rings"
+    """rings | 8gaussians | checkerboard | swissroll | pinwheel | 2spirals | mnist | fashionmnist | cifar10 |
+    cifar100 | svhn | celeba | folder:PATH"""
+    data_dir: str = "data"
+    """where image datasets are read from (and downloaded to when online)"""
+    run_dir: Optional[str] = None
+    """output folder; default runs/{exp_name}__{dataset}__{seed}__{time}"""
+    steps: Optional[int] = None
+    """training iterations (default 10k for 2D, the paper's 100k is --steps 100000; images 120k = 200 epochs
+    x 600, the paper's)"""
+    batch_size: Optional[int] = None
+    """data and chain batch per iteration (paper: 100 for 2D, 200 for images)"""
+    lr: Optional[float] = None
+    """Adam learning rate (paper: 5e-4 for 2D, 1e-5 for images)"""
+    ema_decay: float = 0.0
+    """EMA decay of the weights for sampling/evaluation; 0 = no EMA (the official code has none)"""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
+    log_every: int = 100
+    """iterations between progress lines / metrics.jsonl records"""
+    sample_every: Optional[int] = None
+    """iterations between sample pictures"""
+    save_every: Optional[int] = None
+    """iterations between checkpoints (ckpt.pt and a numbered snapshot)"""
+    resume: bool = False
+    """continue the run in --run-dir from its ckpt.pt, exactly"""
+
+    # ---- DA-EBM ----
+    num_levels: Optional[int] = None
+    """T: diffusion steps above the data (paper: 6 for 2D, 50 for images)"""
+    beta_start: Optional[float] = None
+    """b1 of the sqrtcumlinear schedule β_t = (cumsum linspace(b1, b2, T))² (2D 1e-2, images 2e-4)"""
+    beta_end: Optional[float] = None
+    """b2 of the schedule (2D 3e-1, images 2e-2)"""
+    n_chains: Optional[int] = None
+    """persistent chains (paper: 10,000 for 2D, 50,000 for images)"""
+    langevin_steps: int = 40
+    """K: Langevin steps at fixed t in one MGMS transition"""
+    init_step_size: float = 0.1
+    """initial Langevin step size s_t (images: s_t = 0.1; 2D: s_t = 0.1 sqrt(β_t) with s_0 = s_1)"""
+    mh_start: Optional[int] = None
+    """iteration at which the Metropolis-Hastings correction is switched on (paper: 10 epochs images, 1 2D)"""
+    adapt_every: Optional[int] = None
+    """iterations between step-size adaptations toward 0.6-0.8 acceptance (images 100, 2D 500)"""
+    official_mh_ratio: bool = False
+    """use the official code's (incorrect) MALA ratio, with s²/2 in the reverse proposal"""
+    warmup_steps: Optional[int] = None
+    """linear learning-rate warm-up (images 6,000, 2D 500)"""
+    lr_schedule: Optional[Literal["linear", "multistep"]] = None
+    """images 'linear': constant to 60% of steps, then linear decay; 2D 'multistep': x0.1 at 70/80/90%"""
+    adam_beta1: float = 0.0
+    """Adam β1 (paper: 0)"""
+    adam_beta2: float = 0.999
+    """Adam β2"""
+    channels: int = 128
+    """image net base width"""
+    channel_mult: Tuple[int, ...] = (1, 2, 2, 2)
+    """image net width multipliers per resolution (average-pool between them)"""
+    mlp_width: int = 128
+    """2D net hidden width"""
+    image_size: Optional[int] = None
+    """folder: datasets are resized to this (default: the first image's size)"""
+    image_channels: Optional[int] = None
+    """set from the dataset; stored so build_model can rebuild the net from a checkpoint"""
+    sampler: Literal["mgms", "annealed"] = "mgms"
+    """post-training sampler: 'mgms' = the paper's (chains from t = T kept at their M-th visit to t = 0);
+    'annealed' = K Langevin steps at each t from T down to 0"""
+    visits_to_keep: int = 50
+    """M: a post-training chain is kept at its M-th visit to t = 0"""
+    sample_chains: Optional[int] = None
+    """parallel chains of the post-training sampler (images 100 as the official post-sampling; 2D 1024, also
+    the number of points in the final 2D sample picture)"""
+    max_transitions: int = 100000
+    """post-training sampler gives up after this many MGMS transitions"""
+    long_run_steps: Optional[int] = None
+    """MALA steps at t = 0 from real data after training (paper 100,000 images; 2D 10,000); 0 = skip"""
+    n_grid: int = 64
+    """images in each sample grid; the 2D long-run check starts from n_grid² data points"""
+
+    def __post_init__(self):
+        common.check_dataset_name(self.dataset)
+        toy = common.is_toy(self.dataset)
+        preset = dict(steps=10_000, batch_size=100, lr=5e-4, sample_every=5000, save_every=10_000,
+                      num_levels=6, beta_start=1e-2, beta_end=3e-1, n_chains=10_000, mh_start=500,
+                      adapt_every=500, warmup_steps=500, lr_schedule="multistep", long_run_steps=10_000,
+                      sample_chains=1024) \
+            if toy else \
+            dict(steps=120_000, batch_size=200, lr=1e-5, sample_every=2000, save_every=10_000,
+                 num_levels=50, beta_start=2e-4, beta_end=2e-2, n_chains=50_000, mh_start=6000,
+                 adapt_every=100, warmup_steps=6000, lr_schedule="linear", long_run_steps=100_000,
+                 sample_chains=100)
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if not toy and not self.dataset.startswith("folder:") and self.image_channels is None:
+            self.image_channels, self.image_size, _ = common.image_shape(self.dataset)
+        self.channel_mult = tuple(self.channel_mult)
+        positive = ["steps", "batch_size", "n_chains", "langevin_steps", "log_every", "sample_every",
+                    "save_every", "adapt_every", "num_levels", "visits_to_keep", "sample_chains"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise common.UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        if not (self.lr > 0 and self.init_step_size > 0 and 0 <= self.ema_decay < 1):
+            raise common.UserError("--lr and --init-step-size must be positive and 0 <= --ema-decay < 1")
+        if self.n_chains < self.batch_size:
+            raise common.UserError(f"--n-chains {self.n_chains} is smaller than --batch-size {self.batch_size}")
+
+
+# ===================================================================================================
+# NETWORK
+# ===================================================================================================
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer steps (DDPM / tensor2tensor form)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], 1)
+
+
+class ResBlock(nn.Module):
+    """act -> conv -> + Linear(act(temb)) as a per-channel bias -> act -> conv; 3x3 conv shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, temb_dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 3, padding=1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, bias):
+        h = self.conv1(F.silu(x)) + bias[:, :, None, None]
+        h = self.conv2(F.silu(h))
+        return self.shortcut(x) + h
+
+
+class ResNetTemb(nn.Module):
+    """The official image net: one ResBlock per resolution, average-pool down, SiLU, no normalisation.
+
+    Output f(x, t) = <sum-pool(act(h)), Linear(act(temb))>. A 28x28 input is padded to 32 by the first conv
+    (padding 3), as in the official code. Everything that depends on t alone is computed once per level
+    (`level_table`) and indexed per row, which gives the same numbers as computing it per row.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, ch: int, ch_mult: Tuple[int, ...], num_levels: int):
+        super().__init__()
+        self.ch, self.num_levels = ch, num_levels
+        temb_dim = 4 * ch
+        self.temb_dense = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=3 if image_size == 28 else 1)
+        widths = [ch] + [ch * m for m in ch_mult]
+        self.blocks = nn.ModuleList(ResBlock(widths[i], widths[i + 1], temb_dim) for i in range(len(ch_mult)))
+        self.temb_final = nn.Linear(temb_dim, widths[-1])
+
+    def level_table(self):
+        """Per level t = 0..T: each block's per-channel bias and the final projection."""
+        levels = torch.arange(self.num_levels + 1, device=self.conv_in.weight.device)
+        temb_act = F.silu(self.temb_dense(timestep_embedding(levels, self.ch)))
+        return [block.temb_proj(temb_act) for block in self.blocks] + [self.temb_final(temb_act)]
+
+    def forward(self, x, t, table=None):
+        table = [c[t] for c in (self.level_table() if table is None else table)]
+        h = self.conv_in(x)
+        for i, block in enumerate(self.blocks):
+            h = block(h, table[i])
+            if i < len(self.blocks) - 1:
+                h = F.avg_pool2d(h, 2)
+        h = F.silu(h).sum((2, 3))
+        return (h * table[-1]).sum(1)
+
+
+class GatedMLP(nn.Module):
+    """The official 2D net (ToyTembModel): 3 hidden layers, Softplus, each gated by a projection of temb."""
+
+    def __init__(self, width: int, num_levels: int):
+        super().__init__()
+        self.width, self.num_levels = width, num_levels
+        self.temb_dense = nn.Sequential(nn.Linear(width, width), nn.Softplus(), nn.Linear(width, width))
+        self.lin1, self.lin2, self.lin3 = nn.Linear(2, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.gate1, self.gate2, self.gate3 = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, 1)
+
+    def level_table(self):
+        """Per level t = 0..T: the three gates."""
+        levels = torch.arange(self.num_levels + 1, device=self.out.weight.device)
+        temb_act = F.softplus(self.temb_dense(timestep_embedding(levels, self.width)))
+        return [self.gate1(temb_act), self.gate2(temb_act), self.gate3(temb_act)]
+
+    def forward(self, x, t, table=None):
+        gate1, gate2, gate3 = (c[t] for c in (self.level_table() if table is None else table))
+        h = F.softplus(self.lin1(x) * gate1)  # official order: gate inside the first act,
+        h = F.softplus(self.lin2(h)) * gate2  # outside the second and third
+        h = F.softplus(self.lin3(h)) * gate3
+        return self.out(h).squeeze(1)
+
+
+def kaiming_init(net: nn.Module):
+    """Official initialisation: Kaiming-normal fan-in (gain 1 for SiLU/Softplus), zero biases."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+            nn.init.zeros_(m.bias)
+    return net
+
+
+class DAEBM(nn.Module):
+    """The net f(x, t) plus everything the samplers need as buffers: the schedule and adapted step sizes."""
+
+    def __init__(self, net: nn.Module, num_levels: int, beta_start: float, beta_end: float, step_size):
+        super().__init__()
+        self.net = net
+        self.num_levels = num_levels
+        betas, sqrt_alpha_bar = sqrtcumlinear_schedule(num_levels, beta_start, beta_end)
+        self.register_buffer("betas", betas.float())
+        self.register_buffer("sqrt_alpha_bar", sqrt_alpha_bar.float())
+        self.register_buffer("sqrt_one_minus_alpha_bar", (1 - sqrt_alpha_bar ** 2).sqrt().float())
+        self.register_buffer("step_size", step_size.float())
+
+    def energy(self, x, t, table=None):
+        """U(x, t) = -f(x, t), one value per row; `table` = net.level_table() when the caller has it."""
+        return -self.net(x, t, table)
+
+    def all_levels_logits(self, x, table=None, max_rows=2048):
+        """f(x, t) for every t = 0..T, (B, T+1): the levels batched together, at most max_rows rows per
+        forward pass (all 51 MNIST levels of a 200 batch at once peak at 57 GiB on an H100)."""
+        levels_per_pass = max(1, max_rows // len(x))
+        logits = []
+        for first in range(0, self.num_levels + 1, levels_per_pass):
+            levels = torch.arange(first, min(first + levels_per_pass, self.num_levels + 1), device=x.device)
+            t = levels.repeat_interleave(len(x))
+            out = self.net(x.repeat(len(levels), *[1] * (x.dim() - 1)), t, table)
+            logits.append(out.view(len(levels), len(x)))
+        return torch.cat(logits).t()
+
+
+# ===================================================================================================
+# NOISE SCHEDULE
+# ===================================================================================================
+def sqrtcumlinear_schedule(num_levels: int, beta_start: float, beta_end: float):
+    """β_1..T = (cumsum(linspace(b1, b2, T)))², β_0 = 0; returns (β_0..T, sqrt(ᾱ_0..T)) in float64."""
+    betas = torch.cumsum(torch.linspace(beta_start, beta_end, num_levels, dtype=torch.float64), 0) ** 2
+    betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas.clamp(0, 1)])
+    return betas, torch.cumprod(torch.sqrt(1 - betas), 0)
+
+
+def initial_step_sizes(args, betas: torch.Tensor) -> torch.Tensor:
+    """Images: s_t = init_step_size at every level. 2D: s_t = init_step_size * sqrt(β_t), s_0 = s_1."""
+    if not common.is_toy(args.dataset):
+        return torch.full_like(betas, args.init_step_size)
+    sizes = args.init_step_size * betas.sqrt()
+    sizes[0] = sizes[1]
+    return sizes
+
+
+def diffuse(model: DAEBM, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (eq. of the forward process; t = 0 returns x_0)."""
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return model.sqrt_alpha_bar[t].view(shape) * x0 + model.sqrt_one_minus_alpha_bar[t].view(shape) * noise
+
+
+# ===================================================================================================
+# SAMPLER
+# ===================================================================================================
+def energy_and_grad(model: DAEBM, x: torch.Tensor, t: torch.Tensor, table):
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        u = model.energy(x, t, table)
+        (grad,) = torch.autograd.grad(u.sum(), x)
+    return u.detach(), grad
+
+
+def langevin(model: DAEBM, x, t, n_steps: int, metropolis: bool, official_ratio: bool = False, stats=None):
+    """n_steps of Langevin on x at fixed t, x' = x - (s_t²/2)∇U + s_t ξ, MALA-corrected when `metropolis`.
+
+    The MH log-ratio is U(x) - U(x') - |ξ_rev|²/2 + |ξ|²/2 with ξ_rev = -ξ + (s/2)(∇U(x) + ∇U(x')), the
+    standard-normal draw that the reverse proposal x' -> x would need. `stats` = (sum, count) tensors of size
+    T+1 that accumulate the acceptance probability per level, on the device (no host sync in the loop).
+    """
+    s = model.step_size[t].view((-1,) + (1,) * (x.dim() - 1))
+    reverse_coef = s * s / 2 if official_ratio else s / 2
+    with torch.no_grad():
+        table = model.net.level_table()  # depends on t only: once per call, not once per step
+    u, grad = energy_and_grad(model, x, t, table)
+    x = x.detach()
+    for _ in range(n_steps):
+        noise = torch.randn_like(x)
+        x_prop = x - 0.5 * s * s * grad + s * noise
+        u_prop, grad_prop = energy_and_grad(model, x_prop, t, table)
+        reverse_noise = -noise + reverse_coef * (grad + grad_prop)
+        log_ratio = u - u_prop - 0.5 * reverse_noise.flatten(1).pow(2).sum(1) + 0.5 * noise.flatten(1).pow(2).sum(1)
+        accept_prob = log_ratio.clamp(max=0).exp()
+        if stats is not None:
+            stats[0].index_add_(0, t, accept_prob)
+            stats[1].index_add_(0, t, torch.ones_like(accept_prob))
+        if metropolis:
+            accept = torch.rand_like(accept_prob) < accept_prob
+            mask = accept.view(s.shape)
+            x, u, grad = torch.where(mask, x_prop, x), torch.where(accept, u_prop, u), torch.where(mask, grad_prop, grad)
+        else:
+            x, u, grad = x_prop, u_prop, grad_prop
+    return x
+
+
+@torch.no_grad()
+def gibbs_level(model: DAEBM, x):
+    """Exact Gibbs draw of t | x from softmax over t of f(x, t), all T+1 levels, by the Gumbel-max trick
+    (argmax of logits + Gumbel noise is a softmax draw; unlike Categorical/multinomial it never syncs)."""
+    logits = model.all_levels_logits(x)
+    gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_(1e-20, 1.0)))
+    return (logits + gumbel).argmax(1)
+
+
+def mgms_transition(model: DAEBM, x, t, args, metropolis: bool, stats=None):
+    """One MGMS transition: K Langevin steps at fixed t, then one Gibbs draw of t."""
+    x = langevin(model, x, t, args.langevin_steps, metropolis, args.official_mh_ratio, stats)
+    return x, gibbs_level(model, x)
+
+
+def mgms_generate(model: DAEBM, n: int, args, device):
+    """The paper's post-training sampler: chains start at N(0, I) with t = T and run MGMS transitions (MALA
+    on); a chain's x is kept at its M-th visit to t = 0, and that chain restarts from noise at t = T.
+
+    Returns (samples (n, ...), Langevin steps each kept chain took (n,)).
+    """
+    shape = sample_shape(args)
+    pool = min(n, args.sample_chains)
+    x = torch.randn((pool,) + shape, device=device)
+    t = torch.full((pool,), args.num_levels, device=device, dtype=torch.long)
+    visits = torch.zeros(pool, dtype=torch.long, device=device)
+    steps_taken = torch.zeros(pool, dtype=torch.long, device=device)
+    kept, kept_steps = [], []
+    n_kept = 0
+    for _ in range(args.max_transitions):
+        x, t = mgms_transition(model, x, t, args, metropolis=True)
+        steps_taken += args.langevin_steps
+        visits += t == 0
+        done = visits == args.visits_to_keep
+        n_done = int(done.sum())  # one sync per transition (40 Langevin steps), outside the Langevin loop
+        if n_done:
+            kept.append(x[done])
+            kept_steps.append(steps_taken[done])
+            n_kept += n_done
+            if n_kept >= n:
+                break
+            x[done] = torch.randn_like(x[done])
+            t[done], visits[done], steps_taken[done] = args.num_levels, 0, 0
+    else:
+        raise RuntimeError(f"post-training sampler kept {n_kept}/{n} chains in {args.max_transitions} "
+                           f"transitions; raise --max-transitions or lower --visits-to-keep")
+    return torch.cat(kept)[:n], torch.cat(kept_steps)[:n]
+
+
+def annealed_generate(model: DAEBM, n: int, args, device):
+    """K MALA steps at each level from t = T down to t = 0, starting from N(0, I) (the official
+    p_sample_langevin_progressive). Returns samples (n, ...)."""
+    x = torch.randn((n,) + sample_shape(args), device=device)
+    for level in range(args.num_levels, -1, -1):
+        t = torch.full((n,), level, device=device, dtype=torch.long)
+        x = langevin(model, x, t, args.langevin_steps, metropolis=True, official_ratio=args.official_mh_ratio)
+    return x
+
+
+def long_run(model: DAEBM, x0, n_steps: int, checkpoints, official_ratio=False):
+    """MALA at t = 0 from real data for n_steps; at each step count in `checkpoints` record the mean energy
+    and the RMS drift from the start (per coordinate). Returns (records, final x)."""
+    t = torch.zeros(len(x0), dtype=torch.long, device=x0.device)
+    x, done, records = x0, 0, []
+    for mark in checkpoints:
+        x = langevin(model, x, t, mark - done, metropolis=True, official_ratio=official_ratio)
+        done = mark
+        with torch.no_grad():
+            records.append({"mala_steps": mark, "mean_energy": model.energy(x, t).mean().item(),
+                            "rms_drift": (x - x0).pow(2).mean().sqrt().item()})
+    return records, x
+
+
+# ===================================================================================================
+# LOSS
+# ===================================================================================================
+def daebm_loss(model: DAEBM, x_pos, t_pos, x_neg, t_neg):
+    """PCD on the joint model: mean U(positives) - mean U(negatives); its gradient is the maximum-likelihood
+    gradient of p(x, t) with the negatives standing in for model samples."""
+    u_pos = model.energy(x_pos, t_pos)
+    u_neg = model.energy(x_neg, t_neg)
+    return u_pos.mean() - u_neg.mean(), u_pos.detach(), u_neg.detach()
+
+
+def lr_factor(step: int, args) -> float:
+    """Multiplier of the base learning rate at iteration `step` (0-based): linear warm-up, then the decay."""
+    warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0
+    frac = step / args.steps
+    if args.lr_schedule == "multistep":
+        decay = 0.1 ** sum(frac >= m for m in (0.7, 0.8, 0.9))
+    else:  # constant to 60% (72k of 120k), then linear toward 1e-5 of the base rate at the end
+        decay = 1.0 if frac < 0.6 else 1.0 - (1 - 1e-5) * (frac - 0.6) / 0.4
+    return warm * decay
+
+
+# ===================================================================================================
+# PUBLIC API
+# ===================================================================================================
+def sample_shape(args):
+    return (2,) if common.is_toy(args.dataset) else (args.image_channels, args.image_size, args.image_size)
+
+
+def build_model(args) -> DAEBM:
+    """The DA-EBM with its schedule and (initial) step sizes as buffers; the net Kaiming-initialised."""
+    if common.is_toy(args.dataset):
+        net = GatedMLP(args.mlp_width, args.num_levels)
+    else:
+        if args.image_size != 28 and args.image_size % 2 ** (len(args.channel_mult) - 1):
+            raise common.UserError(f"image size {args.image_size} is not divisible by "
+                                   f"{2 ** (len(args.channel_mult) - 1)} (one halving per --channel-mult entry)")
+        net = ResNetTemb(args.image_channels, args.image_size, args.channels, tuple(args.channel_mult),
+                         args.num_levels)
+    betas, _ = sqrtcumlinear_schedule(args.num_levels, args.beta_start, args.beta_end)
+    return DAEBM(kaiming_init(net), args.num_levels, args.beta_start, args.beta_end,
+                 initial_step_sizes(args, betas))
+
+
+def sample(model: DAEBM, n: int, args, device) -> torch.Tensor:
+    """n samples by the post-training sampler named in args.sampler ('mgms' is the paper's)."""
+    model.eval()
+    if args.sampler == "annealed":
+        return annealed_generate(model, n, args, device).detach()
+    return mgms_generate(model, n, args, device)[0].detach()
+
+
+def energy(model: DAEBM, x: torch.Tensor, args) -> torch.Tensor:
+    """U(x, t = 0) of clean data; lower = more likely."""
+    with torch.no_grad():
+        return model.energy(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+
+
+# ===================================================================================================
+# TRAINING
+# ===================================================================================================
+RESUMABLE = {"steps", "log_every", "sample_every", "save_every", "device", "resume", "run_dir",
+             "long_run_steps", "n_grid", "sampler", "visits_to_keep", "sample_chains", "max_transitions"}
+
+
+def save_pictures(model, args, run_dir, step, chains_x, chains_t, device, box):
+    """2D: learned density exp(-U(x, t)) per level on a grid and the chains per level. Images: chains at
+    t = 0 and an annealed T -> 0 sweep."""
+    model.eval()
+    if common.is_toy(args.dataset):
+        lo, hi = box
+        grid = common.grid_2d(lo, hi, 200).float().to(device)
+        densities, scatters = [], []
+        with torch.no_grad():
+            for level in range(args.num_levels + 1):
+                u = model.energy(grid, torch.full((len(grid),), level, device=device, dtype=torch.long))
+                densities.append(torch.softmax(-u, 0).view(200, 200).cpu())
+                scatters.append(common.histogram_2d(chains_x[chains_t == level].cpu(), lo, hi, 200))
+        common.save_panels(densities, os.path.join(run_dir, f"density_per_t_{step:08d}.png"))
+        common.save_panels(scatters, os.path.join(run_dir, f"chains_per_t_{step:08d}.png"))
+    else:
+        at_zero = chains_x[chains_t == 0][: args.n_grid]
+        if len(at_zero):
+            common.save_image_grid(at_zero, os.path.join(run_dir, f"chains_t0_{step:08d}.png"))
+        common.save_image_grid(annealed_generate(model, args.n_grid, args, device),
+                               os.path.join(run_dir, f"annealed_{step:08d}.png"))
+    model.train()
+
+
+def main(args: Args):
+    device = common.pick_device(args.device)
+    common.seed_everything(args.seed)
+    if args.resume and not args.run_dir:
+        raise common.UserError("--resume needs --run-dir pointing at the run to continue")
+    run_dir = common.make_run_dir(args, "daebm")
+    ckpt = None
+    if args.resume:
+        ckpt = common.load_checkpoint(os.path.join(run_dir, "ckpt.pt"), method="daebm")
+        for key, value in ckpt["args"].items():
+            mine = list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)
+            if key not in RESUMABLE and key != "image_size" and key != "image_channels" and mine != value:
+                raise common.UserError(f"--resume: {key} is {mine!r} but the checkpoint has {value!r}; "
+                                       "resume with the run's settings")
+        args.image_size, args.image_channels = ckpt["args"]["image_size"], ckpt["args"]["image_channels"]
+
+    # ---- data ----
+    if common.is_toy(args.dataset):
+        train_data = common.toy_2d(args.dataset, 50_000, seed=args.seed)
+        box = common.data_box(train_data)
+        loader = common.EpochLoader(train_data.to(device), args.batch_size, seed=args.seed)
+        to_model_space = lambda batch: batch  # noqa: E731
+    else:
+        images = common.load_images(args.dataset, args.data_dir, train=True, image_size=args.image_size)
+        args.image_channels, args.image_size = images.shape[1], images.shape[2]
+        loader = common.EpochLoader(images.to(device), args.batch_size, seed=args.seed)
+        to_model_space = common.to_unit_range
+        train_data, box = images, None
+    shape = sample_shape(args)
+
+    # ---- model, optimiser, chains ----
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema_decay > 0 else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
+    levels = args.num_levels + 1
+    chains_x = torch.randn((args.n_chains,) + shape, device=device)
+    chains_t = torch.arange(levels, device=device).repeat_interleave(args.n_chains // levels + 1)[: args.n_chains]
+    accept_stats = (torch.zeros(levels, device=device), torch.zeros(levels, device=device))
+    start_step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        chains_x, chains_t = ckpt["chains_x"].to(device), ckpt["chains_t"].to(device)
+        accept_stats = (ckpt["accept_sum"].to(device), ckpt["accept_count"].to(device))
+        loader.load_state_dict(ckpt["loader"])
+        common.set_rng_state(ckpt["rng"])
+        start_step = ckpt["step"]
+        print(f"resumed {run_dir} at step {start_step}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"DA-EBM on {args.dataset}: {n_params / 1e6:.3f}M parameters, device {device}, run dir {run_dir}")
+    print("args: " + ", ".join(f"{k}={v}" for k, v in common.args_to_dict(args).items()))
+
+    def checkpoint(step, snapshot):
+        state = {"method": "daebm", "format": common.CHECKPOINT_FORMAT, "args": common.args_to_dict(args),
+                 "step": step, "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": common.rng_state(), "chains_x": chains_x, "chains_t": chains_t,
+                 "accept_sum": accept_stats[0], "accept_count": accept_stats[1], "loader": loader.state_dict()}
+        common.save_checkpoint(state, run_dir, snapshot_step=step if snapshot else None)
+
+    def stop_if_broken(step, loss, u_pos, u_neg):
+        # the official code's breakdown test (NaN or |loss| > 1e8); checked before every save and log line
+        bad = not torch.isfinite(loss).item() or loss.abs().item() > 1e8 or not torch.isfinite(chains_x).all().item()
+        if bad:
+            print(f"error: training diverged by step {step} (loss {loss.item():.4g}, mean U+ "
+                  f"{u_pos.mean().item():.4g}, U- {u_neg.mean().item():.4g}); the last good checkpoint in "
+                  f"{run_dir} is kept. Lower --lr or --init-step-size.", file=sys.stderr)
+            sys.exit(1)
+
+    log = common.MetricLog(run_dir, args.steps, start_step)
+    model.train()
+    t_start = time.time()
+    for step in range(start_step, args.steps):
+        metropolis = step >= args.mh_start
+        # negatives: one MGMS transition of a batch of persistent chains (drawn with replacement, as official)
+        idx = torch.randint(0, args.n_chains, (args.batch_size,), device=device)
+        x_neg, t_neg = mgms_transition(model, chains_x[idx], chains_t[idx], args, metropolis, accept_stats)
+        chains_x[idx], chains_t[idx] = x_neg, t_neg
+        # positives: fresh diffusion data
+        x0 = to_model_space(loader.next())
+        t_pos = torch.randint(0, levels, (args.batch_size,), device=device)
+        x_pos = diffuse(model, x0, t_pos, torch.randn_like(x0))
+
+        loss, u_pos, u_neg = daebm_loss(model, x_pos, t_pos, x_neg, t_neg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        is_log_step = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) if is_log_step else None
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - args.ema_decay)
+                for b_ema, b in zip(ema.buffers(), model.buffers()):
+                    b_ema.copy_(b)
+
+        # step-size adaptation toward 0.6-0.8 acceptance, on the device (no sync)
+        if (step + 1) % args.adapt_every == 0:
+            if metropolis:
+                rate = accept_stats[0] / accept_stats[1].clamp_min(1)
+                seen = accept_stats[1] > 0
+                factor = torch.where(rate > 0.8, 1.1, torch.where(rate < 0.6, 1 / 1.2, 1.0))
+                model.step_size.mul_(torch.where(seen, factor, 1.0))
+            window_rate = accept_stats[0].sum() / accept_stats[1].sum().clamp_min(1)
+            accept_stats[0].zero_(), accept_stats[1].zero_()
+        else:
+            window_rate = None
+
+        done = step + 1
+        if is_log_step:
+            stop_if_broken(done, loss, u_pos, u_neg)
+            metrics = {"loss": loss.item(), "energy_pos": u_pos.mean().item(), "energy_neg": u_neg.mean().item(),
+                       "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
+                       "mh": int(metropolis), "frac_chains_t0": (chains_t == 0).float().mean().item(),
+                       "step_min": model.step_size.min().item(), "step_max": model.step_size.max().item()}
+            if window_rate is not None:
+                metrics["accept"] = window_rate.item()
+            log.log(done, metrics)
+        if done % args.sample_every == 0 or done == args.steps:
+            save_pictures(ema or model, args, run_dir, done, chains_x, chains_t, device, box)
+        if done % args.save_every == 0 or done == args.steps:
+            stop_if_broken(done, loss, u_pos, u_neg)
+            checkpoint(done, snapshot=done % args.save_every == 0)
+    print(f"training done in {common.format_seconds(time.time() - t_start)}")
+
+    # ---- post-training generation (the paper's sampler) and the long-run stability check ----
+    final = ema or model
+    final.eval()
+    if common.is_toy(args.dataset):
+        generated, steps_taken = mgms_generate(final, args.sample_chains, args, device)
+        lo, hi = box
+        common.save_panels([common.histogram_2d(generated.cpu(), lo, hi, 200)],
+                           os.path.join(run_dir, "samples_mgms.png"))
+    else:
+        generated, steps_taken = mgms_generate(final, args.n_grid, args, device)
+        common.save_image_grid(generated, os.path.join(run_dir, "samples_mgms.png"))
+    log.log(args.steps, {"post_sampling_mean_langevin_steps": steps_taken.float().mean().item()})
+    if args.long_run_steps > 0:
+        start = (common.toy_2d(args.dataset, args.n_grid ** 2, seed=args.seed + 1) if common.is_toy(args.dataset)
+                 else to_model_space(train_data[: args.n_grid])).to(device)
+        marks = sorted({m for m in (10, 100, 1000, 10_000, 100_000, args.long_run_steps) if m <= args.long_run_steps})
+        records, x_end = long_run(final, start, args.long_run_steps, marks, args.official_mh_ratio)
+        for record in records:
+            log.log(args.steps, {f"long_run_{k}": v for k, v in record.items()})
+        if common.is_toy(args.dataset):
+            lo, hi = box
+            common.save_panels([common.histogram_2d(x_end.cpu(), lo, hi, 200)], os.path.join(run_dir, "long_run.png"))
+        else:
+            common.save_image_grid(x_end, os.path.join(run_dir, "long_run.png"))
+
+
+if __name__ == "__main__":
+    common.run_cli(lambda: main(tyro.cli(Args)))

@@ -1,0 +1,393 @@
+"""DA-EBM (pcd_diffusion_ebm.py): schedule, sampler and loss mathematics, smoke runs, resume, failures."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import pcd_diffusion_ebm as daebm
+from conftest import ROOT
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+def tiny_2d_args(run_dir, **overrides):
+    fields = dict(dataset="rings", run_dir=str(run_dir), device="cpu", steps=20, batch_size=32, n_chains=64,
+                  langevin_steps=3, mlp_width=16, log_every=5, sample_every=10, save_every=10, mh_start=5,
+                  adapt_every=5, warmup_steps=5, long_run_steps=5, visits_to_keep=1, sample_chains=16, n_grid=8)
+    fields.update(overrides)
+    return daebm.Args(**fields)
+
+
+def tiny_image_args(run_dir, folder, **overrides):
+    fields = dict(dataset=f"folder:{folder}", run_dir=str(run_dir), device="cpu", steps=6, batch_size=8,
+                  n_chains=16, num_levels=3, langevin_steps=2, channels=8, channel_mult=(1, 2), log_every=2,
+                  sample_every=3, save_every=3, mh_start=2, adapt_every=2, warmup_steps=2, long_run_steps=3,
+                  visits_to_keep=1, sample_chains=4, n_grid=4)
+    fields.update(overrides)
+    return daebm.Args(**fields)
+
+
+class QuadraticNet(nn.Module):
+    """f(x, t) = -(x - mean)ᵀ P (x - mean) / 2 at every level: a Gaussian target N(mean, P⁻¹)."""
+
+    def __init__(self, mean, precision):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("precision", precision)
+
+    def level_table(self):
+        return []
+
+    def forward(self, x, t, table=None):
+        d = x - self.mean
+        return -0.5 * ((d @ self.precision) * d).sum(1)
+
+
+class LinearLevelNet(nn.Module):
+    """f(x, t) = c_t · x: a net whose Gibbs conditional over t is a known softmax."""
+
+    def __init__(self, coefs):
+        super().__init__()
+        self.coefs = nn.Parameter(coefs)
+
+    def level_table(self):
+        return [self.coefs]
+
+    def forward(self, x, t, table=None):
+        coefs = (self.level_table() if table is None else table)[0]
+        return (coefs[t] * x).sum(1)
+
+
+def gaussian_model(step, mean, cov):
+    model = daebm.DAEBM(QuadraticNet(mean, torch.linalg.inv(cov)), 1, 1e-2, 3e-1, torch.full((2,), step))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# schedule
+# ---------------------------------------------------------------------------------------------------
+def test_schedule_constants_2d():
+    betas, sqrt_ab = daebm.sqrtcumlinear_schedule(6, 1e-2, 3e-1)
+    expected = [1.0, 0.9999, 0.997, 0.976, 0.900, 0.699, 0.257]  # ../shared/methods/daebm.md
+    assert torch.allclose(sqrt_ab, torch.tensor(expected, dtype=torch.float64), atol=6e-4)
+    assert betas[0] == 0
+    assert torch.allclose(betas[1:], torch.cumsum(torch.linspace(1e-2, 3e-1, 6, dtype=torch.float64), 0) ** 2)
+
+
+def test_schedule_constants_images():
+    betas, sqrt_ab = daebm.sqrtcumlinear_schedule(50, 2e-4, 2e-2)
+    assert len(sqrt_ab) == 51 and sqrt_ab[0] == 1
+    assert abs(sqrt_ab[-1].item() - 0.234) < 1e-3  # the top level is not pure noise
+    assert torch.all(sqrt_ab[1:] < sqrt_ab[:-1])
+
+
+def test_initial_step_sizes():
+    args = daebm.Args(dataset="rings")
+    betas, _ = daebm.sqrtcumlinear_schedule(6, 1e-2, 3e-1)
+    sizes = daebm.initial_step_sizes(args, betas)
+    assert torch.allclose(sizes[1:], 0.1 * betas[1:].sqrt()) and sizes[0] == sizes[1]
+    image_args = daebm.Args(dataset="mnist")
+    assert torch.all(daebm.initial_step_sizes(image_args, torch.zeros(51)) == 0.1)
+
+
+def test_diffuse_moments():
+    model = daebm.build_model(tiny_2d_args("unused"))
+    x0 = torch.tensor([[1.5, -2.0]]).repeat(200_000, 1)
+    t = torch.full((200_000,), 5, dtype=torch.long)
+    xt = daebm.diffuse(model, x0, t, torch.randn_like(x0))
+    a, s = model.sqrt_alpha_bar[5], model.sqrt_one_minus_alpha_bar[5]
+    assert torch.allclose(xt.mean(0), a * x0[0], atol=4 * s / math.sqrt(200_000) * 1.5)
+    assert torch.allclose(xt.var(0), (s ** 2).expand(2), rtol=0.02)
+    assert torch.equal(daebm.diffuse(model, x0[:3], torch.zeros(3, dtype=torch.long), torch.randn(3, 2)), x0[:3])
+
+
+def test_lr_schedule():
+    args = daebm.Args(dataset="mnist")  # 120k steps, warm-up 6k, linear decay from 72k
+    assert daebm.lr_factor(0, args) == pytest.approx(1 / 6000)
+    assert daebm.lr_factor(5999, args) == pytest.approx(1.0)
+    assert daebm.lr_factor(71_999, args) == 1.0
+    assert daebm.lr_factor(96_000, args) == pytest.approx(0.5, abs=1e-4)
+    toy = daebm.Args(dataset="rings", steps=1000)
+    assert [daebm.lr_factor(s, toy) for s in (600, 700, 800, 900)] == pytest.approx([1, 0.1, 0.01, 0.001])
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampler
+# ---------------------------------------------------------------------------------------------------
+MEAN = torch.tensor([1.0, -2.0])
+COV = torch.tensor([[1.0, 0.5], [0.5, 0.5]])
+
+
+def run_chains(model, metropolis, official=False, n=4000, steps=300, seed=0):
+    torch.manual_seed(seed)
+    x0 = torch.randn(n, 2)
+    t = torch.zeros(n, dtype=torch.long)
+    stats = (torch.zeros(2), torch.zeros(2))
+    x = daebm.langevin(model, x0, t, steps, metropolis, official_ratio=official, stats=stats)
+    return x, (stats[0] / stats[1])[0].item()
+
+
+def ula_stationary_cov(step, cov):
+    """Unadjusted Langevin on a Gaussian: C = A C Aᵀ + s² I, A = I - (s²/2) P, solved by vectorisation."""
+    a = torch.eye(2, dtype=torch.float64) - step ** 2 / 2 * torch.linalg.inv(cov.double())
+    lhs = torch.eye(4, dtype=torch.float64) - torch.kron(a, a)
+    return torch.linalg.solve(lhs, (step ** 2 * torch.eye(2, dtype=torch.float64)).reshape(4)).reshape(2, 2)
+
+
+def cov_standard_errors(cov, n):
+    var = torch.diagonal(cov)
+    return torch.sqrt((var[:, None] * var[None, :] + cov ** 2) / n)
+
+
+def test_mala_samples_gaussian_where_ula_is_biased():
+    step = 0.8
+    model = gaussian_model(step, MEAN, COV)
+    x, accept = run_chains(model, metropolis=True)
+    n = len(x)
+    se_mean = torch.sqrt(torch.diagonal(COV) / n)
+    assert torch.all((x.mean(0) - MEAN).abs() < 4 * se_mean)
+    se_cov = cov_standard_errors(COV, n)
+    assert torch.all((torch.cov(x.T) - COV).abs() < 4 * se_cov), torch.cov(x.T)
+    assert 0.3 < accept < 0.95
+    # the same step without the MH correction lands on the analytically biased covariance instead
+    biased = ula_stationary_cov(step, COV).float()
+    assert torch.all((biased - COV).abs()[0, 0] > 10 * se_cov[0, 0])
+    x_ula, _ = run_chains(model, metropolis=False)
+    assert torch.all((torch.cov(x_ula.T) - biased).abs() < 4 * cov_standard_errors(biased, n))
+
+
+def test_official_mh_ratio_differs_from_correct():
+    step = 0.3  # s/2 = 0.15 against the official s²/2 = 0.045 (the two agree only at s = 1)
+    model = gaussian_model(step, MEAN, COV)
+    x_correct, acc_correct = run_chains(model, metropolis=True, seed=3)
+    x_official, acc_official = run_chains(model, metropolis=True, official=True, seed=3)
+    assert not torch.equal(x_correct, x_official)
+    assert abs(acc_correct - acc_official) > 0.02
+    # its ratio is not the MH ratio of its proposal: the chain does not target N(MEAN, COV)
+    n = len(x_official)
+    err_official = ((torch.cov(x_official.T) - COV).abs() / cov_standard_errors(COV, n)).max()
+    assert err_official > 8
+    err_correct = ((torch.cov(x_correct.T) - COV).abs() / cov_standard_errors(COV, n)).max()
+    assert err_correct < 4
+
+
+def test_step_size_buffer_is_used_per_level():
+    model = gaussian_model(0.8, MEAN, COV)
+    model.step_size[1] = 0.0  # level 1 frozen: its chains must not move
+    x0 = torch.randn(10, 2)
+    t = torch.tensor([0, 1] * 5)
+    x = daebm.langevin(model, x0, t, 5, metropolis=True)
+    assert torch.equal(x[t == 1], x0[t == 1]) and not torch.equal(x[t == 0], x0[t == 0])
+
+
+def test_gibbs_draw_matches_brute_force_softmax():
+    coefs = torch.tensor([[0.0, 0.0], [0.5, -0.3], [1.0, 0.2], [-0.4, 0.9]])
+    model = daebm.DAEBM(LinearLevelNet(coefs), 3, 1e-2, 3e-1, torch.full((4,), 0.1))
+    x = torch.tensor([[0.7, 1.1]])
+    brute = torch.softmax(torch.stack([model.net(x, torch.tensor([t]))[0] for t in range(4)]), 0)
+    n = 40_000
+    draws = daebm.gibbs_level(model, x.repeat(n, 1))
+    freq = torch.bincount(draws, minlength=4).float() / n
+    se = torch.sqrt(brute * (1 - brute) / n)
+    assert torch.all((freq - brute).abs() < 4 * se), (freq, brute)
+    assert brute.min() > 0.05  # the test is not degenerate
+
+
+def test_all_levels_logits_match_per_level_calls(image_folder):
+    for args in (tiny_2d_args("unused"), tiny_image_args("unused", image_folder, image_channels=3, image_size=8)):
+        model = daebm.build_model(args)
+        x = torch.randn((5,) + daebm.sample_shape(args))
+        batched = model.all_levels_logits(x, max_rows=10)  # 2 levels per pass: the chunking is exercised
+        looped = torch.stack([model.net(x, torch.full((5,), t)) for t in range(args.num_levels + 1)], 1)
+        assert torch.allclose(batched, looped, atol=1e-5)
+
+
+def test_mgms_generate_keeps_chains_at_their_mth_visit():
+    # a model whose Gibbs draw always returns t = 0 (level 0 has all the mass): a chain visits t = 0 on
+    # every transition, so it is kept after exactly M transitions of K steps
+    coefs = torch.zeros(3, 2)
+    model = daebm.DAEBM(LinearLevelNet(coefs), 2, 1e-2, 3e-1, torch.full((3,), 0.1))
+    model.all_levels_logits = lambda x, table=None: torch.tensor([0.0, -1e9, -1e9]).expand(len(x), 3)
+    args = tiny_2d_args("unused", num_levels=2, visits_to_keep=3, langevin_steps=4, sample_chains=5)
+    samples, steps = daebm.mgms_generate(model, 12, args, "cpu")
+    assert samples.shape == (12, 2) and torch.all(steps == 12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# loss
+# ---------------------------------------------------------------------------------------------------
+def test_loss_gradient_closed_form():
+    """U(x, t) = a_t |x|²/2: dL/da_k = Σ_{i: t_i = k} |x_i|²/(2B) - Σ_{j: s_j = k} |y_j|²/(2B)."""
+
+    class ScaledNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor([0.5, 1.0, 2.0]))
+
+        def level_table(self):
+            return [self.a]
+
+        def forward(self, x, t, table=None):
+            return -0.5 * self.a[t] * x.pow(2).sum(1)
+
+    model = daebm.DAEBM(ScaledNorm(), 2, 1e-2, 3e-1, torch.full((3,), 0.1))
+    x_pos, y_neg = torch.randn(64, 2), 2 * torch.randn(64, 2)
+    t_pos, t_neg = torch.randint(0, 3, (64,)), torch.randint(0, 3, (64,))
+    loss, _, _ = daebm.daebm_loss(model, x_pos, t_pos, y_neg, t_neg)
+    loss.backward()
+    expected = torch.stack([(x_pos[t_pos == k].pow(2).sum() - y_neg[t_neg == k].pow(2).sum()) / (2 * 64)
+                            for k in range(3)])
+    assert torch.allclose(model.net.a.grad, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# networks and public API
+# ---------------------------------------------------------------------------------------------------
+def test_mnist_network_size():
+    model = daebm.build_model(daebm.Args(dataset="mnist"))
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == 4_756_864  # "about 4.8M" in the spec; counted by hand in the README
+    x = torch.randn(2, 1, 28, 28)
+    assert model.energy(x, torch.tensor([0, 50])).shape == (2,)
+
+
+def test_level_table_equals_per_row_embedding():
+    # the net computes t-only terms once per level; per-row computation must give the same function
+    model = daebm.build_model(tiny_2d_args("unused"))
+    net = model.net
+    x, t = torch.randn(7, 2), torch.arange(7)
+    temb_act = torch.nn.functional.softplus(net.temb_dense(daebm.timestep_embedding(t, net.width)))
+    h = torch.nn.functional.softplus(net.lin1(x) * net.gate1(temb_act))
+    h = torch.nn.functional.softplus(net.lin2(h)) * net.gate2(temb_act)
+    h = torch.nn.functional.softplus(net.lin3(h)) * net.gate3(temb_act)
+    assert torch.allclose(net(x, t), net.out(h).squeeze(1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# smoke runs, checkpoints, resume
+# ---------------------------------------------------------------------------------------------------
+def test_smoke_2d_and_checkpoint_round_trip(tmp_path):
+    args = tiny_2d_args(tmp_path / "run", ema_decay=0.9)
+    daebm.main(args)
+    run = tmp_path / "run"
+    for name in ("ckpt.pt", "ckpt_00000010.pt", "metrics.jsonl", "density_per_t_00000010.png",
+                 "chains_per_t_00000020.png", "samples_mgms.png", "long_run.png"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert any("long_run_rms_drift" in r for r in records) and any("accept" in r for r in records)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["method"] == "daebm" and ckpt["step"] == 20 and ckpt["format"] == 1
+    model = daebm.build_model(daebm.Args(**{k: tuple(v) if isinstance(v, list) else v
+                                            for k, v in ckpt["args"].items()}))
+    assert set(ckpt["ema"]) == set(model.state_dict())
+    model.load_state_dict(ckpt["model"])
+    assert torch.equal(model.step_size, ckpt["model"]["step_size"])
+    x = torch.randn(10, 2)
+    assert daebm.energy(model, x, args).shape == (10,)
+    assert daebm.sample(model, 6, args, "cpu").shape == (6, 2)
+    assert daebm.sample(model, 6, tiny_2d_args("unused", sampler="annealed"), "cpu").shape == (6, 2)
+
+
+def test_smoke_tiny_images(tmp_path, image_folder):
+    args = tiny_image_args(tmp_path / "run", image_folder)
+    daebm.main(args)
+    run = tmp_path / "run"
+    for name in ("ckpt.pt", "annealed_00000003.png", "samples_mgms.png", "long_run.png"):
+        assert (run / name).exists(), name
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["image_size"] == 8 and ckpt["args"]["image_channels"] == 3
+    assert ckpt["chains_x"].shape == (16, 3, 8, 8)
+    model = daebm.build_model(args)
+    model.load_state_dict(ckpt["model"])
+    out = daebm.sample(model, 3, args, "cpu")
+    assert out.shape == (3, 3, 8, 8) and torch.isfinite(out).all()
+
+
+def test_resume_is_exact(tmp_path):
+    straight = tmp_path / "straight"
+    daebm.main(tiny_2d_args(straight, steps=20, save_every=10, ema_decay=0.9))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(straight / "ckpt_00000010.pt", resumed / "ckpt.pt")
+    daebm.main(tiny_2d_args(resumed, steps=20, save_every=10, ema_decay=0.9, resume=True))
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(resumed / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for key in ("model", "ema", "optimizer"):
+        flat_a, flat_b = flatten(a[key]), flatten(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        for name, value in flat_a.items():
+            same = torch.equal(value, flat_b[name]) if torch.is_tensor(value) else value == flat_b[name]
+            assert same, (key, name)
+    assert torch.equal(a["chains_x"], b["chains_x"]) and torch.equal(a["chains_t"], b["chains_t"])
+
+
+def flatten(tree, prefix=""):
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix] = tree
+    return out
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    daebm.main(tiny_2d_args(tmp_path, steps=10))
+    with pytest.raises(common.UserError, match="lr"):
+        daebm.main(tiny_2d_args(tmp_path, steps=20, lr=1e-3, resume=True))
+
+
+def test_nan_run_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    # lr 1e30: the first Adam step moves every weight by ~1e30, the next energies overflow
+    args = tiny_2d_args(tmp_path, steps=50, lr=1e30, save_every=1, log_every=1, warmup_steps=0)
+    with pytest.raises(SystemExit) as exit_info:
+        daebm.main(args)
+    assert exit_info.value.code == 1
+    assert "diverged" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert 1 <= ckpt["step"] < 50
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: one clear line, non-zero exit (through the real command line)
+# ---------------------------------------------------------------------------------------------------
+def run_cli(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "pcd_diffusion_ebm.py"), *argv],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli_unknown_dataset():
+    result = run_cli("--dataset", "nosuchset")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown dataset 'nosuchset'" in lines[0]
+
+
+def test_cli_missing_offline_data(tmp_path):
+    result = run_cli("--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"), "--run-dir",
+                     str(tmp_path / "run"), "--device", "cpu")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mnist data not found" in lines[0] and "train-images-idx3-ubyte" in lines[0]
+
+
+def test_cli_corrupt_checkpoint(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    result = run_cli("--run-dir", str(tmp_path), "--resume", "--device", "cpu")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "corrupt" in lines[0]
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"not a checkpoint at all"

@@ -268,7 +268,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def make_run_dir(args, method: str) -> str:
+def make_run_dir(args) -> str:
     run_dir = args.run_dir or os.path.join(
         "runs", f"{args.exp_name}__{args.dataset.replace('/', '_').replace(':', '_')}__{args.seed}__"
                 f"{int(time.time())}")

@@ -495,8 +495,11 @@ def energy(model: DAEBM, x: torch.Tensor, args) -> torch.Tensor:
 # ===================================================================================================
 # TRAINING
 # ===================================================================================================
+# settings that may change on --resume (run length, logging, post-training options; the image shape is
+# taken from the checkpoint)
 RESUMABLE = {"steps", "log_every", "sample_every", "save_every", "device", "resume", "run_dir",
-             "long_run_steps", "n_grid", "sampler", "visits_to_keep", "sample_chains", "max_transitions"}
+             "long_run_steps", "n_grid", "sampler", "visits_to_keep", "sample_chains", "max_transitions",
+             "image_size", "image_channels"}
 
 
 def save_pictures(model, args, run_dir, step, chains_x, chains_t, device, box):
@@ -528,13 +531,13 @@ def main(args: Args):
     common.seed_everything(args.seed)
     if args.resume and not args.run_dir:
         raise common.UserError("--resume needs --run-dir pointing at the run to continue")
-    run_dir = common.make_run_dir(args, "daebm")
+    run_dir = common.make_run_dir(args)
     ckpt = None
     if args.resume:
         ckpt = common.load_checkpoint(os.path.join(run_dir, "ckpt.pt"), method="daebm")
         for key, value in ckpt["args"].items():
             mine = list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)
-            if key not in RESUMABLE and key != "image_size" and key != "image_channels" and mine != value:
+            if key not in RESUMABLE and mine != value:
                 raise common.UserError(f"--resume: {key} is {mine!r} but the checkpoint has {value!r}; "
                                        "resume with the run's settings")
         args.image_size, args.image_channels = ckpt["args"]["image_size"], ckpt["args"]["image_channels"]

@@ -1,0 +1,69 @@
+"""common.py: toy data, the epoch loader's exact resume, folders of images, checkpoint errors, pictures."""
+import pytest
+import torch
+
+import common
+
+
+@pytest.mark.parametrize("name", common.TOY_2D)
+def test_toys_are_reproducible_2d_point_clouds(name):
+    a, b = common.toy_2d(name, 5000, seed=3), common.toy_2d(name, 5000, seed=3)
+    assert a.shape == (5000, 2) and torch.isfinite(a).all() and torch.equal(a, b)
+    assert not torch.equal(a, common.toy_2d(name, 5000, seed=4))
+    assert a.std(0).min() > 0.3  # a spread-out cloud, not a collapsed one
+
+
+def test_rings_radii_and_width():
+    radius = common.toy_2d("rings", 40_000, seed=0).norm(dim=1)
+    ring = radius.round()
+    assert set(ring.unique().tolist()) == {1.0, 2.0, 3.0, 4.0}
+    assert abs((radius - ring).std().item() - 0.01) < 5e-4
+    counts = torch.bincount(ring.long())[1:].float() / len(radius)
+    assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.01)  # equal weight per ring
+
+
+def test_epoch_loader_covers_each_epoch_and_resumes_exactly():
+    data = torch.arange(10)
+    loader = common.EpochLoader(data, 3, seed=0)
+    first_epoch = torch.cat([loader.next() for _ in range(3)])
+    assert len(set(first_epoch.tolist())) == 9  # 3 batches of 3 without repeats; the ragged end is dropped
+    state = loader.state_dict()
+    ahead = [loader.next() for _ in range(5)]
+    other = common.EpochLoader(data, 3, seed=99)
+    other.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(ahead, [other.next() for _ in range(5)]))
+
+
+def test_folder_dataset(image_folder):
+    images = common.load_images(f"folder:{image_folder}", "unused")
+    assert images.shape == (40, 3, 8, 8) and images.dtype == torch.uint8
+    resized = common.load_images(f"folder:{image_folder}", "unused", image_size=4)
+    assert resized.shape == (40, 3, 4, 4)
+    x = common.to_unit_range(images)
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_bad_inputs_raise_user_errors(tmp_path):
+    with pytest.raises(common.UserError, match="unknown dataset"):
+        common.check_dataset_name("imagenet")
+    with pytest.raises(common.UserError, match="does not exist"):
+        common.load_checkpoint(str(tmp_path / "missing.pt"))
+    torch.save({"method": "daebm", "format": 1}, tmp_path / "ok.pt")
+    with pytest.raises(common.UserError, match="written by method 'daebm', not 'cdrl'"):
+        common.load_checkpoint(str(tmp_path / "ok.pt"), method="cdrl")
+    with pytest.raises(common.UserError, match="not a directory"):
+        common.load_images(f"folder:{tmp_path / 'nothing'}", "unused")
+
+
+def test_atomic_save_leaves_no_temp_file(tmp_path):
+    common.save_checkpoint({"method": "x", "format": 1, "step": 3}, str(tmp_path), snapshot_step=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ckpt_00000003.pt"]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_histogram_and_grid_share_a_layout():
+    grid = common.grid_2d(-1.0, 1.0, 4)
+    counts = common.histogram_2d(grid, -1.0, 1.0, 4)
+    assert torch.equal(counts, torch.ones(4, 4))  # every cell centre falls in its own cell
+    corner = common.histogram_2d(torch.tensor([[0.9, -0.9]]), -1.0, 1.0, 4)
+    assert corner[0, 3] == 1  # row = y (low y first), column = x

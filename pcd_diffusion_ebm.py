@@ -355,7 +355,8 @@ def langevin(model: DAEBM, x, t, n_steps: int, metropolis: bool, official_ratio:
         if metropolis:
             accept = torch.rand_like(accept_prob) < accept_prob
             mask = accept.view(s.shape)
-            x, u, grad = torch.where(mask, x_prop, x), torch.where(accept, u_prop, u), torch.where(mask, grad_prop, grad)
+            x, grad = torch.where(mask, x_prop, x), torch.where(mask, grad_prop, grad)
+            u = torch.where(accept, u_prop, u)
         else:
             x, u, grad = x_prop, u_prop, grad_prop
     return x

@@ -128,6 +128,23 @@ def _missing(dataset, where, files, how):
     return UserError(f"{dataset} data not found: missing {', '.join(files)} in {where}; {how}")
 
 
+def _mnist_file(dataset, data_dir, stem, train):
+    """Path of one raw IDX file of (Fashion)MNIST (plain or .gz), downloading the set when it is missing."""
+    import torchvision
+
+    raw = os.path.join(data_dir, "MNIST" if dataset == "mnist" else "FashionMNIST", "raw")
+    candidates = (os.path.join(raw, stem), os.path.join(raw, stem + ".gz"))
+    if not any(os.path.exists(p) for p in candidates):
+        cls = torchvision.datasets.MNIST if dataset == "mnist" else torchvision.datasets.FashionMNIST
+        try:
+            cls(data_dir, train=train, download=True)
+        except Exception as error:  # offline: urllib raises various errors
+            raise _missing(dataset, raw, [stem + ".gz"],
+                           f"download failed ({type(error).__name__}); copy torchvision's raw files "
+                           "there or run once on a connected machine") from None
+    return next(p for p in candidates if os.path.exists(p))
+
+
 def load_images(dataset: str, data_dir: str, train: bool = True, image_size=None) -> torch.Tensor:
     """The whole split as a uint8 tensor (N, C, H, W). Convert batches with `to_unit_range`.
 
@@ -140,21 +157,8 @@ def load_images(dataset: str, data_dir: str, train: bool = True, image_size=None
     if dataset.startswith("folder:"):
         return _load_folder(dataset[len("folder:"):], image_size)
     if dataset in ("mnist", "fashionmnist"):
-        sub = "MNIST" if dataset == "mnist" else "FashionMNIST"
-        raw = os.path.join(data_dir, sub, "raw")
-        prefix = "train" if train else "t10k"
-        stem = f"{prefix}-images-idx3-ubyte"
-        found = [p for p in (os.path.join(raw, stem), os.path.join(raw, stem + ".gz")) if os.path.exists(p)]
-        if not found:
-            cls = torchvision.datasets.MNIST if dataset == "mnist" else torchvision.datasets.FashionMNIST
-            try:
-                cls(data_dir, train=train, download=True)
-            except Exception as error:  # offline: urllib raises various errors
-                raise _missing(dataset, raw, [stem + ".gz"],
-                               f"download failed ({type(error).__name__}); copy torchvision's raw files "
-                               "there or run once on a connected machine") from None
-            found = [p for p in (os.path.join(raw, stem), os.path.join(raw, stem + ".gz")) if os.path.exists(p)]
-        return torch.from_numpy(_read_idx(found[0]).copy()).unsqueeze(1)
+        path = _mnist_file(dataset, data_dir, f"{'train' if train else 't10k'}-images-idx3-ubyte", train)
+        return torch.from_numpy(_read_idx(path).copy()).unsqueeze(1)
     if dataset not in IMAGE_SETS:
         check_dataset_name(dataset)
         raise UserError(f"{dataset!r} is not an image dataset")
@@ -196,9 +200,8 @@ def _resize_pil_list(images, size):
     return torch.from_numpy(np.stack(out))
 
 
-def _load_folder(path, image_size):
-    from PIL import Image
-
+def _folder_files(path):
+    """The image files under a folder, recursively, in sorted order (the order of images and labels)."""
     if not os.path.isdir(path):
         raise UserError(f"folder:{path} is not a directory")
     exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -206,12 +209,55 @@ def _load_folder(path, image_size):
                    if f.lower().endswith(exts))
     if not files:
         raise UserError(f"folder:{path} holds no images ({', '.join(exts)})")
+    return files
+
+
+def _load_folder(path, image_size):
+    from PIL import Image
+
+    files = _folder_files(path)
     first_mode = Image.open(files[0]).mode
     images = []
     for f in files:
         img = Image.open(f)
         images.append(img.convert("L" if first_mode == "L" else "RGB"))
     return _resize_pil_list(images, image_size)
+
+
+def load_labels(dataset: str, data_dir: str, train: bool = True) -> torch.Tensor:
+    """Class labels 0..K-1 (int64) of the split, in the order of `load_images`.
+
+    folder:PATH takes each image's first-level subfolder as its class (classes numbered in sorted name order,
+    as torchvision's ImageFolder does). CelebA and the 2D toys have no classes.
+    """
+    import torchvision
+
+    if dataset.startswith("folder:"):
+        path = dataset[len("folder:"):]
+        relative = [os.path.relpath(f, path) for f in _folder_files(path)]
+        tops = [r.split(os.sep)[0] for r in relative]
+        if any(os.sep not in r for r in relative):
+            raise UserError(f"folder:{path} has images outside class subfolders; class-conditional training "
+                            "needs one subfolder per class")
+        classes = sorted(set(tops))
+        return torch.tensor([classes.index(t) for t in tops], dtype=torch.long)
+    if dataset in ("mnist", "fashionmnist"):
+        path = _mnist_file(dataset, data_dir, f"{'train' if train else 't10k'}-labels-idx1-ubyte", train)
+        return torch.from_numpy(_read_idx(path).astype(np.int64))
+    if dataset not in ("cifar10", "cifar100", "svhn"):
+        raise UserError(f"{dataset} has no class labels; class-conditional training needs mnist, "
+                        "fashionmnist, cifar10, cifar100, svhn or folder:PATH with class subfolders")
+    try:
+        if dataset == "svhn":
+            ds = torchvision.datasets.SVHN(os.path.join(data_dir, "svhn"), split="train" if train else "test",
+                                           download=True)
+            return torch.from_numpy(ds.labels.astype(np.int64))
+        cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+        return torch.tensor(cls(data_dir, train=train, download=True).targets, dtype=torch.long)
+    except Exception as error:
+        raise UserError(f"{dataset} labels not found in {data_dir} and could not be downloaded "
+                        f"({type(error).__name__}: {str(error)[:120]}); run once on a connected machine "
+                        f"with --data-dir {data_dir}") from None
 
 
 def to_unit_range(batch_uint8: torch.Tensor) -> torch.Tensor:

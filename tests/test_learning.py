@@ -1,17 +1,20 @@
-"""Learning: DA-EBM on a 2D toy reaches a stated exact-NLL bar in about a minute of CPU (fixed seed and
+"""Learning: each method on a 2D toy reaches a stated exact-NLL bar in about a minute of CPU (fixed seed and
 iteration count, not seconds: the shared cores' speed varies)."""
 import math
 
 import torch
 
+import cdrl
 import common
 import eval_fid_ood
 import pcd_diffusion_ebm as daebm
 
-# measured on the 2-core development machine with this configuration: trained 3.26 nats, untrained 4.80,
-# uniform on the box 4.63, true density 2.85 (see the README); the bar sits in between, 1.2 nats below the
-# untrained model
+# measured on the 2-core development machine with these configurations (see the README); true density 2.85,
+# uniform on the data box 4.63 nats.
+# DA-EBM: trained 3.26 nats, untrained 4.80; the bar sits in between, 1.2 nats below the untrained model
 NLL_BAR = 3.6
+# CDRL: trained 3.05 nats, untrained 11.6 (a random f / s² is spiky); the bar is 1.1 nats below uniform
+CDRL_NLL_BAR = 3.5
 
 
 def eight_gaussians_true_nll(points):
@@ -22,6 +25,12 @@ def eight_gaussians_true_nll(points):
     return -(torch.logsumexp(comp, 1) - math.log(8)).mean().item()
 
 
+def exact_nll(module, model, args, test_points):
+    lo, hi = common.data_box(common.toy_2d("8gaussians", 50_000, seed=args.seed))
+    log_p = eval_fid_ood.grid_log_density(lambda x: module.energy(model, x, args), lo, hi, 400)
+    return eval_fid_ood.grid_nll(log_p, lo, hi, test_points)
+
+
 def test_daebm_learns_8gaussians(tmp_path):
     args = daebm.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", steps=600, n_chains=1000,
                       langevin_steps=20, mlp_width=64, adapt_every=100, mh_start=100, warmup_steps=100,
@@ -30,16 +39,27 @@ def test_daebm_learns_8gaussians(tmp_path):
     daebm.main(args)
     ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"), method="daebm")
     module, args, model = eval_fid_ood.load_method(ckpt, "cpu")
-    lo, hi = common.data_box(common.toy_2d("8gaussians", 50_000, seed=args.seed))
     test_points = common.toy_2d("8gaussians", 20_000, seed=999)
-
-    def nll(m):
-        log_p = eval_fid_ood.grid_log_density(lambda x: module.energy(m, x, args), lo, hi, 400)
-        return eval_fid_ood.grid_nll(log_p, lo, hi, test_points)
-
-    trained = nll(model)
-    untrained = nll(module.build_model(args))
+    trained = exact_nll(module, model, args, test_points)
+    untrained = exact_nll(module, module.build_model(args), args, test_points)
     true = eight_gaussians_true_nll(test_points)
     print(f"NLL trained {trained:.3f}, untrained {untrained:.3f}, true {true:.3f}")
     assert true < NLL_BAR < untrained - 1.0
     assert trained < NLL_BAR
+
+
+def test_cdrl_learns_8gaussians(tmp_path):
+    # the official 2D networks at a quarter of the width (EBM 32/64/64/64, initializer 32), batch 256
+    args = cdrl.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", steps=1000, batch_size=256,
+                     lr=3e-4, initializer_lr=3e-4, warmup_steps=100, ebm_channels=32, init_channels=32,
+                     log_every=250, sample_every=1000, save_every=1000, n_points=500)
+    cdrl.main(args)
+    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"), method="cdrl")
+    module, args, model = eval_fid_ood.load_method(ckpt, "cpu")
+    test_points = common.toy_2d("8gaussians", 20_000, seed=999)
+    trained = exact_nll(module, model, args, test_points)
+    untrained = exact_nll(module, module.build_model(args), args, test_points)
+    true = eight_gaussians_true_nll(test_points)
+    print(f"NLL trained {trained:.3f}, untrained {untrained:.3f}, true {true:.3f}")
+    assert true < CDRL_NLL_BAR < untrained - 1.0
+    assert trained < CDRL_NLL_BAR

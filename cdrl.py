@@ -1,0 +1,805 @@
+"""CDRL: Learning Energy-Based Models by Cooperative Diffusion Recovery Likelihood (Zhu, Xie, Wu, Gao 2023,
+arXiv 2309.05153, ICLR 2024).
+
+A Gaussian diffusion x_0 -> x_1 -> ... -> x_L (L = 6 levels, cosine log-SNR schedule) splits a hard EBM into L
+easy ones. At level i one EBM f_θ(y, i) models y = α_mul x_{i-1} (α_mul = sqrt(ᾱ_i / ᾱ_{i-1})), and what is
+learned is the recovery likelihood of the cleaner sample given the noisier one,
+    log p(y | x_i) = f_θ(y, i) / s_i² - ||y - x_i||² / (2 σ_i²) + const,      (DRL, Gao et al. 2021, eq. 6)
+whose quadratic term makes the conditional nearly Gaussian and short-run Langevin good enough. At the noisiest
+level the quadratic term is dropped (a plain marginal EBM). The energy is divided by the Langevin step size
+s_i² ("normalised by step size", CDRL appendix A.2), so the Langevin drift on f is ½∇f at every level. Training
+is cooperative: an initializer network g_φ (a U-Net) proposes y from x_i, K = 15 Langevin steps of the
+recovery density refine the proposal, the EBM does maximum recovery likelihood with the refined samples as
+negatives (loss = mean_i w_i (f(neg) - f(pos)), w_i = σ_1 / σ_i), and the initializer regresses its proposal
+onto the refined samples (it learns to amortise the MCMC). Sampling runs from noise level by level: proposal,
+Langevin, divide by α_mul; then one Tweedie denoising step. The energy at the lowest level scores OOD inputs.
+
+Deliberate differences from the official code (github.com/AlvinZhuyx/CDRL):
+1. One process, one device: the official CIFAR-10 run is 8 GPUs x 32 images; here one batch of 256 gives the
+   same effective batch (spectral norm and the initializer have no batch statistics, so nothing else changes).
+2. The final Tweedie step uses the official code's half step scale (score = ∇f / (s²/2)), which doubles the
+   score of the recovery marginal f / s² (an apparent slip: the Langevin step and the paper's appendix use
+   s²). Kept for comparable numbers; `--exact-tweedie` uses s².
+3. The initializer's last convolution has zero weight AND zero bias, so it starts as exactly the identity
+   (x_i -> x_i); the official code zeroes the weight only, leaving a small random per-channel bias.
+4. Spectral norm is `torch.nn.utils.parametrizations.spectral_norm` (one power iteration per training forward,
+   as the official `torch.nn.utils.spectral_norm`); its u/v start from 15 power iterations at construction
+   instead of none, and the normalised weights are computed once per Langevin run instead of once per step
+   (the same numbers in eval mode).
+5. EMA of both networks as torch_ema does it (decay min(0.9999, (1+k)/(10+k)) at update k), applied to one copy
+   of the whole model; spectral-norm vectors are copied from the trained model (torch_ema leaves them live).
+6. Data: shuffled epochs of an in-memory tensor (`common.EpochLoader`) with random horizontal flips on CIFAR,
+   CelebA and folder sets (not on digits: MNIST, FashionMNIST, SVHN); the official code flips CIFAR-10 only
+   (its only dataset). Other image sets use the CIFAR-10 configuration; the initializer's attention sits at
+   every resolution below full size (16 and 8 px at 32 px, as official; 14 and 7 px for MNIST).
+7. 2D: the default toy is this project's `checkerboard` ([-4, 4]², 8 squares of side 2), the official toy is the
+   complementary 8-square colouring scaled to [-8, 8]²; same networks, step sizes and learning rates as the
+   official toy script, but the default run is 20,000 iterations (official 100,000) so that `python cdrl.py`
+   takes minutes on a CPU. The official toy sampler skips the Tweedie step; here 2D sampling uses it too (it
+   moves a 2D point by about 1e-4).
+8. Class-conditional sampling uses balanced labels (sample k has class k mod K) instead of uniform random ones,
+   and `--guidance 0` evaluates the conditional networks only (the unconditional branch has weight 0).
+"""
+import copy
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
+
+import common
+
+
+@dataclass
+class Args:
+    exp_name: str = "cdrl"
+    """name used in the run folder"""
+    seed: int = 1
+    """random seed (weights, data order, noise)"""
+    dataset: str = "checkerboard"
+    """checkerboard (the paper's toy) | rings | 8gaussians | swissroll | pinwheel | 2spirals | cifar10 | cifar100 |
+    svhn | celeba | mnist | fashionmnist | folder:PATH"""
+    data_dir: str = "data"
+    """where image datasets are read from (and downloaded to when online)"""
+    run_dir: Optional[str] = None
+    """output folder; default runs/{exp_name}__{dataset}__{seed}__{time}"""
+    steps: Optional[int] = None
+    """training iterations (images 500k, the paper's CIFAR-10 run; 2D 20k, the official toy 100k)"""
+    batch_size: Optional[int] = None
+    """examples per iteration (images 256 = the official 32 x 8 GPUs; 2D 2500)"""
+    lr: Optional[float] = None
+    """EBM Adam learning rate (images 1e-4; 2D 3e-6, the official toy's)"""
+    ema_decay: float = 0.9999
+    """EMA decay of both networks (sampling and evaluation use the EMA weights)"""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
+    log_every: int = 100
+    """iterations between progress lines / metrics.jsonl records"""
+    sample_every: Optional[int] = None
+    """iterations between sample pictures"""
+    save_every: Optional[int] = None
+    """iterations between checkpoints (ckpt.pt and a numbered snapshot)"""
+    resume: bool = False
+    """continue the run in --run-dir from its ckpt.pt, exactly"""
+
+    # ---- CDRL ----
+    initializer_lr: float = 1e-5
+    """initializer AdamW learning rate (weight decay 0, as official)"""
+    warmup_steps: int = 10_000
+    """linear learning-rate warm-up of both networks"""
+    grad_clip: float = 1.0
+    """gradient-norm clip of each network"""
+    num_levels: int = 6
+    """L: noise levels of the recovery-likelihood ladder"""
+    logsnr_min: float = -5.1
+    """log-SNR of the noisiest level (cosine schedule clipped to [logsnr_min, logsnr_max])"""
+    logsnr_max: float = 9.8
+    """log-SNR of level 0 (the data level)"""
+    langevin_steps: int = 15
+    """K: Langevin steps per level in training"""
+    sample_langevin_steps: Optional[int] = None
+    """Langevin steps per level when sampling (default --langevin-steps; the paper's ablation uses 8, 5, 3)"""
+    step_scale: Optional[float] = None
+    """Langevin step s_i² = step_scale c_i² σ_i² (images 4e-4, 2D 2e-3 as official)"""
+    noise_scaled_steps: Optional[bool] = None
+    """c_i² = sqrt(1-ᾱ_{i-1}) / sqrt(1-ᾱ_0) (images, official) or the constant 1 / sqrt(1-ᾱ_0) (2D, official toy)"""
+    exact_tweedie: bool = False
+    """final Tweedie step with the recovery density's own step s² (default: the official half, see docstring)"""
+    conditional: bool = False
+    """class-conditional EBM and initializer (labels from the dataset, a null class for guidance)"""
+    label_dropout: float = 0.1
+    """conditional training: probability of replacing the label by the null class"""
+    guidance: float = 0.0
+    """conditional sampling: classifier-free guidance w, f = (1+w) f(y, c) - w f(y, ∅) (same for the initializer)"""
+    num_classes: Optional[int] = None
+    """set from the dataset when --conditional; stored so build_model can rebuild the nets"""
+    hflip: Optional[bool] = None
+    """random horizontal flips of training images (default on for cifar10/cifar100/celeba/folder)"""
+    ebm_channels: Optional[int] = None
+    """EBM base width (images 128; 256 = CDRL-large, 2x channels; 2D 128)"""
+    ebm_channel_mult: Tuple[int, ...] = (1, 2, 2, 2)
+    """EBM width multipliers per resolution (images: average-pool between them; 2D: one block per entry)"""
+    ebm_blocks: Optional[int] = None
+    """EBM residual blocks per resolution (images 8, 2D 1)"""
+    init_channels: int = 64
+    """initializer base width (U-Net for images, MLP for 2D)"""
+    init_channel_mult: Tuple[int, ...] = (1, 1, 1)
+    """initializer U-Net width multipliers per resolution"""
+    init_blocks: Optional[int] = None
+    """initializer residual blocks per resolution (images 3, 2D 1)"""
+    init_dropout: Optional[float] = None
+    """initializer dropout (images 0.1, 2D 0)"""
+    image_size: Optional[int] = None
+    """folder: datasets are resized to this (default: the first image's size)"""
+    image_channels: Optional[int] = None
+    """set from the dataset; stored so build_model can rebuild the nets from a checkpoint"""
+    sample_batch: int = 500
+    """largest batch the sampler runs at once"""
+    n_grid: int = 64
+    """images in each sample grid"""
+    n_points: int = 5000
+    """2D: points drawn for each sample picture"""
+
+    def __post_init__(self):
+        common.check_dataset_name(self.dataset)
+        toy = common.is_toy(self.dataset)
+        preset = dict(steps=20_000, batch_size=2500, lr=3e-6, sample_every=5000, save_every=10_000,
+                      step_scale=2e-3, noise_scaled_steps=False, ebm_channels=128, ebm_blocks=1, init_blocks=1,
+                      init_dropout=0.0, hflip=False) \
+            if toy else \
+            dict(steps=500_000, batch_size=256, lr=1e-4, sample_every=5000, save_every=50_000, step_scale=4e-4,
+                 noise_scaled_steps=True, ebm_channels=128, ebm_blocks=8, init_blocks=3, init_dropout=0.1,
+                 hflip=self.dataset in ("cifar10", "cifar100", "celeba") or self.dataset.startswith("folder:"))
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.sample_langevin_steps is None:
+            self.sample_langevin_steps = self.langevin_steps
+        if not toy and not self.dataset.startswith("folder:") and self.image_channels is None:
+            self.image_channels, self.image_size, _ = common.image_shape(self.dataset)
+        if self.conditional and self.num_classes is None and not self.dataset.startswith("folder:"):
+            if toy or self.dataset == "celeba":
+                raise common.UserError(f"--conditional needs class labels, and {self.dataset} has none")
+            self.num_classes = 100 if self.dataset == "cifar100" else 10
+        self.ebm_channel_mult, self.init_channel_mult = tuple(self.ebm_channel_mult), tuple(self.init_channel_mult)
+        positive = ["steps", "batch_size", "log_every", "sample_every", "save_every", "num_levels",
+                    "langevin_steps", "sample_langevin_steps", "ebm_channels", "ebm_blocks", "init_channels",
+                    "init_blocks", "sample_batch", "n_grid", "n_points"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise common.UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        if not (self.lr > 0 and self.initializer_lr > 0 and self.step_scale > 0 and self.grad_clip > 0):
+            raise common.UserError("--lr, --initializer-lr, --step-scale and --grad-clip must be positive")
+        if not (0 <= self.ema_decay < 1 and 0 <= self.label_dropout < 1 and 0 <= self.init_dropout < 1):
+            raise common.UserError("--ema-decay, --label-dropout and --init-dropout must be in [0, 1)")
+        if self.warmup_steps < 0:
+            raise common.UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.logsnr_min >= self.logsnr_max:
+            raise common.UserError("--logsnr-min must be below --logsnr-max")
+        if self.guidance != 0 and not self.conditional:
+            raise common.UserError("--guidance needs a --conditional model")
+
+
+# ===================================================================================================
+# NETWORK
+# ===================================================================================================
+def logsnr_to_time(logsnr: torch.Tensor) -> torch.Tensor:
+    """The networks' time input: arctan(exp(-logSNR/2)) / (π/2) in [0, 1], times 1000 (official scaling)."""
+    return torch.arctan(torch.exp(-0.5 * logsnr.clamp(-20.0, 20.0))) / (0.5 * math.pi) * 1000.0
+
+
+def sinusoidal_embedding(time: torch.Tensor, dim: int) -> torch.Tensor:
+    """DDPM / tensor2tensor sinusoidal embedding of a real-valued time."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=time.device, dtype=torch.float32) / (half - 1))
+    angles = time.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], 1)
+
+
+def lrelu(x):
+    return F.leaky_relu(x, 0.2)
+
+
+def as_feature_map(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, C) -> broadcastable against `like` (B, C) or (B, C, H, W)."""
+    return v.view(*v.shape, *[1] * (like.dim() - 2))
+
+
+class EBMBlock(nn.Module):
+    """Official EBM residual block: lrelu -> conv -> + lrelu(Linear(lrelu(temb))) -> lrelu -> conv x learnable
+    per-channel scale; 3x3 conv shortcut when the width changes. Spectral norm on every conv and linear.
+    2D: the same with linear layers."""
+
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, image: bool):
+        super().__init__()
+        layer = (lambda i, o: nn.Conv2d(i, o, 3, padding=1)) if image else nn.Linear
+        self.conv1, self.conv2 = spectral_norm(layer(c_in, c_out)), spectral_norm(layer(c_out, c_out))
+        self.temb_proj = spectral_norm(nn.Linear(temb_dim, c_out))
+        self.scale = nn.Parameter(torch.ones(c_out))
+        self.shortcut = spectral_norm(layer(c_in, c_out)) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(lrelu(x)) + as_feature_map(lrelu(self.temb_proj(lrelu(temb))), x)
+        h = self.conv2(lrelu(h)) * as_feature_map(self.scale, h)
+        return h + self.shortcut(x)
+
+
+class EnergyNet(nn.Module):
+    """f_θ(y, level): the official EBM. Images: 3x3 conv in, `blocks` EBMBlocks per resolution, average-pool
+    between resolutions, output <sum over pixels of relu(h), Linear(lrelu(temb))> (that last linear without
+    spectral norm, as official). 2D (official toy): linear in, `blocks` blocks per width entry, no pooling,
+    output Linear(relu(h)) -> 1.
+
+    The time embedding (from the lower level's log-SNR, plus a class embedding when conditional) is split
+    off as `embed` so that a Langevin run computes it once.
+    """
+
+    def __init__(self, in_dim: int, ch: int, ch_mult: Tuple[int, ...], blocks: int, image: bool,
+                 num_classes: Optional[int]):
+        super().__init__()
+        self.ch, self.image = ch, image
+        temb_dim = 4 * ch
+        self.temb_map1 = spectral_norm(nn.Linear(ch, temb_dim))
+        self.temb_map2 = spectral_norm(nn.Linear(temb_dim, temb_dim))
+        # labels 1..K are classes, 0 the null class of classifier-free guidance (official convention)
+        self.class_map = spectral_norm(nn.Linear(num_classes + 1, temb_dim)) if num_classes else None
+        self.conv_in = spectral_norm(nn.Conv2d(in_dim, ch, 3, padding=1) if image else nn.Linear(in_dim, ch))
+        self.stages = nn.ModuleList()
+        width = ch
+        for mult in ch_mult:
+            stage = nn.ModuleList()
+            for _ in range(blocks):
+                stage.append(EBMBlock(width, ch * mult, temb_dim, image))
+                width = ch * mult
+            self.stages.append(stage)
+        self.head = nn.Linear(temb_dim, width, bias=False) if image else nn.Linear(width, 1, bias=False)
+
+    def embed(self, logsnr: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        temb = self.temb_map2(lrelu(self.temb_map1(sinusoidal_embedding(logsnr_to_time(logsnr), self.ch))))
+        if self.class_map is not None:
+            temb = temb + self.class_map(F.one_hot(labels, self.class_map.in_features).float())
+        return temb
+
+    def forward(self, y, temb):
+        h = self.conv_in(y)
+        for i, stage in enumerate(self.stages):
+            for block in stage:
+                h = block(h, temb)
+            if self.image and i < len(self.stages) - 1:
+                h = F.avg_pool2d(h, 2)
+        if self.image:
+            return (F.relu(h).sum((2, 3)) * self.head(lrelu(temb))).sum(1)
+        return self.head(F.relu(h)).squeeze(1)
+
+
+class InitBlock(nn.Module):
+    """Initializer residual block (official, from lucidrains' DDPM U-Net): GroupNorm -> SiLU -> [resample] ->
+    conv -> GroupNorm x (1 + scale) + shift from the time embedding -> SiLU -> dropout -> zero-initialised conv;
+    1x1 conv shortcut when the width changes. 2D: the same with linear layers."""
+
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, image: bool, dropout: float, resample=None):
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(min(32, c_in), c_in, eps=1e-6), nn.GroupNorm(min(32, c_out), c_out, eps=1e-6)
+        layer = (lambda i, o: nn.Conv2d(i, o, 3, padding=1)) if image else nn.Linear
+        self.conv1, self.conv2 = layer(c_in, c_out), layer(c_out, c_out)
+        nn.init.zeros_(self.conv2.weight)
+        self.scale_shift = nn.Linear(temb_dim, 2 * c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.resample = resample
+        self.shortcut = (nn.Conv2d(c_in, c_out, 1) if image else nn.Linear(c_in, c_out)) if c_in != c_out \
+            else nn.Identity()
+
+    def forward(self, x, temb):
+        h = F.silu(self.norm1(x))
+        if self.resample == "down":
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        elif self.resample == "up":
+            h, x = F.interpolate(h, scale_factor=2.0, mode="nearest"), F.interpolate(x, scale_factor=2.0, mode="nearest")
+        scale, shift = as_feature_map(self.scale_shift(F.silu(temb)), x).chunk(2, dim=1)
+        h = F.silu(self.norm2(self.conv1(h)) * (1 + scale) + shift)
+        return self.conv2(self.dropout(h)) + self.shortcut(x)
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over pixels with a zero-initialised output projection and a residual."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(min(32, ch), ch, eps=1e-6)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.out = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, 3, 1, c, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / sqrt(c)) v, (b, 1, hw, c)
+        return x + self.out(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class TimeMLP(nn.Module):
+    """sinusoid(logSNR time) -> Linear -> SiLU -> Linear, plus Linear(one-hot label) when conditional."""
+
+    def __init__(self, ch: int, temb_dim: int, num_classes: Optional[int]):
+        super().__init__()
+        self.ch = ch
+        self.mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.class_map = nn.Linear(num_classes + 1, temb_dim) if num_classes else None
+
+    def forward(self, logsnr, labels):
+        temb = self.mlp(sinusoidal_embedding(logsnr_to_time(logsnr), self.ch))
+        if self.class_map is not None:
+            temb = temb + self.class_map(F.one_hot(labels, self.class_map.in_features).float())
+        return temb
+
+
+class UNetInitializer(nn.Module):
+    """g_φ(x_i, level) for images: the official U-Net (64 channels, mult (1, 1, 1), 3 blocks per resolution,
+    attention below full resolution and in the middle, dropout 0.1, GroupNorm + SiLU, scale-shift time
+    conditioning), predicting the mean of y = α_mul x_{i-1} as x_i + net(x_i) with a zero-initialised last
+    conv, so it starts as the identity."""
+
+    def __init__(self, in_ch: int, ch: int, ch_mult: Tuple[int, ...], blocks: int, dropout: float,
+                 num_classes: Optional[int]):
+        super().__init__()
+        temb_dim = 4 * ch
+        self.time = TimeMLP(ch, temb_dim, num_classes)
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        widths = [ch] + [ch * m for m in ch_mult]
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+        skip_widths = [ch]
+        for level in range(len(ch_mult)):  # down: `blocks` blocks (+ attention), then a downsampling block
+            for b in range(blocks):
+                self.down.append(InitBlock(widths[level] if b == 0 else widths[level + 1], widths[level + 1],
+                                           temb_dim, True, dropout))
+                self.down.append(Attention(widths[level + 1]) if level > 0 else nn.Identity())
+                skip_widths.append(widths[level + 1])
+            if level < len(ch_mult) - 1:
+                self.down.append(InitBlock(widths[level + 1], widths[level + 1], temb_dim, True, dropout, "down"))
+                self.down.append(nn.Identity())
+                skip_widths.append(widths[level + 1])
+        self.mid1 = InitBlock(widths[-1], widths[-1], temb_dim, True, dropout)
+        self.mid_attn = Attention(widths[-1])
+        self.mid2 = InitBlock(widths[-1], widths[-1], temb_dim, True, dropout)
+        width = widths[-1]
+        for level in reversed(range(len(ch_mult))):  # up: blocks + 1 blocks on [h, skip], then upsample
+            for _ in range(blocks + 1):
+                self.up.append(InitBlock(width + skip_widths.pop(), widths[level + 1], temb_dim, True, dropout))
+                self.up.append(Attention(widths[level + 1]) if level > 0 else nn.Identity())
+                width = widths[level + 1]
+            if level > 0:
+                self.up.append(InitBlock(width, width, temb_dim, True, dropout, "up"))
+                self.up.append(nn.Identity())
+        self.norm_out = nn.GroupNorm(min(32, width), width, eps=1e-6)
+        self.conv_out = nn.Conv2d(width, in_ch, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, logsnr, labels=None):
+        temb = self.time(logsnr, labels)
+        h = self.conv_in(x)
+        skips = [h]
+        for block, attn in zip(self.down[::2], self.down[1::2]):
+            h = attn(block(h, temb))
+            skips.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, temb)), temb)
+        for block, attn in zip(self.up[::2], self.up[1::2]):
+            h = attn(block(torch.cat([h, skips.pop()], 1) if block.resample is None else h, temb))
+        return x + self.conv_out(F.silu(self.norm_out(h)))
+
+
+class MLPInitializer(nn.Module):
+    """g_φ(x_i, level) for 2D (the official toy's): Linear(2, ch), `blocks` InitBlocks, SiLU, zero-initialised
+    Linear(ch, 2) without bias, plus x_i."""
+
+    def __init__(self, ch: int, blocks: int, num_classes: Optional[int]):
+        super().__init__()
+        self.time = TimeMLP(2 * ch, 2 * ch, num_classes)
+        self.lin_in = nn.Linear(2, ch)
+        self.blocks = nn.ModuleList(InitBlock(ch, ch, 2 * ch, False, 0.0) for _ in range(blocks))
+        self.lin_out = nn.Linear(ch, 2, bias=False)
+        nn.init.zeros_(self.lin_out.weight)
+
+    def forward(self, x, logsnr, labels=None):
+        temb = self.time(logsnr, labels)
+        h = self.lin_in(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        return x + self.lin_out(F.silu(h))
+
+
+class CDRL(nn.Module):
+    """Both networks plus the level tables (buffers, index = level 0..L) that training and sampling use."""
+
+    def __init__(self, ebm: nn.Module, initializer: nn.Module, tables: dict):
+        super().__init__()
+        self.ebm, self.initializer = ebm, initializer
+        for name, value in tables.items():
+            self.register_buffer(name, value.float())
+        self.num_levels = len(tables["logsnr"]) - 1
+
+    def f(self, y, level, labels=None):
+        """f_θ(y, level) with the lower level's log-SNR as the time input."""
+        return self.ebm(y, self.ebm.embed(self.logsnr[level - 1], labels))
+
+
+# ===================================================================================================
+# NOISE SCHEDULE
+# ===================================================================================================
+def logsnr_schedule(t: torch.Tensor, logsnr_min: float, logsnr_max: float) -> torch.Tensor:
+    """Cosine schedule in log-SNR clipped to [logsnr_min, logsnr_max]: -2 log tan(a t + b) (DRL / CDRL)."""
+    b = math.atan(math.exp(-0.5 * logsnr_max))
+    a = math.atan(math.exp(-0.5 * logsnr_min)) - b
+    return -2.0 * torch.log(torch.tan(a * t + b))
+
+
+def level_tables(args) -> dict:
+    """Per-level constants (float64, index 0..L; entries at index 0 are unused except logsnr / alpha_bar).
+
+    α_mul_i = sqrt(ᾱ_i / ᾱ_{i-1}) (1 at the top level: its EBM sees x_{L-1} itself), σ_i² = 1 - ᾱ_i/ᾱ_{i-1},
+    the Langevin step s_i² = step_scale c_i² σ_i², the coefficient q_i = step_scale c_i² / 2 = s_i² / (2σ_i²)
+    of the quadratic term's drift (s²/2) ∇(-||y - x||²/(2σ²)) = -q (y - x) (0 at the top level), the loss weight
+    σ_1 / σ_i and the initializer's proposal noise std sqrt(β̃_i α_mul²) (DDPM posterior variance β̃).
+    """
+    levels = torch.arange(args.num_levels + 1, dtype=torch.float64)
+    logsnr = logsnr_schedule(levels / args.num_levels, args.logsnr_min, args.logsnr_max)
+    alpha_bar = torch.sigmoid(logsnr)
+    ratio = torch.ones_like(alpha_bar)
+    ratio[1:] = alpha_bar[1:] / alpha_bar[:-1]
+    sigma_sq = 1 - ratio
+    prev_var = torch.ones_like(alpha_bar)
+    prev_var[1:] = 1 - alpha_bar[:-1]  # 1 - ᾱ_{i-1}
+    if args.noise_scaled_steps:
+        c_sq = prev_var.sqrt() / (1 - alpha_bar[0]).sqrt()
+    else:
+        c_sq = torch.ones_like(alpha_bar) / (1 - alpha_bar[0]).sqrt()
+    top = levels == args.num_levels
+    alpha_mul = torch.where(top, 1.0, ratio.sqrt())
+    posterior_var = prev_var / (1 - alpha_bar) * sigma_sq  # β̃_i = (1-ᾱ_{i-1}) / (1-ᾱ_i) β_i
+    weight = torch.zeros_like(alpha_bar)
+    weight[1:] = sigma_sq[1].sqrt() / sigma_sq[1:].sqrt()
+    return {"logsnr": logsnr, "alpha_bar": alpha_bar, "alpha_mul": alpha_mul, "sigma": sigma_sq.sqrt(),
+            "step_sq": args.step_scale * c_sq * sigma_sq,
+            "quad_coef": torch.where(top, 0.0, args.step_scale * c_sq / 2),
+            "loss_weight": weight, "proposal_std": (posterior_var * alpha_mul ** 2).sqrt()}
+
+
+def diffuse(model: CDRL, x0, level, noise):
+    """x_level = sqrt(ᾱ) x_0 + sqrt(1 - ᾱ) ε (variance preserving)."""
+    alpha_bar = as_batch(model.alpha_bar[level], x0)
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+
+
+def as_batch(per_example: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return per_example.view(-1, *[1] * (like.dim() - 1))
+
+
+# ===================================================================================================
+# SAMPLER
+# ===================================================================================================
+def guided(cond, uncond, guidance: float):
+    """Classifier-free guidance of a network output: (1+w) cond() - w uncond(); w = 0 calls cond() only."""
+    if guidance == 0:
+        return cond()
+    return (1 + guidance) * cond() - guidance * uncond()
+
+
+def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guidance: float = 0.0):
+    """n_steps of Langevin on the recovery density f(y)/s² - ||y - x_noisy||²/(2σ²) (the marginal f(y)/s² at
+    the top level), step s²:  y <- y + ½∇f(y) - q (y - x_noisy) + s ε with q = step_scale c² / 2 (0 at the top).
+    The EBM should be in eval mode; nothing here syncs with the host."""
+    step = as_batch(model.step_sq[level], y).sqrt()
+    quad = as_batch(model.quad_coef[level], y)
+    with torch.no_grad():
+        temb = model.ebm.embed(model.logsnr[level - 1], labels)
+        temb_null = model.ebm.embed(model.logsnr[level - 1], torch.zeros_like(labels)) if guidance else None
+    y = y.detach()
+    with parametrize.cached():  # spectral-normalised weights computed once for the whole run
+        for _ in range(n_steps):
+            with torch.enable_grad():
+                y_var = y.requires_grad_(True)
+                f = guided(lambda: model.ebm(y_var, temb), lambda: model.ebm(y_var, temb_null), guidance)
+                (grad,) = torch.autograd.grad(f.sum(), y_var)
+            y = (y.detach() + 0.5 * grad - quad * (y.detach() - x_noisy) + step * torch.randn_like(y)).detach()
+    return y
+
+
+def tweedie_step(model: CDRL, x, labels, guidance: float, exact: bool):
+    """E[x_clean | x at level 0] = (x + (1-ᾱ_0) ∇ log p(x)) / sqrt(ᾱ_0) with log p(x) = f(α_mul x, 1) / s_1²;
+    the official code divides by s_1²/2 (docstring item 2), `exact` by s_1²."""
+    one = torch.ones(len(x), dtype=torch.long, device=x.device)
+    scale = model.step_sq[1] if exact else model.step_sq[1] / 2
+    with torch.enable_grad():
+        x_var = x.detach().requires_grad_(True)
+        y = model.alpha_mul[1] * x_var
+        f = guided(lambda: model.f(y, one, labels), lambda: model.f(y, one, torch.zeros_like(labels)), guidance)
+        (score,) = torch.autograd.grad(f.sum() / scale, x_var)
+    return ((x + (1 - model.alpha_bar[0]) * score) / model.alpha_bar[0].sqrt()).detach()
+
+
+def generate(model: CDRL, noise, labels, langevin_steps: int, guidance: float, exact_tweedie: bool,
+             keep_levels: bool = False):
+    """The paper's sampler from x_L = noise: for i = L..1, y = g(x_i) + proposal noise, Langevin on the
+    recovery density, x_{i-1} = y / α_mul; then one Tweedie step. Returns x_0 (and x_{L-1}..x_0 if keep_levels)."""
+    x, per_level = noise, []
+    for i in range(model.num_levels, 0, -1):
+        level = torch.full((len(x),), i, dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            mean = guided(lambda: model.initializer(x, model.logsnr[level], labels),
+                          lambda: model.initializer(x, model.logsnr[level], torch.zeros_like(labels)), guidance)
+        y = mean + as_batch(model.proposal_std[level], x) * torch.randn_like(x)
+        y = recovery_langevin(model, y, x, level, labels, langevin_steps, guidance)
+        x = y / model.alpha_mul[i]
+        per_level.append(x)
+    x = tweedie_step(model, x, labels, guidance, exact_tweedie)
+    return (x, per_level) if keep_levels else x
+
+
+# ===================================================================================================
+# LOSS
+# ===================================================================================================
+def cdrl_step(model: CDRL, x0, labels, args, optimizers):
+    """One cooperative update (official order): EBM positives in train mode (one spectral-norm power
+    iteration), proposals from the initializer (train mode, dropout on), K Langevin steps with the EBM in eval
+    mode, EBM negatives, EBM step; then the initializer regresses its proposal onto the refined samples.
+
+    Returns detached (EBM loss, initializer loss, mean f(pos), mean f(neg), EBM grad norm, initializer grad norm).
+    """
+    ebm_opt, init_opt = optimizers
+    level = torch.randint(1, model.num_levels + 1, (len(x0),), device=x0.device)
+    noise = torch.randn_like(x0)  # shared by x_{i-1} and x_i ("variance reduction", official)
+    x_prev, x_noisy = diffuse(model, x0, level - 1, noise), diffuse(model, x0, level, noise)
+    weight = model.loss_weight[level]
+
+    ebm_opt.zero_grad(set_to_none=True)
+    init_opt.zero_grad(set_to_none=True)
+    model.ebm.train()
+    f_pos = model.f(as_batch(model.alpha_mul[level], x0) * x_prev, level, labels)
+    (-(weight * f_pos).mean()).backward()
+    proposal = model.initializer(x_noisy, model.logsnr[level], labels) + \
+        as_batch(model.proposal_std[level], x0) * torch.randn_like(x0)
+    model.ebm.eval()
+    refined = recovery_langevin(model, proposal.detach(), x_noisy, level, labels, args.langevin_steps)
+    f_neg = model.f(refined, level, labels)
+    (weight * f_neg).mean().backward()
+    ebm_grad = torch.nn.utils.clip_grad_norm_(model.ebm.parameters(), args.grad_clip)
+    ebm_opt.step()
+
+    # initializer: sum of squares over coordinates, mean over the batch
+    init_loss = (refined - proposal).pow(2).flatten(1).sum(1).mean()
+    init_loss.backward()
+    init_grad = torch.nn.utils.clip_grad_norm_(model.initializer.parameters(), args.grad_clip)
+    init_opt.step()
+    ebm_loss = (weight * (f_neg.detach() - f_pos.detach())).mean()
+    return ebm_loss, init_loss.detach(), f_pos.detach().mean(), f_neg.detach().mean(), ebm_grad, init_grad
+
+
+def warmup_factors(args):
+    """Official warm-ups over W = --warmup-steps: EBM lr x min(1, k / W) (so 0 at the first update, as official),
+    initializer lr x min(1, (k + 500) / W); W = 0 means no warm-up."""
+    if args.warmup_steps == 0:
+        return (lambda k: 1.0), (lambda k: 1.0)
+    warm = args.warmup_steps
+    return (lambda k: min(1.0, k / warm)), (lambda k: min(1.0, (k + 500) / warm))
+
+
+# ===================================================================================================
+# PUBLIC API
+# ===================================================================================================
+def sample_shape(args):
+    return (2,) if common.is_toy(args.dataset) else (args.image_channels, args.image_size, args.image_size)
+
+
+def build_model(args) -> CDRL:
+    """EBM + initializer (PyTorch default init, zero-initialised residual outputs) + level tables."""
+    num_classes = args.num_classes if args.conditional else None
+    if common.is_toy(args.dataset):
+        ebm = EnergyNet(2, args.ebm_channels, args.ebm_channel_mult, args.ebm_blocks, False, num_classes)
+        initializer = MLPInitializer(args.init_channels, args.init_blocks, num_classes)
+    else:
+        factor = 2 ** (len(args.init_channel_mult) - 1)
+        if args.image_size % factor:
+            raise common.UserError(f"image size {args.image_size} is not divisible by {factor}: the initializer "
+                                   "U-Net halves it once per --init-channel-mult entry after the first")
+        ebm = EnergyNet(args.image_channels, args.ebm_channels, args.ebm_channel_mult, args.ebm_blocks, True,
+                        num_classes)
+        initializer = UNetInitializer(args.image_channels, args.init_channels, args.init_channel_mult,
+                                      args.init_blocks, args.init_dropout, num_classes)
+    return CDRL(ebm, initializer, level_tables(args))
+
+
+def sample_labels(n: int, args, device):
+    """Balanced class labels 1..K (sample k has class k mod K), None for an unconditional model."""
+    if not args.conditional:
+        return None
+    return torch.arange(n, device=device) % args.num_classes + 1
+
+
+def sample(model: CDRL, n: int, args, device) -> torch.Tensor:
+    """n samples by the paper's sampler (EMA weights when the caller loaded them), in batches of
+    --sample-batch, with --sample-langevin-steps per level and --guidance for conditional models."""
+    model.eval()
+    out = []
+    labels = sample_labels(n, args, device)
+    for first in range(0, n, args.sample_batch):
+        count = min(args.sample_batch, n - first)
+        batch = generate(model, torch.randn((count,) + sample_shape(args), device=device),
+                         None if labels is None else labels[first:first + count], args.sample_langevin_steps,
+                         args.guidance, args.exact_tweedie)
+        out.append(batch if common.is_toy(args.dataset) else batch.clamp(-1, 1))
+    return torch.cat(out)
+
+
+def energy(model: CDRL, x: torch.Tensor, args) -> torch.Tensor:
+    """Energy of clean data at the lowest level, -f(α_mul,1 x) / s_1² (the recovery marginal's log-density up
+    to a constant, as the official toy plots it); conditional models use the null class."""
+    model.eval()
+    level = torch.ones(len(x), dtype=torch.long, device=x.device)
+    labels = torch.zeros(len(x), dtype=torch.long, device=x.device) if args.conditional else None
+    with torch.no_grad():
+        return -model.f(model.alpha_mul[1] * x, level, labels) / model.step_sq[1]
+
+
+# ===================================================================================================
+# TRAINING
+# ===================================================================================================
+# settings that may change on --resume (run length, logging, sampling-time options)
+RESUMABLE = {"steps", "log_every", "sample_every", "save_every", "device", "resume", "run_dir",
+             "sample_langevin_steps", "exact_tweedie", "guidance", "sample_batch", "n_grid", "n_points",
+             "image_size", "image_channels", "num_classes"}
+
+
+def save_pictures(model: CDRL, args, run_dir, tag, device, box):
+    """2D: the learned density of every level (exp(f(α_mul x, i)/s_i²) on a grid, i.e. the marginal of
+    x_{i-1}) and the sampler's points after each level. Images: a grid of samples."""
+    model.eval()
+    if common.is_toy(args.dataset):
+        lo, hi = box
+        grid = common.grid_2d(lo, hi, 200).float().to(device)
+        densities = []
+        with torch.no_grad():
+            for i in range(1, args.num_levels + 1):
+                level = torch.full((len(grid),), i, dtype=torch.long, device=device)
+                null = torch.zeros_like(level) if args.conditional else None
+                logits = model.f(model.alpha_mul[i] * grid, level, null) / model.step_sq[i]
+                densities.append(torch.softmax(logits, 0).view(200, 200).cpu())
+        noise = torch.randn(args.n_points, 2, device=device)
+        x, per_level = generate(model, noise, sample_labels(args.n_points, args, device), args.sample_langevin_steps,
+                                args.guidance, args.exact_tweedie, keep_levels=True)
+        common.save_panels(densities, os.path.join(run_dir, f"density_per_level_{tag}.png"))
+        common.save_panels([common.histogram_2d(p.cpu(), lo, hi, 200) for p in per_level[::-1]] +
+                           [common.histogram_2d(x.cpu(), lo, hi, 200)],
+                           os.path.join(run_dir, f"samples_per_level_{tag}.png"))
+    else:
+        common.save_image_grid(sample(model, args.n_grid, args, device), os.path.join(run_dir, f"samples_{tag}.png"),
+                               nrow=args.num_classes if args.conditional and args.num_classes <= 16 else None)
+    model.train()
+
+
+def main(args: Args):
+    device = common.pick_device(args.device)
+    common.seed_everything(args.seed)
+    if args.resume and not args.run_dir:
+        raise common.UserError("--resume needs --run-dir pointing at the run to continue")
+    run_dir = common.make_run_dir(args)
+    ckpt = None
+    if args.resume:
+        ckpt = common.load_checkpoint(os.path.join(run_dir, "ckpt.pt"), method="cdrl")
+        for key, value in ckpt["args"].items():
+            mine = list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)
+            if key not in RESUMABLE and mine != value:
+                raise common.UserError(f"--resume: {key} is {mine!r} but the checkpoint has {value!r}; "
+                                       "resume with the run's settings")
+        for key in ("image_size", "image_channels", "num_classes"):
+            setattr(args, key, ckpt["args"][key])
+
+    # ---- data ----
+    labels_all = None
+    if common.is_toy(args.dataset):
+        train_data = common.toy_2d(args.dataset, 50_000, seed=args.seed)
+        box = common.data_box(train_data)
+        to_model_space = lambda batch: batch  # noqa: E731
+    else:
+        train_data = common.load_images(args.dataset, args.data_dir, train=True, image_size=args.image_size)
+        args.image_channels, args.image_size = train_data.shape[1], train_data.shape[2]
+        to_model_space, box = common.to_unit_range, None
+        if args.conditional:
+            labels_all = common.load_labels(args.dataset, args.data_dir, train=True)
+            args.num_classes = args.num_classes or int(labels_all.max()) + 1
+    # the loader shuffles indices so that images and labels stay paired
+    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size, seed=args.seed)
+    train_data = train_data.to(device)
+    labels_all = labels_all.to(device) if labels_all is not None else None
+
+    # ---- model, optimisers, EMA ----
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    ebm_opt = torch.optim.Adam(model.ebm.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    init_opt = torch.optim.AdamW(model.initializer.parameters(), lr=args.initializer_lr, betas=(0.9, 0.999),
+                                 weight_decay=0.0)
+    ebm_warm, init_warm = warmup_factors(args)
+    ebm_sched = torch.optim.lr_scheduler.LambdaLR(ebm_opt, ebm_warm)
+    init_sched = torch.optim.lr_scheduler.LambdaLR(init_opt, init_warm)
+    start_step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        ebm_opt.load_state_dict(ckpt["optimizer"]["ebm"])
+        init_opt.load_state_dict(ckpt["optimizer"]["initializer"])
+        ebm_sched.load_state_dict(ckpt["scheduler"]["ebm"])
+        init_sched.load_state_dict(ckpt["scheduler"]["initializer"])
+        loader.load_state_dict(ckpt["loader"])
+        common.set_rng_state(ckpt["rng"])
+        start_step = ckpt["step"]
+        print(f"resumed {run_dir} at step {start_step}")
+    n_ebm = sum(p.numel() for p in model.ebm.parameters())
+    n_init = sum(p.numel() for p in model.initializer.parameters())
+    print(f"CDRL on {args.dataset}: EBM {n_ebm / 1e6:.3f}M + initializer {n_init / 1e6:.3f}M parameters, "
+          f"device {device}, run dir {run_dir}")
+    print("args: " + ", ".join(f"{k}={v}" for k, v in common.args_to_dict(args).items()))
+
+    def checkpoint(step, snapshot):
+        state = {"method": "cdrl", "format": common.CHECKPOINT_FORMAT, "args": common.args_to_dict(args),
+                 "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                 "optimizer": {"ebm": ebm_opt.state_dict(), "initializer": init_opt.state_dict()},
+                 "scheduler": {"ebm": ebm_sched.state_dict(), "initializer": init_sched.state_dict()},
+                 "rng": common.rng_state(), "loader": loader.state_dict()}
+        common.save_checkpoint(state, run_dir, snapshot_step=step if snapshot else None)
+
+    def stop_if_broken(step, ebm_loss, f_pos, f_neg):
+        # NaN / inf or an exploding loss (|loss| > 1e8, the DA-EBM official test); checked before logs and saves
+        if not torch.isfinite(ebm_loss).item() or ebm_loss.abs().item() > 1e8:
+            print(f"error: training diverged by step {step} (EBM loss {ebm_loss.item():.4g}, mean f+ "
+                  f"{f_pos.item():.4g}, f- {f_neg.item():.4g}); the last good checkpoint in {run_dir} is kept. "
+                  "Lower --lr or --step-scale.", file=sys.stderr)
+            sys.exit(1)
+
+    log = common.MetricLog(run_dir, args.steps, start_step)
+    model.train()
+    t_start = time.time()
+    for step in range(start_step, args.steps):
+        idx = loader.next()
+        x0 = to_model_space(train_data[idx])
+        if args.hflip:
+            x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)
+        labels = None
+        if args.conditional:  # classes 1..K, the null class 0 with probability label_dropout
+            labels = torch.where(torch.rand(len(idx), device=device) < args.label_dropout, 0, labels_all[idx] + 1)
+        ebm_loss, init_loss, f_pos, f_neg, ebm_grad, init_grad = cdrl_step(model, x0, labels, args,
+                                                                           (ebm_opt, init_opt))
+        ebm_sched.step()
+        init_sched.step()
+        with torch.no_grad():  # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
+            decay = min(args.ema_decay, (2 + step) / (11 + step))
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+            for b_ema, b in zip(ema.buffers(), model.buffers()):
+                b_ema.copy_(b)
+
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            stop_if_broken(done, ebm_loss, f_pos, f_neg)
+            log.log(done, {"loss": ebm_loss.item(), "init_loss": init_loss.item(), "f_pos": f_pos.item(),
+                           "f_neg": f_neg.item(), "ebm_grad_norm": ebm_grad.item(),
+                           "init_grad_norm": init_grad.item(), "lr": ebm_opt.param_groups[0]["lr"]})
+        if done % args.sample_every == 0 or done == args.steps:
+            save_pictures(ema, args, run_dir, f"{done:08d}", device, box)
+        if done % args.save_every == 0 or done == args.steps:
+            stop_if_broken(done, ebm_loss, f_pos, f_neg)
+            checkpoint(done, snapshot=done % args.save_every == 0)
+    print(f"training done in {common.format_seconds(time.time() - t_start)}")
+    if start_step >= args.steps:  # resumed a finished run: only draw samples (e.g. with new sampling options)
+        save_pictures(ema, args, run_dir, f"{args.steps:08d}_K{args.sample_langevin_steps}_w{args.guidance:g}",
+                      device, box)
+
+
+if __name__ == "__main__":
+    common.run_cli(lambda: main(tyro.cli(Args)))

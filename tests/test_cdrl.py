@@ -1,0 +1,421 @@
+"""CDRL (cdrl.py): schedule constants, network sizes, recovery Langevin, Tweedie, guidance, the cooperative
+update's gradients, smoke runs, resume and failures."""
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cdrl
+import common
+import eval_fid_ood
+from conftest import ROOT
+from test_daebm import flatten
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+def tiny_2d_args(run_dir, **overrides):
+    fields = dict(dataset="8gaussians", run_dir=str(run_dir), device="cpu", steps=8, batch_size=32,
+                  langevin_steps=3, ebm_channels=8, init_channels=8, warmup_steps=4, log_every=2, sample_every=4,
+                  save_every=4, n_points=64)
+    fields.update(overrides)
+    return cdrl.Args(**fields)
+
+
+def tiny_image_args(run_dir, folder, **overrides):
+    fields = dict(dataset=f"folder:{folder}", run_dir=str(run_dir), device="cpu", steps=6, batch_size=8,
+                  langevin_steps=2, ebm_channels=8, ebm_channel_mult=(1, 2), ebm_blocks=1, init_channels=8,
+                  init_channel_mult=(1, 1), init_blocks=1, warmup_steps=2, log_every=2, sample_every=3,
+                  save_every=3, n_grid=4)
+    fields.update(overrides)
+    return cdrl.Args(**fields)
+
+
+@pytest.fixture
+def class_folder(tmp_path):
+    """Two classes of 8x8 RGB PNGs in subfolders: a bright square top-left (class a) or bottom-right (b)."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, corner in (("a", 0), ("b", 5)):
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        for i in range(12):
+            img = np.full((8, 8, 3), 20, dtype=np.uint8)
+            img[corner:corner + 3, corner:corner + 3] = rng.integers(150, 255, size=3)
+            Image.fromarray(img).save(tmp_path / "classes" / name / f"{i:02d}.png")
+    return str(tmp_path / "classes")
+
+
+class QuadraticEBM(nn.Module):
+    """f(y) = -a ||y - m||² / 2 at every level (embed ignores the level)."""
+
+    def __init__(self, a, m):
+        super().__init__()
+        self.a = a
+        self.register_buffer("m", m)
+
+    def embed(self, logsnr, labels):
+        return torch.zeros(len(logsnr), 1)
+
+    def forward(self, y, temb):
+        return -0.5 * self.a * (y - self.m).pow(2).sum(1)
+
+
+def quadratic_model(a, m, **arg_overrides):
+    args = cdrl.Args(dataset="cifar10", **arg_overrides)
+    return cdrl.CDRL(QuadraticEBM(a, m), nn.Identity(), cdrl.level_tables(args)), args
+
+
+# ---------------------------------------------------------------------------------------------------
+# schedule (constants of ../shared/methods/cdrl.md)
+# ---------------------------------------------------------------------------------------------------
+def test_schedule_constants():
+    tables = cdrl.level_tables(cdrl.Args(dataset="cifar10"))
+    logsnr = [9.8, 2.689, 1.197, 0.141, -0.876, -2.172, -5.1]
+    sqrt_alpha_bar = [1.0, .968, .876, .732, .542, .320, .078]
+    sigma = [.252, .424, .551, .671, .808, .970]
+    weight = [1, .595, .458, .376, .312, .260]
+    assert torch.allclose(tables["logsnr"], torch.tensor(logsnr, dtype=torch.float64), atol=5e-4)
+    assert torch.allclose(tables["alpha_bar"].sqrt(), torch.tensor(sqrt_alpha_bar, dtype=torch.float64), atol=5e-4)
+    assert torch.allclose(tables["sigma"][1:], torch.tensor(sigma, dtype=torch.float64), atol=5e-4)
+    assert torch.allclose(tables["loss_weight"][1:], torch.tensor(weight, dtype=torch.float64), atol=5e-4)
+
+
+def test_step_sizes_and_multipliers():
+    tables = cdrl.level_tables(cdrl.Args(dataset="cifar10"))
+    ab = tables["alpha_bar"].tolist()
+    for i in range(1, 7):
+        c_sq = math.sqrt(1 - ab[i - 1]) / math.sqrt(1 - ab[0])
+        sigma_sq = 1 - ab[i] / ab[i - 1]
+        assert tables["step_sq"][i].item() == pytest.approx(4e-4 * c_sq * sigma_sq, rel=1e-9)
+        assert tables["quad_coef"][i].item() == pytest.approx(0.0 if i == 6 else 2e-4 * c_sq, rel=1e-9, abs=0)
+        assert tables["alpha_mul"][i].item() == pytest.approx(1.0 if i == 6 else math.sqrt(ab[i] / ab[i - 1]))
+        beta_tilde = (1 - ab[i - 1]) / (1 - ab[i]) * sigma_sq
+        assert tables["proposal_std"][i].item() == pytest.approx(math.sqrt(beta_tilde) * tables["alpha_mul"][i].item())
+    # level 1: c_1 = 1, so s_1² = 4e-4 σ_1²
+    assert tables["step_sq"][1].item() == pytest.approx(4e-4 * 0.2522 ** 2, rel=1e-3)
+    # 2D (official toy): c² is the constant 1 / sqrt(1 - ᾱ_0) and the step scale 2e-3
+    toy = cdrl.level_tables(cdrl.Args(dataset="checkerboard"))
+    c_sq = 1 / math.sqrt(1 - toy["alpha_bar"][0].item())
+    assert toy["step_sq"][4].item() == pytest.approx(2e-3 * c_sq * toy["sigma"][4].item() ** 2, rel=1e-9)
+
+
+def test_warmups_match_official():
+    ebm, init = cdrl.warmup_factors(cdrl.Args(dataset="cifar10"))
+    assert ebm(0) == 0 and ebm(5000) == 0.5 and ebm(20000) == 1
+    assert init(0) == 0.05 and init(9500) == 1
+    ebm, init = cdrl.warmup_factors(cdrl.Args(dataset="cifar10", warmup_steps=0))
+    assert ebm(0) == init(0) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# networks
+# ---------------------------------------------------------------------------------------------------
+def test_cifar10_network_sizes():
+    model = cdrl.build_model(cdrl.Args(dataset="cifar10"))
+    n_ebm = sum(p.numel() for p in model.ebm.parameters())
+    n_init = sum(p.numel() for p in model.initializer.parameters())
+    assert n_ebm == 34_833_152  # the spec's "about 34.8M"
+    assert n_init == 3_769_795  # the spec's "about 3.8M"
+    assert len(model.ebm.stages) == 4 and all(len(s) == 8 for s in model.ebm.stages)
+
+
+def test_initializer_starts_as_identity():
+    for args in (cdrl.Args(dataset="cifar10"), cdrl.Args(dataset="cifar10", conditional=True),
+                 cdrl.Args(dataset="checkerboard")):
+        model = cdrl.build_model(args)
+        x = torch.randn((3,) + cdrl.sample_shape(args))
+        level = torch.tensor([1, 3, 6])
+        labels = torch.tensor([0, 4, 10]) if args.conditional else None
+        with torch.no_grad():
+            assert torch.equal(model.initializer(x, model.logsnr[level], labels), x)
+
+
+def test_energy_net_is_spectrally_normalised_and_per_row():
+    args = cdrl.Args(dataset="cifar10", image_size=8, ebm_channels=8, ebm_blocks=2, ebm_channel_mult=(1, 2))
+    model = cdrl.build_model(args).eval()
+    conv = model.ebm.stages[0][0].conv1
+    sigma_max = torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2)
+    assert sigma_max.item() == pytest.approx(1.0, abs=0.05)
+    y, level = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 5, 6])
+    with torch.no_grad():
+        batched = model.f(y, level)
+        single = torch.cat([model.f(y[i:i + 1], level[i:i + 1]) for i in range(4)])
+    assert torch.allclose(batched, single, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampler
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level_index", [3, 6])
+def test_recovery_langevin_samples_the_gaussian_posterior(level_index):
+    """f(y) = -a||y - m||²/2: the recovery density f/s² - ||y - x||²/(2σ²) is Gaussian with precision
+    P = a/s² + 1/σ² (a/s² at the top level) and mean (a m/s² + x/σ²)/P. Langevin with step h = s² is exact in
+    the mean; its stationary variance is h / (1 - (1 - hP/2)²) = (1/P) / (1 - hP/4), tested to 4 SE."""
+    torch.manual_seed(0)
+    a, m, x = 0.05, torch.tensor([-1.0, 2.0]), torch.tensor([1.0, -0.5])
+    model, _ = quadratic_model(a, m)
+    s_sq = model.step_sq[level_index].double().item()
+    inv_sigma_sq = 0.0 if level_index == 6 else 1 / model.sigma[level_index].double().item() ** 2
+    precision = a / s_sq + inv_sigma_sq
+    mean = (a * m.double() / s_sq + x.double() * inv_sigma_sq) / precision
+    var_ula = (1 / precision) / (1 - s_sq * precision / 4)
+    n = 20_000
+    level = torch.full((n,), level_index, dtype=torch.long)
+    y0 = torch.zeros(n, 2)
+    y = cdrl.recovery_langevin(model, y0, x.expand(n, 2), level, None, n_steps=600).double()
+    assert torch.allclose(y.mean(0), mean, atol=4 * math.sqrt(var_ula / n))
+    var_se = var_ula * math.sqrt(2 / (n - 1))
+    assert torch.allclose(y.var(0), torch.full((2,), var_ula, dtype=torch.float64), atol=4 * var_se)
+    if level_index == 3:  # the quadratic term matters here: the posterior mean is far from the EBM's own mean m
+        assert (mean - m.double()).abs().min() > 0.5
+
+
+def test_tweedie_step_official_half_scale_and_exact():
+    a, m = 0.05, torch.tensor([0.3, -0.2])
+    model, _ = quadratic_model(a, m)
+    x = torch.randn(5, 2)
+    am, ab0, s1 = model.alpha_mul[1], model.alpha_bar[0], model.step_sq[1]
+    score_exact = -a * am * (am * x - m) / s1  # ∇_x f(α_mul x) / s_1²
+    for exact, score in ((True, score_exact), (False, 2 * score_exact)):
+        out = cdrl.tweedie_step(model, x, None, 0.0, exact)
+        assert torch.allclose(out, (x + (1 - ab0) * score) / ab0.sqrt(), atol=1e-5)
+
+
+def tiny_conditional_model(seed=0):
+    torch.manual_seed(seed)
+    args = cdrl.Args(dataset="cifar10", conditional=True, image_size=8, ebm_channels=8, ebm_blocks=1,
+                     ebm_channel_mult=(1, 2), init_channels=8, init_blocks=1, init_channel_mult=(1, 1), langevin_steps=3)
+    model = cdrl.build_model(args).eval()
+    with torch.no_grad():  # give the initializer's residual some weight so that its guidance matters too
+        model.initializer.conv_out.weight.normal_(0, 0.1)
+    return model, args
+
+
+def test_guidance_zero_ignores_the_null_class_and_nonzero_uses_it():
+    model, args = tiny_conditional_model()
+    labels = torch.tensor([1, 2, 3, 10])
+    noise = torch.randn(4, 3, 8, 8)
+
+    def draw(m, w):
+        torch.manual_seed(1)
+        return cdrl.generate(m, noise, labels, 3, w, False)
+
+    # a copy whose networks answer differently for the null class (label 0) only, in both networks
+    scrambled = copy.deepcopy(model)
+    embed, initializer = scrambled.ebm.embed, scrambled.initializer.forward
+    scrambled.ebm.embed = lambda logsnr, lab: embed(logsnr, lab) + 5.0 * (lab == 0)[:, None]
+    scrambled.initializer.forward = lambda x, logsnr, lab: initializer(x, logsnr, lab) + \
+        (lab == 0).float().view(-1, 1, 1, 1)
+    assert torch.equal(draw(model, 0.0), draw(scrambled, 0.0))
+    assert not torch.allclose(draw(model, 1.0), draw(scrambled, 1.0), atol=1e-3)
+
+
+def test_guided_langevin_drift():
+    """One step: y + ½[(1+w)∇f(y, c) - w∇f(y, ∅)] - q (y - x) + s ε, computed independently."""
+    model, _ = tiny_conditional_model()
+    w, level_index = 0.7, 2
+    labels = torch.tensor([3, 5])
+    y, x = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    level = torch.full((2,), level_index, dtype=torch.long)
+
+    def grad_f(lab):
+        y_var = y.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model.f(y_var, level, lab).sum(), y_var)
+        return g
+
+    drift = 0.5 * ((1 + w) * grad_f(labels) - w * grad_f(torch.zeros_like(labels)))
+    torch.manual_seed(3)
+    expected = y + drift - model.quad_coef[level_index] * (y - x) + model.step_sq[level_index].sqrt() * torch.randn_like(y)
+    torch.manual_seed(3)
+    out = cdrl.recovery_langevin(model, y, x, level, labels, 1, guidance=w)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_sample_uses_sample_langevin_steps():
+    class CountingEBM(QuadraticEBM):
+        calls = 0
+
+        def forward(self, y, temb):
+            CountingEBM.calls += 1
+            return super().forward(y, temb)
+
+    args = cdrl.Args(dataset="checkerboard", langevin_steps=15, sample_langevin_steps=4)
+    model = cdrl.CDRL(CountingEBM(0.1, torch.zeros(2)), cdrl.MLPInitializer(8, 1, None), cdrl.level_tables(args))
+    out = cdrl.sample(model, 7, args, "cpu")
+    assert out.shape == (7, 2) and torch.isfinite(out).all()
+    assert CountingEBM.calls == 6 * 4 + 1  # 4 steps at each of 6 levels + the Tweedie step
+
+
+# ---------------------------------------------------------------------------------------------------
+# the cooperative update
+# ---------------------------------------------------------------------------------------------------
+class LinearEBM(nn.Module):
+    """f(y) = θ · y; records every input it sees (positives first, then Langevin, then negatives)."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor([0.3, -0.2]))
+        self.inputs = []
+
+    def embed(self, logsnr, labels):
+        return torch.zeros(len(logsnr), 1)
+
+    def forward(self, y, temb):
+        self.inputs.append(y.detach().clone())
+        return (y * self.theta).sum(1)
+
+
+class ShiftInitializer(nn.Module):
+    """g(x) = x + b."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.tensor([0.1, 0.4]))
+
+    def forward(self, x, logsnr, labels=None):
+        return x + self.b
+
+
+def test_cdrl_step_gradients_closed_form():
+    """EBM: ∇_θ mean_b w_b (f(neg_b) - f(pos_b)) = mean_b w_b (neg_b - pos_b) for f = θ·y; initializer:
+    ∇_b mean_b ||refined_b - proposal_b||² = -2 mean_b (refined_b - proposal_b). With SGD at lr 1 and no
+    clipping the update is minus these gradients."""
+    args = cdrl.Args(dataset="checkerboard", langevin_steps=4, grad_clip=1e9)
+    model = cdrl.CDRL(LinearEBM(), ShiftInitializer(), cdrl.level_tables(args))
+    theta0, b0 = model.ebm.theta.detach().clone(), model.initializer.b.detach().clone()
+    opts = (torch.optim.SGD(model.ebm.parameters(), lr=1.0), torch.optim.SGD(model.initializer.parameters(), lr=1.0))
+    torch.manual_seed(5)
+    x0 = torch.randn(64, 2)
+    torch.manual_seed(6)
+    level = torch.randint(1, 7, (64,))  # the first draw cdrl_step makes
+    torch.manual_seed(6)
+    ebm_loss, init_loss, f_pos, f_neg, _, _ = cdrl.cdrl_step(model, x0, None, args, opts)
+    inputs = model.ebm.inputs
+    assert len(inputs) == 1 + args.langevin_steps + 1
+    pos, proposal, neg = inputs[0], inputs[1], inputs[-1]
+    weight = model.loss_weight[level][:, None]
+    ebm_grad = (weight * (neg - pos)).mean(0)
+    assert torch.allclose(model.ebm.theta.detach(), theta0 - ebm_grad, atol=1e-5)
+    assert ebm_loss.item() == pytest.approx((weight[:, 0] * ((neg - pos) @ theta0)).mean().item(), abs=1e-5)
+    init_grad = -2 * (neg - proposal).mean(0)
+    assert torch.allclose(model.initializer.b.detach(), b0 - init_grad, atol=1e-5)
+    assert init_loss.item() == pytest.approx((neg - proposal).pow(2).sum(1).mean().item(), rel=1e-5)
+    assert f_pos.item() == pytest.approx((pos @ theta0).mean().item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# smoke, resume, failures
+# ---------------------------------------------------------------------------------------------------
+def test_smoke_2d_checkpoint_and_eval(tmp_path):
+    args = tiny_2d_args(tmp_path / "run")
+    cdrl.main(args)
+    run = tmp_path / "run"
+    for name in ("ckpt.pt", "ckpt_00000004.pt", "metrics.jsonl", "density_per_level_00000008.png",
+                 "samples_per_level_00000004.png"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert records[-1]["step"] == 8 and "init_loss" in records[-1]
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["method"] == "cdrl" and ckpt["step"] == 8 and set(ckpt["ema"]) == set(ckpt["model"])
+    assert set(ckpt["optimizer"]) == {"ebm", "initializer"}
+    results = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run / "ckpt.pt"), device="cpu",
+                                                           n_test=500, grid_resolution=100))
+    assert results["method"] == "cdrl" and math.isfinite(results["nll"])
+    module, loaded_args, model = eval_fid_ood.load_method(ckpt, "cpu")
+    assert module.sample(model, 5, loaded_args, "cpu").shape == (5, 2)
+
+
+def test_smoke_tiny_images(tmp_path, image_folder):
+    args = tiny_image_args(tmp_path / "run", image_folder)
+    cdrl.main(args)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["image_size"] == 8 and ckpt["args"]["hflip"] is True
+    assert (tmp_path / "run" / "samples_00000006.png").exists()
+    module, loaded_args, model = eval_fid_ood.load_method(ckpt, "cpu")
+    out = module.sample(model, 3, loaded_args, "cpu")
+    assert out.shape == (3, 3, 8, 8) and out.abs().max() <= 1
+    assert module.energy(model, out, loaded_args).shape == (3,)
+
+
+def test_smoke_conditional_and_guided_resample(tmp_path, class_folder):
+    run = tmp_path / "run"
+    cdrl.main(tiny_image_args(run, class_folder, conditional=True))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["num_classes"] == 2 and ckpt["args"]["conditional"]
+    # resuming a finished run only draws samples, here with other sampling options
+    cdrl.main(tiny_image_args(run, class_folder, conditional=True, resume=True, guidance=1.0,
+                              sample_langevin_steps=1))
+    assert (run / "samples_00000006_K1_w1.png").exists()
+    module, loaded_args, model = eval_fid_ood.load_method(ckpt, "cpu")
+    assert module.sample(model, 4, loaded_args, "cpu").shape == (4, 3, 8, 8)
+
+
+def test_folder_labels_follow_subfolders(class_folder):
+    labels = common.load_labels(f"folder:{class_folder}", "unused")
+    images = common.load_images(f"folder:{class_folder}", "unused")
+    assert labels.tolist() == [0] * 12 + [1] * 12
+    assert images[:12, :, 0, 0].float().mean() > images[12:, :, 0, 0].float().mean()  # class a: top-left square
+
+
+def test_resume_is_exact_with_both_optimizers_and_emas(tmp_path, class_folder):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cdrl.main(tiny_image_args(straight, class_folder, conditional=True, ema_decay=0.9))
+    resumed.mkdir()
+    shutil.copy(straight / "ckpt_00000003.pt", resumed / "ckpt.pt")
+    cdrl.main(tiny_image_args(resumed, class_folder, conditional=True, ema_decay=0.9, resume=True))
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(resumed / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema", "optimizer", "scheduler", "loader"):
+        flat_a, flat_b = flatten(a[key]), flatten(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        for name, value in flat_a.items():
+            same = torch.equal(value, flat_b[name]) if torch.is_tensor(value) else value == flat_b[name]
+            assert same, (key, name)
+    assert not torch.equal(a["model"]["ebm.conv_in.parametrizations.weight.original"],
+                           a["ema"]["ebm.conv_in.parametrizations.weight.original"])
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    cdrl.main(tiny_2d_args(tmp_path, steps=4))
+    with pytest.raises(common.UserError, match="step_scale"):
+        cdrl.main(tiny_2d_args(tmp_path, steps=8, step_scale=1e-3, resume=True))
+
+
+def test_nan_run_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    # lr 1e30: the first Adam step moves every weight by ~1e30; the unnormalised scales and head overflow
+    args = tiny_2d_args(tmp_path, steps=50, lr=1e30, save_every=1, log_every=1, warmup_steps=0)
+    with pytest.raises(SystemExit) as exit_info:
+        cdrl.main(args)
+    assert exit_info.value.code == 1
+    assert "diverged" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert 1 <= ckpt["step"] < 50
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "cdrl.py"), *argv],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--conditional",), "--conditional needs class labels, and checkerboard has none"),
+    (("--guidance", "2"), "--guidance needs a --conditional model"),
+    (("--dataset", "mnist", "--data-dir", "/nonexistent/nodata", "--device", "cpu"), "mnist data not found"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, argv, message):
+    result = run_cli(*argv, "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]

@@ -1,6 +1,7 @@
 """Learning: each method on a 2D toy reaches a stated exact-NLL bar in about a minute of CPU (fixed seed and
 iteration count, not seconds: the shared cores' speed varies)."""
 import math
+import os
 
 import torch
 
@@ -25,10 +26,22 @@ def eight_gaussians_true_nll(points):
     return -(torch.logsumexp(comp, 1) - math.log(8)).mean().item()
 
 
-def exact_nll(module, model, args, test_points):
+def train_and_score(script, args):
+    """Train, reload the checkpoint through the evaluator, and return the exact NLL of 20,000 fresh points for
+    the trained model, the untrained one and the true density (grid 400² over the data box)."""
+    script.main(args)
+    ckpt = common.load_checkpoint(os.path.join(args.run_dir, "ckpt.pt"))
+    module, args, model = eval_fid_ood.load_method(ckpt, "cpu")
+    test_points = common.toy_2d("8gaussians", 20_000, seed=999)
     lo, hi = common.data_box(common.toy_2d("8gaussians", 50_000, seed=args.seed))
-    log_p = eval_fid_ood.grid_log_density(lambda x: module.energy(model, x, args), lo, hi, 400)
-    return eval_fid_ood.grid_nll(log_p, lo, hi, test_points)
+
+    def nll(m):
+        log_p = eval_fid_ood.grid_log_density(lambda x: module.energy(m, x, args), lo, hi, 400)
+        return eval_fid_ood.grid_nll(log_p, lo, hi, test_points)
+
+    trained, untrained, true = nll(model), nll(module.build_model(args)), eight_gaussians_true_nll(test_points)
+    print(f"NLL trained {trained:.3f}, untrained {untrained:.3f}, true {true:.3f}")
+    return trained, untrained, true
 
 
 def test_daebm_learns_8gaussians(tmp_path):
@@ -36,14 +49,7 @@ def test_daebm_learns_8gaussians(tmp_path):
                       langevin_steps=20, mlp_width=64, adapt_every=100, mh_start=100, warmup_steps=100,
                       init_step_size=1.0, lr=1e-3, long_run_steps=0, sample_chains=64, visits_to_keep=2,
                       log_every=100, sample_every=600, save_every=600)
-    daebm.main(args)
-    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"), method="daebm")
-    module, args, model = eval_fid_ood.load_method(ckpt, "cpu")
-    test_points = common.toy_2d("8gaussians", 20_000, seed=999)
-    trained = exact_nll(module, model, args, test_points)
-    untrained = exact_nll(module, module.build_model(args), args, test_points)
-    true = eight_gaussians_true_nll(test_points)
-    print(f"NLL trained {trained:.3f}, untrained {untrained:.3f}, true {true:.3f}")
+    trained, untrained, true = train_and_score(daebm, args)
     assert true < NLL_BAR < untrained - 1.0
     assert trained < NLL_BAR
 
@@ -53,13 +59,6 @@ def test_cdrl_learns_8gaussians(tmp_path):
     args = cdrl.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", steps=1000, batch_size=256,
                      lr=3e-4, initializer_lr=3e-4, warmup_steps=100, ebm_channels=32, init_channels=32,
                      log_every=250, sample_every=1000, save_every=1000, n_points=500)
-    cdrl.main(args)
-    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"), method="cdrl")
-    module, args, model = eval_fid_ood.load_method(ckpt, "cpu")
-    test_points = common.toy_2d("8gaussians", 20_000, seed=999)
-    trained = exact_nll(module, model, args, test_points)
-    untrained = exact_nll(module, module.build_model(args), args, test_points)
-    true = eight_gaussians_true_nll(test_points)
-    print(f"NLL trained {trained:.3f}, untrained {untrained:.3f}, true {true:.3f}")
+    trained, untrained, true = train_and_score(cdrl, args)
     assert true < CDRL_NLL_BAR < untrained - 1.0
     assert trained < CDRL_NLL_BAR

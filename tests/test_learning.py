@@ -6,6 +6,7 @@ import os
 import torch
 
 import cdrl
+import dcd
 import common
 import eval_fid_ood
 import pcd_diffusion_ebm as daebm
@@ -16,6 +17,7 @@ import pcd_diffusion_ebm as daebm
 NLL_BAR = 3.6
 # CDRL: trained 3.05 nats, untrained 6.54 (a random f / s² is spiky); the bar is 1.1 nats below uniform
 CDRL_NLL_BAR = 3.5
+DCD_NLL_BAR = 3.5
 
 
 def eight_gaussians_true_nll(points):
@@ -62,3 +64,13 @@ def test_cdrl_learns_8gaussians(tmp_path):
     trained, untrained, true = train_and_score(cdrl, args)
     assert true < CDRL_NLL_BAR < untrained - 1.0
     assert trained < CDRL_NLL_BAR
+
+
+def test_dcd_learns_8gaussians(tmp_path):
+    # the 2D default (DCD-VE, importance estimator with 6 proposals, σ 0.1) with a width-64 MLP, batch 256
+    args = dcd.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", steps=1000, batch_size=256,
+                    mlp_width=64, log_every=250, sample_every=1000, save_every=1000, n_points=200,
+                    sample_langevin_steps=50)
+    trained, untrained, true = train_and_score(dcd, args)
+    assert true < DCD_NLL_BAR < untrained - 1.0
+    assert trained < DCD_NLL_BAR

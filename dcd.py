@@ -1,0 +1,639 @@
+"""DCD: Training Energy-Based Models with Diffusion Contrastive Divergences (Luo, Jiang, Hu, Sun, Li, Zhang 2023,
+arXiv 2307.01668), with classic short-run contrastive divergence (CD) beside it as the baseline.
+
+What the paper states (its abstract; the body and any official code were not available to us):
+  - CD is one member of a family, DCD: replace the Langevin dynamics inside CD, a kernel that depends on the
+    EBM, by an EBM-parameter-free diffusion process. DCD is cheaper than CD and has no "non-negligible extra
+    gradient term" that short-run CD neglects.
+  - Experiments: 2D synthetic data and image denoising, where DCD beats CD "by a large margin", and CelebA
+    32x32 generation "comparable to existing EBMs"; third-party summaries also name a one-step estimator
+    "DCD-VE" and time-dependent EBMs trained with DCD.
+
+The mathematics that definition implies (our derivation, `../shared/methods/dcd.md`): for a Markov kernel Q,
+    DCD_Q(θ) = KL(p_data || p_θ) - KL(Q p_data || Q p_θ) >= 0,
+and for a θ-free Gaussian kernel (VE: y = x + σ ε; VP: y = sqrt(1 - σ²) x + σ ε) the chain rule of KL gives
+DCD_Q = E_y KL(p_data(x | y) || p_θ(x | y)): the expected KL between the posteriors of diffused data, i.e. the
+negative recovery likelihood of Gao et al. (2021) up to a constant. Its exact gradient (log Z cancels) is
+    ∇DCD = E_{x ~ data} ∇E_θ(x) - E_{x ~ data, y ~ q(y|x)} E_{x̃ ~ p_θ(x̃ | y)} ∇E_θ(x̃),
+    p_θ(x̃ | y) ∝ exp(-E_θ(x̃) - ||y - a x̃||² / (2 b²))      (VE: a = 1, b = σ; VP: a = sqrt(1 - σ²), b = σ):
+the negatives are "recoveries" of diffused data, never unconditional model samples. As σ -> 0, DCD / σ² tends
+to half the Fisher divergence (score matching); as σ grows, DCD tends to maximum likelihood. With a single
+kernel, VP at σ equals VE at σ / sqrt(1 - σ²) (the same posterior of y / a), so the two differ only in the
+time-dependent ladder below, where the EBM sees y at its own scale.
+
+Our choices (the abstract states none of them; each is a deliberate decision, listed so it can be changed):
+1. Estimators of the negative term: `langevin` = K unadjusted Langevin steps on the posterior from y / a with
+   step η = step_ratio · (b / a)² (K = 1 is our one-step variant; the paper's "DCD-VE" one-step estimator may
+   differ); `importance` = M proposals x̃_j ~ N(y / a, (b / a)² I), the Gaussian factor of the posterior, with
+   self-normalised weights ∝ exp(-E(x̃_j)): loss = mean E(x) + mean log (1/M) Σ_j exp(-E(x̃_j)), no chain (biased
+   for finite M: by Jensen it under-estimates the posterior's log normaliser).
+2. `--kernel cd` = classic CD: K unadjusted Langevin steps on p_θ itself from data, step --cd-step-size,
+   loss = mean E(x) - mean E(x̃) with x̃ detached (this drops the gradient through the θ-dependent kernel,
+   the term the abstract says CD neglects).
+3. 2D and `--task denoise`: one time-independent EBM (one level). Denoising trains on clean images (the last
+   --holdout images of the training split are never trained on), corrupts those with y = x + σ_d ε and
+   estimates x by the posterior mean under p_θ(x | y) (average over the second half of a Langevin chain on the
+   posterior, --denoise-steps) and by one posterior sample; PSNR against the clean images, logged during
+   training.
+4. Generation: a time-dependent EBM E_θ(x, t) over a ladder x_0 .. x_L (L = --num-levels, default 6) of
+   diffused data, CDRL's cosine log-SNR schedule clipped to [-5.1, 9.8]; level t is trained by DCD with the
+   kernel x_t -> x_{t+1} (VP: x_{t+1} = a_t x_t + b_t ε, a_t = sqrt(ᾱ_{t+1} / ᾱ_t), b_t² = 1 - a_t²; VE: the same
+   levels divided by sqrt(ᾱ_t), a_t = 1, b_t² = σ_{t+1}² - σ_t²), one random level per example. Sampling
+   starts from N(0, (σ_L² + s_L²) I) (s = signal scale: VP 1, VE sqrt(1 + σ_L²)) and draws each lower level
+   from the posterior p_θ(x_t | x_{t+1}) by K Langevin steps (--sample-langevin-steps), then divides by the
+   signal scale of level 0. On the ladder the energy is the network output divided by b_t² (DRL's step-size
+   normalisation: the posterior's quadratic term and the energy then have comparable gradients at every
+   level) and VE inputs are divided by sqrt(1 + σ_t²); with one level the energy is the network output.
+5. Networks: 2D MLP 2-128-128-128-1 with SiLU (the spec's width range); images a ResNet with a learned
+   per-level embedding (DA-EBM's block: SiLU, conv, per-channel level bias, conv; --ebm-blocks per
+   resolution, average pooling, output <sum-pool SiLU(h), Linear(SiLU(emb))>), no normalisation layers.
+6. Training: Adam (β = 0.9, 0.999), gradient-norm clip --grad-clip, EMA of the weights with torch_ema's decay
+   warm-up min(decay, (1 + k) / (10 + k)); shuffled epochs of an in-memory tensor, random horizontal flips on
+   CIFAR, CelebA and folder sets. An energy-magnitude penalty --energy-reg α (mean E(pos)² + mean E(neg)²)
+   (Du & Mordatch 2019), on for images (1e-2): without it our brief MNIST denoising runs diverged (DCD by
+   iteration 300, CD by 500 and 1,000), and at 1e-3 the DCD run's energies and gradient norm were still growing
+   when we stopped it at iteration 350 (README). The
+   image defaults (batch 128, lr 1e-4, 200k iterations, K 15, step ratio 0.2, energy penalty 1e-2) are ours
+   and were not tuned: no image-generation run was measured.
+7. Post-training sampling of a one-level model (2D, denoising checkpoints): --sample-langevin-steps
+   unadjusted Langevin steps on p_θ from N(0, I) with --cd-step-size (DCD comes with no unconditional
+   sampler; 2D quality is measured by the exact grid density instead).
+8. 2D defaults (estimator, σ, K, step ratio) were chosen by the README's DCD-vs-CD measurement on 8gaussians.
+"""
+import copy
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    exp_name: str = "dcd"
+    """name used in the run folder"""
+    seed: int = 1
+    """random seed (weights, data order, noise)"""
+    dataset: str = "checkerboard"
+    """checkerboard | rings | 8gaussians | swissroll | pinwheel | 2spirals | celeba (the paper's image set) |
+    cifar10 | cifar100 | svhn | mnist | fashionmnist | folder:PATH"""
+    data_dir: str = "data"
+    """where image datasets are read from (and downloaded to when online)"""
+    run_dir: Optional[str] = None
+    """output folder; default runs/{exp_name}__{dataset}__{seed}__{time}"""
+    steps: Optional[int] = None
+    """training iterations (2D 3,000; images 200k, our choice)"""
+    batch_size: Optional[int] = None
+    """data examples per iteration (2D 1,000; images 128)"""
+    lr: Optional[float] = None
+    """Adam learning rate (2D 1e-3; images 1e-4)"""
+    ema_decay: Optional[float] = None
+    """EMA decay of the weights for sampling and evaluation (2D 0.995; images 0.9999)"""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
+    log_every: int = 100
+    """iterations between progress lines / metrics.jsonl records"""
+    sample_every: Optional[int] = None
+    """iterations between sample pictures (and denoising PSNR for --task denoise)"""
+    save_every: Optional[int] = None
+    """iterations between checkpoints (ckpt.pt and a numbered snapshot)"""
+    resume: bool = False
+    """continue the run in --run-dir from its ckpt.pt, exactly"""
+
+    # ---- DCD ----
+    task: Literal["generate", "denoise"] = "generate"
+    """images: 'generate' = time-dependent EBM over a noise ladder; 'denoise' = one clean-data EBM, scored by
+    denoising PSNR on held-out images (2D always trains one time-independent EBM)"""
+    kernel: Literal["ve", "vp", "cd"] = "ve"
+    """ve / vp: DCD with that Gaussian diffusion kernel; cd: classic short-run CD (one-level models only)"""
+    estimator: Optional[Literal["langevin", "importance"]] = None
+    """DCD negatives: 'langevin' (K posterior Langevin steps from y) or 'importance' (M proposals around y);
+    2D importance (chosen by the README's measurement), images langevin"""
+    sigma: Optional[float] = None
+    """one-level models: std of the kernel's added noise (VP needs < 1); 2D 0.1 (by measurement: 0.3 suits
+    --estimator langevin), denoise 0.3"""
+    langevin_steps: Optional[int] = None
+    """K: Langevin steps of the posterior (DCD langevin) or of p_θ from data (CD) per iteration (2D 5; images 15)"""
+    step_ratio: Optional[float] = None
+    """posterior Langevin step η = step_ratio · (b / a)², the kernel's own variance in x units (2D 0.3; images 0.2)"""
+    num_proposals: int = 6
+    """M: proposals per example of the importance estimator (6: the cost of CD with K = 5, README)"""
+    cd_step_size: Optional[float] = None
+    """CD Langevin step η (x ← x - η/2 ∇E + sqrt(η) ξ), also the one-level post-training sampler's (2D 0.03,
+    images 1e-4)"""
+    num_levels: Optional[int] = None
+    """levels of the time-dependent ladder (generate 6; 2D and denoise 1, a time-independent EBM)"""
+    logsnr_min: float = -5.1
+    """ladder: log-SNR of the noisiest level x_L (cosine schedule, as CDRL)"""
+    logsnr_max: float = 9.8
+    """ladder: log-SNR of level x_0"""
+    grad_clip: float = 1.0
+    """gradient-norm clip; 0 = off"""
+    energy_reg: Optional[float] = None
+    """weight α of the energy-magnitude penalty α (mean E(pos)² + mean E(neg)²) added to the loss (Du & Mordatch
+    2019; keeps unadjusted Langevin inside its stable step range; 2D 0, images 1e-2)"""
+    mlp_width: int = 128
+    """2D MLP hidden width"""
+    ebm_channels: int = 128
+    """image EBM base width"""
+    ebm_channel_mult: Tuple[int, ...] = (1, 2, 2, 2)
+    """image EBM width multipliers per resolution (average-pool between them)"""
+    ebm_blocks: int = 2
+    """image EBM residual blocks per resolution"""
+    denoise_sigma: Optional[float] = None
+    """denoise: std of the test corruption y = x + σ_d ε on the [-1, 1] scale (default --sigma)"""
+    holdout: int = 1000
+    """denoise: images at the end of the training split held out (never trained on) and denoised"""
+    denoise_steps: int = 100
+    """denoise: posterior Langevin steps (step --step-ratio · σ_d²); the mean of the second half is the estimate"""
+    sample_langevin_steps: Optional[int] = None
+    """sampling: posterior steps per ladder level (default --langevin-steps); one-level models: steps of the
+    unconditional chain (default 500)"""
+    hflip: Optional[bool] = None
+    """random horizontal flips of training images (default on for cifar10/cifar100/celeba/folder)"""
+    image_size: Optional[int] = None
+    """folder: datasets are resized to this (default: the first image's size)"""
+    image_channels: Optional[int] = None
+    """set from the dataset; stored so build_model can rebuild the net from a checkpoint"""
+    sample_batch: int = 500
+    """largest batch the sampler and the denoiser run at once"""
+    n_grid: int = 64
+    """images in each sample grid"""
+    n_points: int = 5000
+    """2D: points drawn for each sample picture"""
+
+    def __post_init__(self):
+        common.check_dataset_name(self.dataset)
+        toy = common.is_toy(self.dataset)
+        if toy:
+            preset = dict(steps=3000, batch_size=1000, lr=1e-3, ema_decay=0.995, sample_every=1000, energy_reg=0.0,
+                          save_every=1000, estimator="importance", sigma=0.1, langevin_steps=5, step_ratio=0.3,
+                          cd_step_size=0.03, num_levels=1, hflip=False)
+        else:
+            preset = dict(steps=200_000, batch_size=128, lr=1e-4, ema_decay=0.9999, sample_every=5000, energy_reg=1e-2,
+                          save_every=20_000, estimator="langevin", langevin_steps=15, step_ratio=0.2,
+                          cd_step_size=1e-4, num_levels=6 if self.task == "generate" else 1,
+                          sigma=None if self.task == "generate" else 0.3,
+                          hflip=self.dataset in ("cifar10", "cifar100", "celeba") or self.dataset.startswith("folder:"))
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.sample_langevin_steps is None:
+            self.sample_langevin_steps = self.langevin_steps if self.num_levels > 1 else 500
+        if self.denoise_sigma is None:
+            self.denoise_sigma = self.sigma
+        if not toy and not self.dataset.startswith("folder:") and self.image_channels is None:
+            self.image_channels, self.image_size, _ = common.image_shape(self.dataset)
+        self.ebm_channel_mult = tuple(self.ebm_channel_mult)
+        positive = ["steps", "batch_size", "log_every", "sample_every", "save_every", "langevin_steps",
+                    "num_proposals", "num_levels", "mlp_width", "ebm_channels", "ebm_blocks", "holdout",
+                    "denoise_steps", "sample_langevin_steps", "sample_batch", "n_grid", "n_points"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise common.UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        if not (self.lr > 0 and self.step_ratio > 0 and self.cd_step_size > 0 and self.grad_clip >= 0
+                and self.energy_reg >= 0):
+            raise common.UserError("--lr, --step-ratio and --cd-step-size must be positive, --grad-clip and "
+                                   "--energy-reg >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise common.UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if toy and self.task == "denoise":
+            raise common.UserError("--task denoise needs an image dataset; 2D toys train one EBM already")
+        if toy and self.num_levels != 1:
+            raise common.UserError("2D toys train a time-independent EBM: --num-levels must be 1")
+        if self.task == "denoise" and self.num_levels != 1:
+            raise common.UserError("--task denoise trains a one-level (clean-data) EBM: --num-levels must be 1")
+        if self.num_levels == 1:
+            if self.sigma is None or self.sigma <= 0 or (self.kernel == "vp" and self.sigma >= 1):
+                raise common.UserError(f"--sigma must be positive (and below 1 for --kernel vp), got {self.sigma}")
+        elif self.kernel == "cd":
+            raise common.UserError("--kernel cd is the one-level baseline: use it with --num-levels 1")
+        if self.task == "denoise" and not self.denoise_sigma > 0:
+            raise common.UserError(f"--denoise-sigma must be positive, got {self.denoise_sigma}")
+        if self.logsnr_min >= self.logsnr_max:
+            raise common.UserError("--logsnr-min must be below --logsnr-max")
+
+
+# ===================================================================================================
+# NETWORK
+# ===================================================================================================
+class MLPEnergy(nn.Module):
+    """2D: E(x) = MLP 2-w-w-w-1 with SiLU (time-independent; the level argument must be 0)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, x, level):
+        return self.net(x).squeeze(1)
+
+
+class ResBlock(nn.Module):
+    """SiLU -> conv -> + per-channel level bias -> SiLU -> conv; 3x3 conv shortcut when the width changes."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 3, padding=1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(x)) + self.emb_proj(emb)[:, :, None, None]
+        return self.shortcut(x) + self.conv2(F.silu(h))
+
+
+class ResNetEnergy(nn.Module):
+    """Images: network output n(x, t) = <sum-pool SiLU(h), Linear(SiLU(emb_t))>, emb_t a learned embedding of
+    the level; `blocks` ResBlocks per resolution, average-pool between resolutions."""
+
+    def __init__(self, in_channels: int, ch: int, ch_mult: Tuple[int, ...], blocks: int, num_levels: int):
+        super().__init__()
+        emb_dim = 4 * ch
+        self.level_emb = nn.Sequential(nn.Embedding(num_levels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.stages = nn.ModuleList()
+        width = ch
+        for mult in ch_mult:
+            self.stages.append(nn.ModuleList(ResBlock(width if b == 0 else ch * mult, ch * mult, emb_dim)
+                                             for b in range(blocks)))
+            width = ch * mult
+        self.head = nn.Linear(emb_dim, width)
+
+    def forward(self, x, level):
+        emb = F.silu(self.level_emb(level))
+        h = self.conv_in(x)
+        for i, stage in enumerate(self.stages):
+            for block in stage:
+                h = block(h, emb)
+            if i < len(self.stages) - 1:
+                h = F.avg_pool2d(h, 2)
+        return (F.silu(h).sum((2, 3)) * self.head(emb)).sum(1)
+
+
+class DCD(nn.Module):
+    """The network plus the ladder tables (buffers): level t = 0..L has x_t = signal_t x_0 + noise_t ε; the
+    kernel of level t < L is x_{t+1} = kernel_a_t x_t + kernel_b_t ε."""
+
+    def __init__(self, net: nn.Module, tables: dict):
+        super().__init__()
+        self.net = net
+        for name, value in tables.items():
+            self.register_buffer(name, value.float())
+        self.num_levels = len(tables["kernel_a"])
+
+    def energy(self, x, level):
+        """E_θ(x, t), one value per row (level: long tensor of rows' levels)."""
+        return self.net(x * as_batch(self.input_scale[level], x), level) * self.energy_scale[level]
+
+
+# ===================================================================================================
+# NOISE SCHEDULE
+# ===================================================================================================
+def logsnr_schedule(t: torch.Tensor, logsnr_min: float, logsnr_max: float) -> torch.Tensor:
+    """Cosine schedule in log-SNR clipped to [logsnr_min, logsnr_max]: -2 log tan(a t + b) (DRL / CDRL)."""
+    b = math.atan(math.exp(-0.5 * logsnr_max))
+    a = math.atan(math.exp(-0.5 * logsnr_min)) - b
+    return -2.0 * torch.log(torch.tan(a * t + b))
+
+
+def level_tables(args) -> dict:
+    """Ladder constants in float64. One level (2D, denoise): x_0 = data, x_1 = the kernel's y (VE: signal 1,
+    noise σ; VP: signal sqrt(1 - σ²), noise σ; CD: the same numbers, unused by its loss). L levels: log-SNR λ_t
+    from the cosine schedule, VP signal sqrt(sigmoid λ), noise sqrt(sigmoid -λ); VE signal 1, noise
+    exp(-λ / 2). Kernel t -> t+1: a_t = signal_{t+1} / signal_t, b_t² = noise_{t+1}² - a_t² noise_t².
+    Energy scale 1 / b_t² and input scale 1 / sqrt(signal_t² + noise_t²) on a ladder; 1 and 1 with one level.
+    """
+    if args.num_levels == 1:
+        signal = torch.tensor([1.0, math.sqrt(1 - args.sigma ** 2) if args.kernel == "vp" else 1.0], dtype=torch.float64)
+        noise = torch.tensor([0.0, args.sigma], dtype=torch.float64)
+    else:
+        logsnr = logsnr_schedule(torch.arange(args.num_levels + 1, dtype=torch.float64) / args.num_levels,
+                                 args.logsnr_min, args.logsnr_max)
+        if args.kernel == "vp":
+            signal, noise = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+        else:
+            signal, noise = torch.ones_like(logsnr), torch.exp(-0.5 * logsnr)
+    kernel_a = signal[1:] / signal[:-1]
+    kernel_b = (noise[1:] ** 2 - kernel_a ** 2 * noise[:-1] ** 2).sqrt()
+    ladder = args.num_levels > 1
+    return {"signal": signal, "noise": noise, "kernel_a": kernel_a, "kernel_b": kernel_b,
+            "energy_scale": kernel_b ** -2 if ladder else torch.ones_like(kernel_b),
+            "input_scale": (signal[:-1] ** 2 + noise[:-1] ** 2).rsqrt() if ladder else torch.ones_like(kernel_b)}
+
+
+def as_batch(per_example: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return per_example.view(-1, *[1] * (like.dim() - 1))
+
+
+def diffuse(model: DCD, x0, level, noise):
+    """x_t = signal_t x_0 + noise_t ε."""
+    return as_batch(model.signal[level], x0) * x0 + as_batch(model.noise[level], x0) * noise
+
+
+# ===================================================================================================
+# SAMPLER
+# ===================================================================================================
+def energy_grad(model: DCD, x, level):
+    """∇_x E_θ(x, t) without touching parameter gradients."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(model.energy(x, level).sum(), x)[0]
+
+
+def posterior_langevin(model: DCD, y, level, n_steps: int, step_ratio: float):
+    """n_steps of unadjusted Langevin on p_θ(x | y) ∝ exp(-E(x, t) - ||y - a x||² / (2 b²)) from x = y / a, step
+    η = step_ratio (b / a)²: x ← x + η/2 ∇log p + sqrt(η) ξ."""
+    a, b = as_batch(model.kernel_a[level], y), as_batch(model.kernel_b[level], y)
+    step = step_ratio * (b / a) ** 2
+    x = y / a
+    for _ in range(n_steps):
+        grad_log_post = -energy_grad(model, x, level) - a * (a * x - y) / b ** 2
+        x = x + 0.5 * step * grad_log_post + step.sqrt() * torch.randn_like(x)
+    return x
+
+
+def model_langevin(model: DCD, x, level, n_steps: int, step: float):
+    """n_steps of unadjusted Langevin on p_θ(x, t) itself: x ← x - η/2 ∇E + sqrt(η) ξ (CD's kernel)."""
+    for _ in range(n_steps):
+        x = x - 0.5 * step * energy_grad(model, x, level) + math.sqrt(step) * torch.randn_like(x)
+    return x
+
+
+def generate(model: DCD, n: int, shape, args, device):
+    """One-level model: --sample-langevin-steps Langevin steps on p_θ from N(0, I). Ladder: x_L from the wide
+    Gaussian, then each level t = L-1 .. 0 from the posterior given x_{t+1}; returns x_0 / signal_0."""
+    if model.num_levels == 1:
+        level = torch.zeros(n, dtype=torch.long, device=device)
+        return model_langevin(model, torch.randn((n,) + shape, device=device), level, args.sample_langevin_steps,
+                              args.cd_step_size)
+    top = model.num_levels
+    x = torch.randn((n,) + shape, device=device) * (model.noise[top] ** 2 + model.signal[top] ** 2).sqrt()
+    for t in reversed(range(top)):
+        level = torch.full((n,), t, dtype=torch.long, device=device)
+        x = posterior_langevin(model, x, level, args.sample_langevin_steps, args.step_ratio)
+    return x / model.signal[0]
+
+
+def denoise(model: DCD, y, sigma: float, n_steps: int, step_ratio: float):
+    """Posterior p_θ(x | y) ∝ exp(-E(x) - ||y - x||² / (2 σ²)) of a one-level model: n_steps Langevin steps from
+    y (step step_ratio σ²); returns (mean of the second half of the chain, the last state)."""
+    level = torch.zeros(len(y), dtype=torch.long, device=y.device)
+    step = step_ratio * sigma ** 2
+    x, total = y, torch.zeros_like(y)
+    for k in range(n_steps):
+        grad_log_post = -energy_grad(model, x, level) - (x - y) / sigma ** 2
+        x = x + 0.5 * step * grad_log_post + math.sqrt(step) * torch.randn_like(x)
+        if k >= n_steps // 2:
+            total += x
+    return total / (n_steps - n_steps // 2), x
+
+
+def psnr(estimate, clean):
+    """Per-image PSNR in dB of images in [-1, 1] mapped to [0, 1] (estimates clamped), (N,)."""
+    mse = ((estimate.clamp(-1, 1) - clean) / 2).pow(2).flatten(1).mean(1)
+    return -10 * torch.log10(mse)
+
+
+# ===================================================================================================
+# LOSS
+# ===================================================================================================
+def dcd_loss(model: DCD, x0, args):
+    """The estimator's loss on a batch of clean data; its parameter gradient estimates ∇DCD (∇ of CD's
+    objective without the kernel term for --kernel cd). Level t per example (always 0 with one level);
+    positives x_t; negatives: CD = K Langevin steps on p_θ from x_t; DCD = draws of p_θ(x̃ | y),
+    y = a_t x_t + b_t ε (langevin), or self-normalised importance weights over M Gaussian proposals around y / a
+    (importance).
+
+    Returns (loss, mean E(pos), mean E(neg), diagnostic), all but the loss detached: the diagnostic is the
+    importance weights' effective sample size / M, or the mean distance of the negatives from their start.
+    """
+    level = torch.randint(0, model.num_levels, (len(x0),), device=x0.device)
+    x_pos = diffuse(model, x0, level, torch.randn_like(x0))
+    e_pos = model.energy(x_pos, level)
+    if args.kernel == "cd":
+        start = x_pos
+        x_neg = model_langevin(model, x_pos, level, args.langevin_steps, args.cd_step_size)
+    else:
+        y = as_batch(model.kernel_a[level], x0) * x_pos + as_batch(model.kernel_b[level], x0) * torch.randn_like(x0)
+        start = y / as_batch(model.kernel_a[level], x0)
+    if args.kernel != "cd" and args.estimator == "importance":
+        m = args.num_proposals
+        proposals = start.repeat(m, *[1] * (x0.dim() - 1))
+        proposals = proposals + as_batch((model.kernel_b / model.kernel_a)[level].repeat(m), proposals) * \
+            torch.randn_like(proposals)
+        log_w = -model.energy(proposals, level.repeat(m)).view(m, len(x0))
+        # mean E(x) + mean_i log (1/M) Σ_j exp(-E(x̃_ij)): its gradient is ∇E(x) - Σ_j w_ij ∇E(x̃_ij)
+        loss = e_pos.mean() + (torch.logsumexp(log_w, 0) - math.log(m)).mean() + \
+            args.energy_reg * (e_pos.pow(2).mean() + log_w.pow(2).mean())
+        weights = torch.softmax(log_w.detach(), 0)
+        diagnostic = (1.0 / weights.pow(2).sum(0)).mean() / m
+        e_neg = -(weights * log_w.detach()).sum(0)
+    else:
+        if args.kernel != "cd":
+            x_neg = posterior_langevin(model, y, level, args.langevin_steps, args.step_ratio)
+        e_neg = model.energy(x_neg.detach(), level)
+        loss = e_pos.mean() - e_neg.mean() + args.energy_reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+        diagnostic = (x_neg - start).flatten(1).norm(dim=1).mean()
+    return loss, e_pos.detach().mean(), e_neg.detach().mean(), diagnostic.detach()
+
+
+def dcd_step(model: DCD, x0, args, optimizer):
+    """One Adam update on dcd_loss with the gradient-norm clip; returns detached (loss, mean E(pos),
+    mean E(neg), grad norm, diagnostic)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, e_pos, e_neg, diagnostic = dcd_loss(model, x0, args)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+    optimizer.step()
+    return loss.detach(), e_pos, e_neg, grad_norm, diagnostic
+
+
+# ===================================================================================================
+# PUBLIC API
+# ===================================================================================================
+def sample_shape(args):
+    return (2,) if common.is_toy(args.dataset) else (args.image_channels, args.image_size, args.image_size)
+
+
+def build_model(args) -> DCD:
+    """The EBM (PyTorch default initialisation) and the ladder tables."""
+    if common.is_toy(args.dataset):
+        net = MLPEnergy(args.mlp_width)
+    else:
+        net = ResNetEnergy(args.image_channels, args.ebm_channels, args.ebm_channel_mult, args.ebm_blocks,
+                           args.num_levels)
+    return DCD(net, level_tables(args))
+
+
+def sample(model: DCD, n: int, args, device) -> torch.Tensor:
+    """n samples (EMA weights when the caller loaded them) in batches of --sample-batch: the ladder's
+    progressive posterior sampler, or the unconditional Langevin chain of a one-level model."""
+    model.eval()
+    out = []
+    for first in range(0, n, args.sample_batch):
+        batch = generate(model, min(args.sample_batch, n - first), sample_shape(args), args, device)
+        out.append(batch if common.is_toy(args.dataset) else batch.clamp(-1, 1))
+    return torch.cat(out)
+
+
+def energy(model: DCD, x: torch.Tensor, args) -> torch.Tensor:
+    """E_θ(x, 0), the energy of the cleanest level (lower = more likely)."""
+    model.eval()
+    with torch.no_grad():
+        return model.energy(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+
+
+# ===================================================================================================
+# TRAINING
+# ===================================================================================================
+# settings that may change on --resume (run length, logging, sampling and denoising options)
+RESUMABLE = {"steps", "log_every", "sample_every", "save_every", "device", "resume", "run_dir",
+             "sample_langevin_steps", "sample_batch", "n_grid", "n_points", "denoise_sigma", "denoise_steps",
+             "image_size", "image_channels"}
+
+
+def denoise_heldout(model: DCD, clean, args, device):
+    """Denoise the held-out images (fixed corruption, seed --seed) -> (PSNR dict, picture rows)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(clean.shape, generator=generator).to(device)
+    scores = {"psnr_noisy": [], "psnr_mean": [], "psnr_sample": []}
+    for first in range(0, len(clean), args.sample_batch):
+        x = common.to_unit_range(clean[first:first + args.sample_batch]).to(device)
+        y = x + args.denoise_sigma * noise[first:first + len(x)]
+        mean, last = denoise(model, y, args.denoise_sigma, args.denoise_steps, args.step_ratio)
+        for key, estimate in (("psnr_noisy", y), ("psnr_mean", mean), ("psnr_sample", last)):
+            scores[key].append(psnr(estimate, x))
+        if first == 0:
+            rows = [x[:8], y[:8].clamp(-1, 1), mean[:8].clamp(-1, 1), last[:8].clamp(-1, 1)]
+    return {key: torch.cat(value).mean().item() for key, value in scores.items()}, rows
+
+
+def save_pictures(model: DCD, args, run_dir, tag, device, box):
+    """2D: the model density exp(-E) on a grid and a histogram of sampler points. Images: a sample grid."""
+    model.eval()
+    if common.is_toy(args.dataset):
+        lo, hi = box
+        grid = common.grid_2d(lo, hi, 200).float().to(device)
+        with torch.no_grad():
+            density = torch.softmax(-model.energy(grid, torch.zeros(len(grid), dtype=torch.long, device=device)), 0)
+        points = sample(model, args.n_points, args, device).cpu()
+        common.save_panels([density.view(200, 200).cpu(), common.histogram_2d(points, lo, hi, 200)],
+                           os.path.join(run_dir, f"density_samples_{tag}.png"))
+    else:
+        common.save_image_grid(sample(model, args.n_grid, args, device), os.path.join(run_dir, f"samples_{tag}.png"))
+    model.train()
+
+
+def main(args: Args):
+    device = common.pick_device(args.device)
+    common.seed_everything(args.seed)
+    if args.resume and not args.run_dir:
+        raise common.UserError("--resume needs --run-dir pointing at the run to continue")
+    run_dir = common.make_run_dir(args)
+    ckpt = None
+    if args.resume:
+        ckpt = common.load_checkpoint(os.path.join(run_dir, "ckpt.pt"), method="dcd")
+        for key, value in ckpt["args"].items():
+            mine = list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)
+            if key not in RESUMABLE and mine != value:
+                raise common.UserError(f"--resume: {key} is {mine!r} but the checkpoint has {value!r}; "
+                                       "resume with the run's settings")
+        for key in ("image_size", "image_channels"):
+            setattr(args, key, ckpt["args"][key])
+
+    # ---- data ----
+    heldout = None
+    if common.is_toy(args.dataset):
+        train_data = common.toy_2d(args.dataset, 50_000, seed=args.seed)
+        box = common.data_box(train_data)
+        to_model_space = lambda batch: batch  # noqa: E731
+    else:
+        train_data = common.load_images(args.dataset, args.data_dir, train=True, image_size=args.image_size)
+        args.image_channels, args.image_size = train_data.shape[1], train_data.shape[2]
+        to_model_space, box = common.to_unit_range, None
+        if args.task == "denoise":
+            if args.holdout >= len(train_data):
+                raise common.UserError(f"--holdout {args.holdout} leaves no training images of {len(train_data)}")
+            train_data, heldout = train_data[:-args.holdout], train_data[-args.holdout:]
+    loader = common.EpochLoader(train_data.to(device), args.batch_size, seed=args.seed)
+
+    # ---- model, optimiser, EMA ----
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    start_step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loader.load_state_dict(ckpt["loader"])
+        common.set_rng_state(ckpt["rng"])
+        start_step = ckpt["step"]
+        print(f"resumed {run_dir} at step {start_step}")
+    method = "CD" if args.kernel == "cd" else f"DCD-{args.kernel.upper()} ({args.estimator})"
+    print(f"{method} on {args.dataset} ({args.task if not common.is_toy(args.dataset) else '2D'}, "
+          f"{args.num_levels} level(s)): {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
+          f"device {device}, run dir {run_dir}")
+    print("args: " + ", ".join(f"{k}={v}" for k, v in common.args_to_dict(args).items()))
+
+    def checkpoint(step, snapshot):
+        state = {"method": "dcd", "format": common.CHECKPOINT_FORMAT, "args": common.args_to_dict(args),
+                 "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": None, "rng": common.rng_state(),
+                 "loader": loader.state_dict()}
+        common.save_checkpoint(state, run_dir, snapshot_step=step if snapshot else None)
+
+    def stop_if_broken(step, loss, e_pos, e_neg):
+        # NaN / inf or an exploding loss (|loss| > 1e8); checked before logs and saves
+        if not torch.isfinite(loss).item() or loss.abs().item() > 1e8:
+            print(f"error: training diverged by step {step} (loss {loss.item():.4g}, mean E+ {e_pos.item():.4g}, "
+                  f"E- {e_neg.item():.4g}); the last good checkpoint in {run_dir} is kept. Lower --lr, "
+                  "--step-ratio or --cd-step-size.", file=sys.stderr)
+            sys.exit(1)
+
+    log = common.MetricLog(run_dir, args.steps, start_step)
+    model.train()
+    t_start = time.time()
+    for step in range(start_step, args.steps):
+        x0 = to_model_space(loader.next())
+        if args.hflip:
+            x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)
+        loss, e_pos, e_neg, grad_norm, diagnostic = dcd_step(model, x0, args, optimizer)
+        with torch.no_grad():  # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
+            decay = min(args.ema_decay, (2 + step) / (11 + step))
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+
+        done = step + 1
+        log_now, sample_now = done % args.log_every == 0 or done == args.steps, done % args.sample_every == 0 or done == args.steps
+        if log_now or sample_now:
+            stop_if_broken(done, loss, e_pos, e_neg)
+        scores = {}
+        if sample_now:
+            save_pictures(ema, args, run_dir, f"{done:08d}", device, box)
+            if heldout is not None:
+                scores, rows = denoise_heldout(ema, heldout, args, device)
+                common.save_image_grid(torch.cat(rows), os.path.join(run_dir, f"denoise_{done:08d}.png"), nrow=8)
+        if log_now or scores:
+            log.log(done, {"loss": loss.item(), "e_pos": e_pos.item(), "e_neg": e_neg.item(),
+                           "grad_norm": grad_norm.item(),
+                           ("ess_fraction" if args.kernel != "cd" and args.estimator == "importance"
+                            else "neg_move"): diagnostic.item(), **scores})
+        if done % args.save_every == 0 or done == args.steps:
+            stop_if_broken(done, loss, e_pos, e_neg)
+            checkpoint(done, snapshot=done % args.save_every == 0)
+    print(f"training done in {common.format_seconds(time.time() - t_start)}")
+
+
+if __name__ == "__main__":
+    common.run_cli(lambda: main(tyro.cli(Args)))

@@ -358,7 +358,7 @@ def test_resume_is_exact(tmp_path, image_folder):
 def test_resume_refuses_changed_settings(tmp_path):
     dcd.main(tiny_2d_args(tmp_path, steps=4))
     with pytest.raises(common.UserError, match="sigma"):
-        dcd.main(tiny_2d_args(tmp_path, steps=8, sigma=0.1, resume=True))
+        dcd.main(tiny_2d_args(tmp_path, steps=8, sigma=0.2, resume=True))
 
 
 def test_nan_run_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):

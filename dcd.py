@@ -420,31 +420,30 @@ def dcd_loss(model: DCD, x0, args):
     level = torch.randint(0, model.num_levels, (len(x0),), device=x0.device)
     x_pos = diffuse(model, x0, level, torch.randn_like(x0))
     e_pos = model.energy(x_pos, level)
-    if args.kernel == "cd":
+    if args.kernel == "cd":  # classic CD: K Langevin steps on p_θ itself from the positives
         start = x_pos
         x_neg = model_langevin(model, x_pos, level, args.langevin_steps, args.cd_step_size)
-    else:
-        y = as_batch(model.kernel_a[level], x0) * x_pos + as_batch(model.kernel_b[level], x0) * torch.randn_like(x0)
-        start = y / as_batch(model.kernel_a[level], x0)
-    if args.kernel != "cd" and args.estimator == "importance":
-        m = args.num_proposals
-        proposals = start.repeat(m, *[1] * (x0.dim() - 1))
-        proposals = proposals + as_batch((model.kernel_b / model.kernel_a)[level].repeat(m), proposals) * \
-            torch.randn_like(proposals)
-        log_w = -model.energy(proposals, level.repeat(m)).view(m, len(x0))
-        # mean E(x) + mean_i log (1/M) Σ_j exp(-E(x̃_ij)): its gradient is ∇E(x) - Σ_j w_ij ∇E(x̃_ij)
-        loss = e_pos.mean() + (torch.logsumexp(log_w, 0) - math.log(m)).mean() + \
-            args.energy_reg * (e_pos.pow(2).mean() + log_w.pow(2).mean())
-        weights = torch.softmax(log_w.detach(), 0)
-        diagnostic = (1.0 / weights.pow(2).sum(0)).mean() / m
-        e_neg = -(weights * log_w.detach()).sum(0)
-    else:
-        if args.kernel != "cd":
-            x_neg = posterior_langevin(model, y, level, args.langevin_steps, args.step_ratio)
-        e_neg = model.energy(x_neg.detach(), level)
-        loss = e_pos.mean() - e_neg.mean() + args.energy_reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
-        diagnostic = (x_neg - start).flatten(1).norm(dim=1).mean()
-    return loss, e_pos.detach().mean(), e_neg.detach().mean(), diagnostic.detach()
+    else:  # DCD: one step of the θ-free kernel, y = a x_t + b ε, then recover x̃ from p_θ(x̃ | y)
+        a, b = as_batch(model.kernel_a[level], x0), as_batch(model.kernel_b[level], x0)
+        y = a * x_pos + b * torch.randn_like(x0)
+        start = y / a
+        if args.estimator == "importance":
+            m = args.num_proposals
+            proposals = start.repeat(m, *[1] * (x0.dim() - 1))
+            proposals = proposals + (b / a).repeat(m, *[1] * (x0.dim() - 1)) * torch.randn_like(proposals)
+            log_w = -model.energy(proposals, level.repeat(m)).view(m, len(x0))
+            # mean E(x) + mean_i log (1/M) Σ_j exp(-E(x̃_ij)): its gradient is ∇E(x) - Σ_j w_ij ∇E(x̃_ij)
+            loss = e_pos.mean() + (torch.logsumexp(log_w, 0) - math.log(m)).mean() + \
+                args.energy_reg * (e_pos.pow(2).mean() + log_w.pow(2).mean())
+            weights = torch.softmax(log_w.detach(), 0)
+            e_neg = -(weights * log_w.detach()).sum(0)
+            ess_fraction = (1.0 / weights.pow(2).sum(0)).mean() / m
+            return loss, e_pos.detach().mean(), e_neg.mean(), ess_fraction
+        x_neg = posterior_langevin(model, y, level, args.langevin_steps, args.step_ratio)
+    e_neg = model.energy(x_neg.detach(), level)
+    loss = e_pos.mean() - e_neg.mean() + args.energy_reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+    neg_move = (x_neg - start).flatten(1).norm(dim=1).mean()
+    return loss, e_pos.detach().mean(), e_neg.detach().mean(), neg_move.detach()
 
 
 def dcd_step(model: DCD, x0, args, optimizer):

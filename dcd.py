@@ -140,8 +140,9 @@ class Args:
     grad_clip: float = 1.0
     """gradient-norm clip; 0 = off"""
     energy_reg: Optional[float] = None
-    """weight α of the energy-magnitude penalty α (mean E(pos)² + mean E(neg)²) added to the loss (Du & Mordatch
-    2019; keeps unadjusted Langevin inside its stable step range; 2D 0, images 1e-2)"""
+    """weight α of the energy-magnitude penalty α (mean E(pos)² + mean E(neg)²) added to the loss, the negatives
+    being the proposals for importance (Du & Mordatch 2019; keeps energies, and so unadjusted Langevin, in range;
+    2D 0, images 1e-2)"""
     mlp_width: int = 128
     """2D MLP hidden width"""
     ebm_channels: int = 128
@@ -352,16 +353,18 @@ def energy_grad(model: DCD, x, level):
         return torch.autograd.grad(model.energy(x, level).sum(), x)[0]
 
 
-def posterior_langevin(model: DCD, y, level, n_steps: int, step_ratio: float):
+def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: float):
     """n_steps of unadjusted Langevin on p_θ(x | y) ∝ exp(-E(x, t) - ||y - a x||² / (2 b²)) from x = y / a, step
-    η = step_ratio (b / a)²: x ← x + η/2 ∇log p + sqrt(η) ξ."""
-    a, b = as_batch(model.kernel_a[level], y), as_batch(model.kernel_b[level], y)
+    η = step_ratio (b / a)²: x ← x + η/2 ∇log p + sqrt(η) ξ (a, b: numbers or per-row tensors).
+    Returns (the last state, the mean of the states of the chain's second half)."""
     step = step_ratio * (b / a) ** 2
-    x = y / a
-    for _ in range(n_steps):
+    x, total = y / a, torch.zeros_like(y)
+    for k in range(n_steps):
         grad_log_post = -energy_grad(model, x, level) - a * (a * x - y) / b ** 2
-        x = x + 0.5 * step * grad_log_post + step.sqrt() * torch.randn_like(x)
-    return x
+        x = x + 0.5 * step * grad_log_post + step ** 0.5 * torch.randn_like(x)
+        if k >= n_steps // 2:
+            total += x
+    return x, total / (n_steps - n_steps // 2)
 
 
 def model_langevin(model: DCD, x, level, n_steps: int, step: float):
@@ -382,22 +385,17 @@ def generate(model: DCD, n: int, shape, args, device):
     x = torch.randn((n,) + shape, device=device) * (model.noise[top] ** 2 + model.signal[top] ** 2).sqrt()
     for t in reversed(range(top)):
         level = torch.full((n,), t, dtype=torch.long, device=device)
-        x = posterior_langevin(model, x, level, args.sample_langevin_steps, args.step_ratio)
+        x, _ = posterior_langevin(model, x, level, model.kernel_a[t], model.kernel_b[t], args.sample_langevin_steps,
+                                  args.step_ratio)
     return x / model.signal[0]
 
 
 def denoise(model: DCD, y, sigma: float, n_steps: int, step_ratio: float):
-    """Posterior p_θ(x | y) ∝ exp(-E(x) - ||y - x||² / (2 σ²)) of a one-level model: n_steps Langevin steps from
-    y (step step_ratio σ²); returns (mean of the second half of the chain, the last state)."""
+    """Posterior p_θ(x | y) ∝ exp(-E(x) - ||y - x||² / (2 σ²)) of a one-level model, n_steps Langevin steps from y
+    (step step_ratio σ²) -> (posterior-mean estimate: the mean of the chain's second half, the last state)."""
     level = torch.zeros(len(y), dtype=torch.long, device=y.device)
-    step = step_ratio * sigma ** 2
-    x, total = y, torch.zeros_like(y)
-    for k in range(n_steps):
-        grad_log_post = -energy_grad(model, x, level) - (x - y) / sigma ** 2
-        x = x + 0.5 * step * grad_log_post + math.sqrt(step) * torch.randn_like(x)
-        if k >= n_steps // 2:
-            total += x
-    return total / (n_steps - n_steps // 2), x
+    last, mean = posterior_langevin(model, y, level, 1.0, sigma, n_steps, step_ratio)
+    return mean, last
 
 
 def psnr(estimate, clean):
@@ -441,7 +439,7 @@ def dcd_loss(model: DCD, x0, args):
             e_neg = -(weights * log_w.detach()).sum(0)
             ess_fraction = (1.0 / weights.pow(2).sum(0)).mean() / m
             return loss, e_pos.detach().mean(), e_neg.mean(), ess_fraction
-        x_neg = posterior_langevin(model, y, level, args.langevin_steps, args.step_ratio)
+        x_neg, _ = posterior_langevin(model, y, level, a, b, args.langevin_steps, args.step_ratio)
     e_neg = model.energy(x_neg.detach(), level)
     loss = e_pos.mean() - e_neg.mean() + args.energy_reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
     neg_move = (x_neg - start).flatten(1).norm(dim=1).mean()
@@ -616,7 +614,8 @@ def main(args: Args):
                 p_ema.lerp_(p, 1 - decay)
 
         done = step + 1
-        log_now, sample_now = done % args.log_every == 0 or done == args.steps, done % args.sample_every == 0 or done == args.steps
+        log_now = done % args.log_every == 0 or done == args.steps
+        sample_now = done % args.sample_every == 0 or done == args.steps
         if log_now or sample_now:
             stop_if_broken(done, loss, e_pos, e_neg)
         scores = {}

@@ -255,11 +255,17 @@ def test_denoiser_returns_the_posterior_mean():
     m, v = model.net.m.detach(), math.exp(MODEL_LOG_VAR)
     precision = 1 / v + 1 / sigma ** 2
     truth = (m / v + y / sigma ** 2) / precision
-    # each estimate averages ~6 effective draws (autocorrelation time (1 + c)/(1 - c) ≈ 33, c = 1 - 0.1 σ²P/2)
-    # of sd P^-1/2 = 0.46: per-point error sd ≈ 0.19; the signed mean over 8,000 coordinates has sd 0.002
+    # the chain forgets y after 200 steps (c^200 = 6e-6, c = 1 - ηP/2) and is then AR(1) around μ(y) with the
+    # unadjusted stationary variance 1 / (P (1 - ηP/4)); the average of its last n = 200 states has variance
+    # s²/n² Σ_ij c^|i-j|. The signed mean error over 8,000 coordinates has sd 0.002; returning y would be 0.1 off.
+    eta, n = 0.1 * sigma ** 2, 200
+    c, stationary = 1 - eta * precision / 2, 1 / (precision * (1 - eta * precision / 4))
+    lags = torch.arange(n, dtype=torch.float64)
+    average_var = stationary / n ** 2 * (c ** (lags[:, None] - lags[None]).abs()).sum()
     assert (mean - truth).mean(0).abs().max() < 0.01
-    assert (mean - truth).pow(2).mean().sqrt() < 0.3
-    assert (last - truth).pow(2).mean().sqrt().item() == pytest.approx(precision ** -0.5, rel=0.05)
+    # RMS over 8,000 independent coordinates: relative standard error 0.8%
+    assert (mean - truth).pow(2).mean().sqrt().item() == pytest.approx(average_var.sqrt().item(), rel=0.05)
+    assert (last - truth).pow(2).mean().sqrt().item() == pytest.approx(stationary ** 0.5, rel=0.05)
 
 
 def test_psnr_reference_values():

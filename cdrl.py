@@ -627,16 +627,18 @@ def sample_labels(n: int, args, device):
     return torch.arange(n, device=device) % args.num_classes + 1
 
 
-def sample(model: CDRL, n: int, args, device) -> torch.Tensor:
+def sample(model: CDRL, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:
     """n samples by the paper's sampler (EMA weights when the caller loaded them), in batches of
-    --sample-batch, with --sample-langevin-steps per level and --guidance for conditional models."""
+    --sample-batch, with step_multiplier x --sample-langevin-steps per level and --guidance for conditional
+    models."""
     model.eval()
     out = []
     labels = sample_labels(n, args, device)
     for first in range(0, n, args.sample_batch):
         count = min(args.sample_batch, n - first)
         batch = generate(model, torch.randn((count,) + sample_shape(args), device=device),
-                         None if labels is None else labels[first:first + count], args.sample_langevin_steps,
+                         None if labels is None else labels[first:first + count],
+                         args.sample_langevin_steps * step_multiplier,
                          args.guidance, args.exact_tweedie)
         out.append(batch if common.is_toy(args.dataset) else batch.clamp(-1, 1))
     return torch.cat(out)

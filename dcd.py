@@ -374,18 +374,18 @@ def model_langevin(model: DCD, x, level, n_steps: int, step: float):
     return x
 
 
-def generate(model: DCD, n: int, shape, args, device):
-    """One-level model: --sample-langevin-steps Langevin steps on p_θ from N(0, I). Ladder: x_L from the wide
-    Gaussian, then each level t = L-1 .. 0 from the posterior given x_{t+1}; returns x_0 / signal_0."""
+def generate(model: DCD, n: int, shape, args, device, langevin_steps: int):
+    """One-level model: langevin_steps Langevin steps on p_θ from N(0, I). Ladder: x_L from the wide Gaussian,
+    then each level t = L-1 .. 0 from the posterior given x_{t+1} (langevin_steps each); returns x_0 / signal_0."""
     if model.num_levels == 1:
         level = torch.zeros(n, dtype=torch.long, device=device)
-        return model_langevin(model, torch.randn((n,) + shape, device=device), level, args.sample_langevin_steps,
+        return model_langevin(model, torch.randn((n,) + shape, device=device), level, langevin_steps,
                               args.cd_step_size)
     top = model.num_levels
     x = torch.randn((n,) + shape, device=device) * (model.noise[top] ** 2 + model.signal[top] ** 2).sqrt()
     for t in reversed(range(top)):
         level = torch.full((n,), t, dtype=torch.long, device=device)
-        x, _ = posterior_langevin(model, x, level, model.kernel_a[t], model.kernel_b[t], args.sample_langevin_steps,
+        x, _ = posterior_langevin(model, x, level, model.kernel_a[t], model.kernel_b[t], langevin_steps,
                                   args.step_ratio)
     return x / model.signal[0]
 
@@ -474,13 +474,15 @@ def build_model(args) -> DCD:
     return DCD(net, level_tables(args))
 
 
-def sample(model: DCD, n: int, args, device) -> torch.Tensor:
+def sample(model: DCD, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:
     """n samples (EMA weights when the caller loaded them) in batches of --sample-batch: the ladder's
-    progressive posterior sampler, or the unconditional Langevin chain of a one-level model."""
+    progressive posterior sampler, or the unconditional Langevin chain of a one-level model, with
+    step_multiplier x --sample-langevin-steps per level."""
     model.eval()
     out = []
     for first in range(0, n, args.sample_batch):
-        batch = generate(model, min(args.sample_batch, n - first), sample_shape(args), args, device)
+        batch = generate(model, min(args.sample_batch, n - first), sample_shape(args), args, device,
+                         args.sample_langevin_steps * step_multiplier)
         out.append(batch if common.is_toy(args.dataset) else batch.clamp(-1, 1))
     return torch.cat(out)
 

@@ -377,9 +377,11 @@ def mgms_transition(model: DAEBM, x, t, args, metropolis: bool, stats=None):
     return x, gibbs_level(model, x)
 
 
-def mgms_generate(model: DAEBM, n: int, args, device):
+def mgms_generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1):
     """The paper's post-training sampler: chains start at N(0, I) with t = T and run MGMS transitions (MALA
     on); a chain's x is kept at its M-th visit to t = 0, and that chain restarts from noise at t = T.
+    step_multiplier m keeps it at the (m M)-th visit instead (about m times the transitions; --max-transitions
+    is scaled alike), the evaluator's long-run check.
 
     Returns (samples (n, ...), Langevin steps each kept chain took (n,)).
     """
@@ -391,11 +393,12 @@ def mgms_generate(model: DAEBM, n: int, args, device):
     steps_taken = torch.zeros(pool, dtype=torch.long, device=device)
     kept, kept_steps = [], []
     n_kept = 0
-    for _ in range(args.max_transitions):
+    visits_to_keep, max_transitions = args.visits_to_keep * step_multiplier, args.max_transitions * step_multiplier
+    for _ in range(max_transitions):
         x, t = mgms_transition(model, x, t, args, metropolis=True)
         steps_taken += args.langevin_steps
         visits += t == 0
-        done = visits == args.visits_to_keep
+        done = visits == visits_to_keep
         n_done = int(done.sum())  # one sync per transition (40 Langevin steps), outside the Langevin loop
         if n_done:
             kept.append(x[done])
@@ -406,18 +409,19 @@ def mgms_generate(model: DAEBM, n: int, args, device):
             x[done] = torch.randn_like(x[done])
             t[done], visits[done], steps_taken[done] = args.num_levels, 0, 0
     else:
-        raise RuntimeError(f"post-training sampler kept {n_kept}/{n} chains in {args.max_transitions} "
+        raise RuntimeError(f"post-training sampler kept {n_kept}/{n} chains in {max_transitions} "
                            f"transitions; raise --max-transitions or lower --visits-to-keep")
     return torch.cat(kept)[:n], torch.cat(kept_steps)[:n]
 
 
-def annealed_generate(model: DAEBM, n: int, args, device):
-    """K MALA steps at each level from t = T down to t = 0, starting from N(0, I) (the official
-    p_sample_langevin_progressive). Returns samples (n, ...)."""
+def annealed_generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1):
+    """K MALA steps (m K with step_multiplier m) at each level from t = T down to t = 0, starting from N(0, I)
+    (the official p_sample_langevin_progressive). Returns samples (n, ...)."""
     x = torch.randn((n,) + sample_shape(args), device=device)
     for level in range(args.num_levels, -1, -1):
         t = torch.full((n,), level, device=device, dtype=torch.long)
-        x = langevin(model, x, t, args.langevin_steps, metropolis=True, official_ratio=args.official_mh_ratio)
+        x = langevin(model, x, t, args.langevin_steps * step_multiplier, metropolis=True,
+                     official_ratio=args.official_mh_ratio)
     return x
 
 
@@ -479,12 +483,13 @@ def build_model(args) -> DAEBM:
                  initial_step_sizes(args, betas))
 
 
-def sample(model: DAEBM, n: int, args, device) -> torch.Tensor:
-    """n samples by the post-training sampler named in args.sampler ('mgms' is the paper's)."""
+def sample(model: DAEBM, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:
+    """n samples by the post-training sampler named in args.sampler ('mgms' is the paper's); step_multiplier m
+    runs it m times longer (kept at the (m M)-th visit to t = 0, or m K steps per level when annealed)."""
     model.eval()
     if args.sampler == "annealed":
-        return annealed_generate(model, n, args, device).detach()
-    return mgms_generate(model, n, args, device)[0].detach()
+        return annealed_generate(model, n, args, device, step_multiplier).detach()
+    return mgms_generate(model, n, args, device, step_multiplier)[0].detach()
 
 
 def energy(model: DAEBM, x: torch.Tensor, args) -> torch.Tensor:

@@ -78,6 +78,28 @@ def toy_2d(name: str, n: int, seed: int) -> torch.Tensor:
     raise UserError(f"unknown 2D toy {name!r}; choose one of {', '.join(TOY_2D)}")
 
 
+def toy_log_density(name: str, points: torch.Tensor):
+    """log p(x) of the toys whose density has a closed form (rings, 8gaussians, checkerboard), float64 (n,);
+    None for the others (swissroll, pinwheel, 2spirals: their density is an integral over the generator's
+    latent). Written from toy_2d's generators above; tests check both against each other."""
+    x = points.double()
+    if name == "rings":  # radius ~ N(k, 0.01²) with k uniform on 1..4, angle uniform: p = p(r) / (2π r)
+        r = x.norm(dim=1)
+        radii = torch.arange(1, 5, dtype=torch.float64)
+        log_p_r = torch.logsumexp(torch.distributions.Normal(radii, 0.01).log_prob(r[:, None]), 1) - math.log(4)
+        return log_p_r - torch.log(2 * math.pi * r)
+    if name == "8gaussians":  # equal mixture of N(4 (cos, sin)(2πk/8) / 1.414, (0.5 / 1.414)² I)
+        angle = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
+        centers = 4 * torch.stack([angle.cos(), angle.sin()], 1) / 1.414
+        log_n = torch.distributions.Normal(centers, 0.5 / 1.414).log_prob(x[:, None, :]).sum(2)
+        return torch.logsumexp(log_n, 1) - math.log(8)
+    if name == "checkerboard":  # uniform on the 8 black 2x2 squares of [-4, 4)²: 1/32 there, 0 elsewhere
+        cell = torch.floor(x / 2)
+        inside = (x.abs() < 4).all(1) & ((cell[:, 0] + cell[:, 1]) % 2 == 0)
+        return torch.where(inside, -math.log(32), -math.inf)
+    return None
+
+
 def is_toy(dataset: str) -> bool:
     return dataset in TOY_2D
 

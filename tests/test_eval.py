@@ -1,15 +1,104 @@
-"""eval_fid_ood.py: the exact 2D grid density against analytic values, and a DA-EBM checkpoint scored."""
+"""eval_fid_ood.py: AUROC, Frechet distance and grid NLL against references; the FID pipeline offline with a
+randomly initialised Inception; every method's tiny checkpoint scored end to end; bad inputs."""
+import dataclasses
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+from unittest import mock
 
+import numpy as np
+import pytest
 import torch
 
+import cdrl
 import common
+import dcd
 import eval_fid_ood
 import pcd_diffusion_ebm as daebm
-from test_daebm import tiny_2d_args
+import test_cdrl
+import test_daebm
+import test_dcd
+from conftest import ROOT
+
+METHODS = {"daebm": (daebm, test_daebm), "cdrl": (cdrl, test_cdrl), "dcd": (dcd, test_dcd)}
 
 
+# ---------------------------------------------------------------------------------------------------
+# AUROC and the Frechet distance against references
+# ---------------------------------------------------------------------------------------------------
+def brute_force_auroc(scores_in, scores_out):
+    """Every (in, out) pair: 1 if the in-distribution score is higher, 1/2 if tied."""
+    a, b = scores_in[:, None], scores_out[None, :]
+    return ((a > b).double() + 0.5 * (a == b).double()).mean().item()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_auroc_equals_pairwise_count_with_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores_in = torch.randint(0, 12, (301,), generator=g).double()  # few distinct values: many ties
+    scores_out = torch.randint(0, 9, (157,), generator=g).double() - 1.5 * (seed == 2)
+    expected = brute_force_auroc(scores_in, scores_out)
+    assert abs(eval_fid_ood.auroc(scores_in, scores_out) - expected) < 1e-12
+    assert abs(eval_fid_ood.auroc(scores_out, scores_in) - (1 - expected)) < 1e-12
+
+
+def test_auroc_edge_cases():
+    assert eval_fid_ood.auroc(torch.ones(5), torch.ones(7)) == 0.5
+    assert eval_fid_ood.auroc(torch.arange(5.0) + 10, torch.arange(7.0)) == 1.0
+    assert eval_fid_ood.auroc(torch.arange(5.0), torch.arange(7.0) + 10) == 0.0
+    continuous = torch.randn(400), torch.randn(300) + 1
+    assert abs(eval_fid_ood.auroc(*continuous) - brute_force_auroc(*continuous)) < 1e-12
+    with pytest.raises(common.UserError, match="non-finite"):
+        eval_fid_ood.auroc(torch.tensor([0.0, math.nan]), torch.zeros(3))
+
+
+def random_spd(d, g):
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def reference_frechet(mu_a, cov_a, mu_b, cov_b):
+    """Float64, through the symmetric form tr (Σa^½ Σb Σa^½)^½ with eigh (not the evaluator's route)."""
+    w, v = torch.linalg.eigh(cov_a)
+    root_a = v @ torch.diag(w.sqrt()) @ v.T
+    inner = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0)
+    return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * inner.sqrt().sum()).item()
+
+
+def stats(mu, cov):
+    return {"mu": mu.numpy(), "sigma": cov.numpy()}
+
+
+@pytest.mark.parametrize("d", [3, 64])
+def test_frechet_distance_against_float64_reference(d):
+    g = torch.Generator().manual_seed(d)
+    mu_a, mu_b = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    cov_a, cov_b = random_spd(d, g), random_spd(d, g)
+    expected = reference_frechet(mu_a, cov_a, mu_b, cov_b)
+    assert abs(eval_fid_ood.frechet_distance(stats(mu_a, cov_a), stats(mu_b, cov_b)) - expected) < 1e-8 * (1 + expected)
+    assert abs(eval_fid_ood.frechet_distance(stats(mu_a, cov_a), stats(mu_a, cov_a))) < 1e-8
+    # diagonal covariances: ||Δμ||² + Σ (sqrt(a_i) - sqrt(b_i))²
+    var_a, var_b = torch.rand(d, generator=g, dtype=torch.float64) + 0.1, torch.rand(d, generator=g, dtype=torch.float64)
+    closed = ((mu_a - mu_b).pow(2).sum() + (var_a.sqrt() - var_b.sqrt()).pow(2).sum()).item()
+    got = eval_fid_ood.frechet_distance(stats(mu_a, torch.diag(var_a)), stats(mu_b, torch.diag(var_b)))
+    assert abs(got - closed) < 1e-10 * (1 + closed)
+
+
+def test_feature_statistics_are_mean_and_unbiased_covariance():
+    x = torch.randn(50, 6) * torch.arange(1.0, 7.0) + 3
+    result = eval_fid_ood.feature_statistics(x)
+    centred = x.double() - x.double().mean(0)
+    assert np.allclose(result["mu"], x.double().mean(0).numpy(), atol=1e-6)
+    assert np.allclose(result["sigma"], (centred.T @ centred / 49).numpy(), atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2D: the grid density, the toys' true densities, the long-run distances
+# ---------------------------------------------------------------------------------------------------
 def gaussian_energy(mean, cov):
     precision = torch.linalg.inv(cov)
 
@@ -19,18 +108,20 @@ def gaussian_energy(mean, cov):
     return energy_fn
 
 
+GAUSS_MEAN = torch.tensor([0.3, -0.2], dtype=torch.float64)
+GAUSS_COV = torch.tensor([[0.5, 0.2], [0.2, 0.3]], dtype=torch.float64)
+
+
 def test_grid_nll_of_gaussian_equals_analytic():
-    mean, cov = torch.tensor([0.3, -0.2], dtype=torch.float64), torch.tensor([[0.5, 0.2], [0.2, 0.3]],
-                                                                              dtype=torch.float64)
     lo, hi = -4.0, 4.0
-    log_p = eval_fid_ood.grid_log_density(gaussian_energy(mean, cov), lo, hi, 800)
+    log_p = eval_fid_ood.grid_log_density(gaussian_energy(GAUSS_MEAN, GAUSS_COV), lo, hi, 800)
     cell = ((hi - lo) / 800) ** 2
     assert abs(log_p.exp().sum().item() * cell - 1) < 1e-9
-    points = torch.distributions.MultivariateNormal(mean, cov).sample((100_000,))
-    analytic = -torch.distributions.MultivariateNormal(mean, cov).log_prob(points).mean().item()
+    points = torch.distributions.MultivariateNormal(GAUSS_MEAN, GAUSS_COV).sample((100_000,))
+    analytic = -torch.distributions.MultivariateNormal(GAUSS_MEAN, GAUSS_COV).log_prob(points).mean().item()
     assert abs(eval_fid_ood.grid_nll(log_p, lo, hi, points) - analytic) < 5e-3
     # the expected NLL of a Gaussian is its entropy, 1 + log 2π + log|Σ|/2
-    entropy = 1 + math.log(2 * math.pi) + 0.5 * math.log(torch.det(cov).item())
+    entropy = 1 + math.log(2 * math.pi) + 0.5 * math.log(torch.det(GAUSS_COV).item())
     assert abs(analytic - entropy) < 0.02
 
 
@@ -43,12 +134,77 @@ def test_grid_layout_matches_points():
     assert eval_fid_ood.grid_nll(log_p, -1.0, 1.0, right) > eval_fid_ood.grid_nll(log_p, -1.0, 1.0, up)
 
 
-def test_eval_daebm_2d_checkpoint(tmp_path):
-    daebm.main(tiny_2d_args(tmp_path, steps=10))
-    results = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(tmp_path / "ckpt.pt"), device="cpu",
-                                                          n_test=2000, grid_resolution=200))
+# entropies: rings = H(N(0, 0.01²)) + log 4 + log 2π + mean log radius (thin rings, E log r = log k per ring);
+# 8gaussians = log 8 + log(2πe σ²) with σ = 0.5 / 1.414 (the components overlap by < 1e-8); checkerboard = log 32
+TOY_ENTROPY = {"rings": 0.5 * math.log(2 * math.pi * math.e * 1e-4) + math.log(4) + math.log(2 * math.pi)
+               + math.log(24) / 4,
+               "8gaussians": math.log(8) + math.log(2 * math.pi * math.e * (0.5 / 1.414) ** 2),
+               "checkerboard": math.log(32)}
+
+
+@pytest.mark.parametrize("name", sorted(TOY_ENTROPY))
+def test_true_toy_densities_integrate_to_one_and_match_their_samplers(name):
+    lo, hi, resolution = -5.0, 5.0, 2000  # cells of 0.005, finer than the rings' width
+    mass = common.toy_log_density(name, common.grid_2d(lo, hi, resolution)).exp().sum().item()
+    assert abs(mass * ((hi - lo) / resolution) ** 2 - 1) < 1e-4
+    # the samples' mean NLL is the entropy: a density that disagrees with the sampler (moved centres, wrong
+    # width, the other checkerboard colour) misses by far more than the Monte Carlo error (~0.003)
+    nll = -common.toy_log_density(name, common.toy_2d(name, 200_000, seed=1)).mean().item()
+    assert abs(nll - TOY_ENTROPY[name]) < 0.01
+
+
+def test_toys_without_closed_form_have_no_true_density():
+    assert all(common.toy_log_density(name, torch.zeros(3, 2)) is None for name in ("swissroll", "pinwheel", "2spirals"))
+
+
+def test_grid_draws_follow_the_grid_density_and_bin_mass_adds_up():
+    lo, hi = -4.0, 4.0
+    log_p = eval_fid_ood.grid_log_density(gaussian_energy(GAUSS_MEAN, GAUSS_COV), lo, hi, 400)
+    draws = eval_fid_ood.grid_draws(log_p, lo, hi, 200_000, torch.Generator().manual_seed(0))
+    assert torch.allclose(draws.mean(0), GAUSS_MEAN, atol=0.01)
+    assert torch.allclose(torch.cov(draws.T), GAUSS_COV, atol=0.01)
+    model_mass = eval_fid_ood.grid_bin_mass(log_p, lo, hi)
+    assert abs(model_mass.sum().item() - 1) < 1e-9 and model_mass[-1] == 0
+    assert eval_fid_ood.total_variation(eval_fid_ood.bin_mass(draws, lo, hi), model_mass) < 0.03
+    # a shifted set is far from it, and points outside the box land in the last bin
+    assert eval_fid_ood.total_variation(eval_fid_ood.bin_mass(draws + 1.0, lo, hi), model_mass) > 0.5
+    assert eval_fid_ood.bin_mass(torch.tensor([[9.0, 0.0], [0.0, 0.0]]), lo, hi)[-1] == 0.5
+
+
+def test_long_run_multipliers():
+    assert eval_fid_ood.long_run_multipliers(1) == [1]
+    assert eval_fid_ood.long_run_multipliers(10) == [1, 10]
+    assert eval_fid_ood.long_run_multipliers(20) == [1, 10, 20]
+    assert eval_fid_ood.long_run_multipliers(1000) == [1, 10, 100, 1000]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_step_multiplier_runs_the_sampler_that_much_longer(method):
+    """sample(..., step_multiplier=m) must equal the configured sampler with m times the steps."""
+    module, tests = METHODS[method]
+    args = tests.tiny_2d_args("unused")
+    model = module.build_model(args).eval()
+    longer = dict(visits_to_keep=3 * args.visits_to_keep, max_transitions=3 * args.max_transitions) \
+        if method == "daebm" else dict(sample_langevin_steps=3 * args.sample_langevin_steps)
+    torch.manual_seed(5)
+    multiplied = module.sample(model, 16, args, "cpu", step_multiplier=3)
+    torch.manual_seed(5)
+    configured = module.sample(model, 16, dataclasses.replace(args, **longer), "cpu")
+    torch.manual_seed(5)
+    once = module.sample(model, 16, args, "cpu")
+    assert torch.equal(multiplied, configured) and not torch.equal(multiplied, once)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_eval_2d_checkpoint_of_every_method(tmp_path, method):
+    module, tests = METHODS[method]
+    module.main(tests.tiny_2d_args(tmp_path, steps=8, save_every=4))
+    results = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(tmp_path / "ckpt.pt"), device="cpu", n_test=2000,
+                                                          grid_resolution=200, long_run=2, long_run_samples=300))
     saved = json.load(open(tmp_path / "eval.json"))
-    assert saved["nll"] == results["nll"] and math.isfinite(results["nll"])
+    assert saved["nll"] == results["nll"] and math.isfinite(results["nll"]) and saved["method"] == method
+    true = -common.toy_log_density(results["dataset"], common.toy_2d(results["dataset"], 2000, seed=12345)).mean()
+    assert results["true_nll"] == pytest.approx(true.item())
     # the same NLL computed independently: the model's energy at the test points themselves, normalised by a
     # grid twice as fine (a smooth, barely trained energy: the two agree to the discretisation error)
     ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
@@ -60,14 +216,201 @@ def test_eval_daebm_2d_checkpoint(tmp_path):
         test = common.toy_2d(args.dataset, 2000, seed=12345)
         direct = (module.energy(model, test, args).double() + log_z).mean().item()
     assert abs(results["nll"] - direct) < 0.02
+    long_run = saved["long_run"]
+    assert [r["step_multiplier"] for r in long_run["records"]] == [1, 2]
+    for record in long_run["records"]:
+        assert 0 <= record["tv_to_model"] <= 1 and 0 <= record["tv_to_data"] <= 1
+    assert 0 < long_run["tv_floor_model"] < 1 and 0 < long_run["tv_floor_data"] < 1
+    assert (tmp_path / "eval_density.png").exists() and (tmp_path / "eval_long_run.png").exists()
 
 
-def test_eval_rejects_foreign_checkpoint(tmp_path):
-    path = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(3)}, path)
-    try:
-        eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(path), device="cpu"))
-    except common.UserError as error:
-        assert "not one of this project's checkpoints" in str(error)
+# ---------------------------------------------------------------------------------------------------
+# FID plumbing with a randomly initialised Inception (offline)
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    """A weights file for torch-fidelity's InceptionV3 with Kaiming-normal weights (variance-preserving, so the
+    2048 features neither vanish nor blow up) and a shared statistics cache."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        network = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    g = torch.Generator().manual_seed(0)
+    for layer in network.modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(layer.weight, generator=g)
+    folder = tmp_path_factory.mktemp("inception")
+    torch.save(network.state_dict(), folder / "inception.pth")
+    return SimpleNamespace(weights=str(folder / "inception.pth"), stats_dir=str(folder / "stats"))
+
+
+def noisy(images, sd, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (images.float() + sd * torch.randn(images.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
+
+
+class Uint8Images(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def test_fid_pipeline_self_zero_rising_with_noise_and_equal_to_torch_fidelity(tmp_path, image_folder,
+                                                                             random_inception):
+    small = tmp_path / "small"  # 16 of the images: the CPU Inception takes ~0.15 s per image
+    small.mkdir()
+    for name in sorted(os.listdir(image_folder))[:16]:
+        shutil.copy(os.path.join(image_folder, name), small / name)
+    network, tag = eval_fid_ood.load_inception(random_inception.weights, "cpu")
+    data = SimpleNamespace(dataset=f"folder:{small}", image_size=8, image_channels=3)
+    reference, path = eval_fid_ood.reference_statistics(data, "unused", network, tag, random_inception.stats_dir, 16,
+                                                        "cpu")
+    assert path.endswith(f"-train-8x8-inception-{tag}-pool2048.pt")
+    cached, _ = eval_fid_ood.reference_statistics(data, "unused", network, tag, random_inception.stats_dir, 16, "cpu")
+    assert np.array_equal(cached["mu"], reference["mu"]) and np.array_equal(cached["sigma"], reference["sigma"])
+    images = common.load_images(data.dataset, "unused")
+
+    def fid(batch):
+        features = eval_fid_ood.inception_features(network, [eval_fid_ood.to_uint8_rgb(common.to_unit_range(batch))],
+                                                   "cpu")
+        return eval_fid_ood.frechet_distance(eval_fid_ood.feature_statistics(features), reference)
+    scale = reference["sigma"].trace()
+    fids = [fid(images), fid(noisy(images, 15)), fid(noisy(images, 60))]
+    assert abs(fids[0]) < 1e-5 * scale  # the set against its own cached statistics (eigvals rounding)
+    assert 0.01 * scale < fids[1] < fids[2]
+    # torch-fidelity's own pipeline (its data loader, feature extraction and statistics) gives the same number
+    import torch_fidelity
+
+    theirs = torch_fidelity.calculate_metrics(input1=Uint8Images(noisy(images, 60)), input2=Uint8Images(images),
+                                              fid=True, feature_extractor_weights_path=random_inception.weights,
+                                              cuda=False, batch_size=16, save_cpu_ram=True, verbose=False,
+                                              cache=False)["frechet_inception_distance"]
+    assert theirs == pytest.approx(fids[2], rel=1e-4)
+
+
+def test_to_uint8_rgb_inverts_the_training_conversion():
+    images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    assert torch.equal(eval_fid_ood.to_uint8_rgb(common.to_unit_range(images)), images)
+    grey = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
+    assert torch.equal(eval_fid_ood.to_uint8_rgb(common.to_unit_range(grey)), grey.expand(-1, 3, -1, -1))
+
+
+def test_ood_sets_take_the_model_shape():
+    g = torch.Generator().manual_seed(0)
+    in_test = torch.randint(0, 256, (10, 1, 6, 6), dtype=torch.uint8, generator=g)
+    for name in ("interp", "uniform", "constant"):
+        images = eval_fid_ood.ood_images(name, in_test, (1, 6, 6), "unused", 7, g)
+        assert images.shape == (7, 1, 6, 6) and images.dtype == torch.uint8
+    constant = eval_fid_ood.ood_images("constant", in_test, (1, 6, 6), "unused", 7, g)
+    assert (constant == constant[:, :, :1, :1]).all()
+    rgb = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g)
+    grey = eval_fid_ood.match_shape(rgb, (1, 8, 8))
+    assert (grey.float() - rgb.float().mean(1, keepdim=True)).abs().max() <= 0.5  # the channel mean, rounded
+    assert torch.equal(eval_fid_ood.match_shape(grey, (3, 8, 8)), grey.expand(-1, 3, -1, -1))
+    flat = eval_fid_ood.match_shape(constant, (3, 20, 20))  # resizing keeps a constant image constant
+    assert flat.shape == (7, 3, 20, 20) and torch.equal(flat, constant[:, :, :1, :1].expand(-1, 3, 20, 20))
+    with pytest.raises(common.UserError, match="cannot convert 2-channel"):
+        eval_fid_ood.match_shape(rgb[:, :2], (3, 8, 8))
+
+
+def image_checkpoint(tmp_path, method, folder):
+    module, tests = METHODS[method]
+    run = tmp_path / "run"
+    module.main(tests.tiny_image_args(run, folder))
+    return run
+
+
+@pytest.fixture
+def other_folder(tmp_path):
+    """20 8x8 RGB PNGs unlike image_folder's: horizontal stripes."""
+    from PIL import Image
+
+    folder = tmp_path / "stripes"
+    folder.mkdir()
+    for i in range(20):
+        img = np.zeros((8, 8, 3), dtype=np.uint8)
+        img[::2] = 40 + 10 * i
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return str(folder)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_eval_image_checkpoint_of_every_method(tmp_path, method, image_folder, other_folder, random_inception):
+    run = image_checkpoint(tmp_path, method, image_folder)
+    long_run = method == "dcd"  # one method takes the long-run path instead of the plain FID (each FID ~5 s here)
+    ea = eval_fid_ood.EvalArgs(ckpt=str(run / "ckpt.pt"), device="cpu", fid_samples=0 if long_run else 6,
+                               batch_size=4, inception_weights=random_inception.weights,
+                               stats_dir=random_inception.stats_dir,
+                               ood=("interp", "uniform", "constant", f"folder:{other_folder}", f"folder:{image_folder}"),
+                               n_ood=16, long_run=2 if long_run else 0, long_run_samples=4)
+    results = eval_fid_ood.evaluate(ea)
+    assert json.load(open(run / "eval.json")) == json.loads(json.dumps(results))
+    if long_run:
+        assert "fid" not in results and [r["step_multiplier"] for r in results["long_run"]["records"]] == [1, 2]
+        assert all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in results["long_run"]["records"])
+        assert (run / "eval_long_run_x2.png").exists()
     else:
-        raise AssertionError("a foreign checkpoint was accepted")
+        assert math.isfinite(results["fid"]) and results["fid"] > 0 and results["fid_samples"] == 6
+        assert (run / "eval_samples.png").exists()
+    assert set(results["ood"]) == {"interp", "uniform", "constant", f"folder:{other_folder}"}  # itself skipped
+    assert results["ood_mean"] == pytest.approx(sum(r["auroc"] for r in results["ood"].values()) / 4)
+    # one set recomputed by hand: the same subsets (seeded) scored by the method's energy
+    module, args, model = eval_fid_ood.load_method(common.load_checkpoint(ea.ckpt), "cpu")
+    g = torch.Generator().manual_seed(ea.seed)
+    in_test = common.load_images(args.dataset, "unused")
+    in_test = in_test[torch.randperm(len(in_test), generator=g)[:16]]
+    for name in ("interp", "uniform", "constant"):  # drawn in this order from the same generator
+        out = eval_fid_ood.ood_images(name, in_test, (3, 8, 8), "unused", 16, g)
+    score = lambda x: -module.energy(model, common.to_unit_range(x), args)  # noqa: E731
+    assert results["ood"]["constant"]["auroc"] == pytest.approx(brute_force_auroc(score(in_test), score(out)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad inputs: one line, non-zero exit, partial results kept
+# ---------------------------------------------------------------------------------------------------
+def test_eval_rejects_missing_corrupt_foreign_and_unknown_checkpoints(tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    torch.save({"method": "vae", "format": common.CHECKPOINT_FORMAT, "args": {}}, tmp_path / "unknown.pt")
+    for name, message in (("missing.pt", "does not exist"), ("corrupt.pt", "corrupt"),
+                          ("foreign.pt", "not one of this project's checkpoints"), ("unknown.pt", "'vae' is unknown")):
+        with pytest.raises(common.UserError, match=message):
+            eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(tmp_path / name), device="cpu"))
+    with pytest.raises(common.UserError, match="unknown OOD set 'imagenet'"):
+        eval_fid_ood.EvalArgs(ckpt="x", ood=("imagenet",))
+
+
+def test_unavailable_ood_set_fails_with_one_line_and_keeps_partial_results(tmp_path, image_folder):
+    run = image_checkpoint(tmp_path, "dcd", image_folder)
+    ckpt = str(run / "ckpt.pt")
+    offline = mock.patch("torchvision.datasets.SVHN", side_effect=OSError("no network"))
+    with offline, pytest.raises(common.UserError, match="svhn data not found"):
+        eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=ckpt, device="cpu", ood=("uniform", "svhn"), n_ood=8,
+                                                    data_dir=str(tmp_path / "empty")))
+    partial = json.load(open(run / "eval.json"))
+    assert 0 <= partial["ood"]["uniform"]["auroc"] <= 1 and "svhn data not found" in partial["error"]
+    assert "fid" not in partial
+    # through the command line: one line on stderr, exit status 2 (a missing weights file, checked before any
+    # sampling; the OOD results are computed first and kept)
+    proc = subprocess.run([sys.executable, "eval_fid_ood.py", "--ckpt", ckpt, "--device", "cpu", "--ood", "constant",
+                           "--n-ood", "8", "--inception-weights", str(tmp_path / "absent.pth")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: --inception-weights {tmp_path / 'absent.pth'} does not exist"]
+    partial = json.load(open(run / "eval.json"))
+    assert "constant" in partial["ood"] and "does not exist" in partial["error"]
+
+
+def test_inception_weights_that_need_unpickling_are_refused(tmp_path):
+    torch.save({"layer": SimpleNamespace(a=1)}, tmp_path / "pickled.pth")
+    with pytest.raises(common.UserError, match="not a state dict of tensors"):
+        eval_fid_ood.load_inception(str(tmp_path / "pickled.pth"), "cpu")
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(common.UserError, match="does not hold torch-fidelity's InceptionV3"):
+        eval_fid_ood.load_inception(str(tmp_path / "other.pth"), "cpu")

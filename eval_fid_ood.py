@@ -11,7 +11,7 @@ it) and a table on stdout. What each number means:
 Images
 - fid: Frechet Inception distance between --fid-samples samples of the method's post-training sampler and
   the whole training split, with torch-fidelity's InceptionV3 ("inception-v3-compat", its port of the
-  TensorFlow 2015 graph that papers' FIDs come from): 2048-d pool features of uint8 RGB images (grey images
+  TensorFlow 2015 Inception graph of the original FID code): 2048-d pool features of uint8 RGB images (grey images
   repeated to 3 channels, resized to 299 inside the network), their mean and unbiased covariance
   (torch_fidelity.metric_fid.fid_features_to_statistics) and torch-fidelity's Frechet formula. The network
   runs in full fp32 (TF32 off) on every device. The training split's statistics are computed once per dataset,
@@ -46,9 +46,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torch_fidelity
 import tyro
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
 import common
 
@@ -70,7 +74,7 @@ class EvalArgs:
     data_dir: Optional[str] = None
     """image datasets (default: the checkpoint's --data-dir)"""
     batch_size: int = 250
-    """images per sampler call, Inception batch and energy batch"""
+    """samples per sampler call (images and 2D), Inception batch and energy batch"""
     fid_samples: int = 50_000
     """images: samples for the FID; 0 = no FID"""
     inception_weights: Optional[str] = None
@@ -171,8 +175,6 @@ def full_fp32():
 def load_inception(weights_path: Optional[str], device):
     """torch-fidelity's InceptionV3 giving 2048-d features -> (network, weights tag for cache names: the first 8
     hex digits of the weights file's sha256, which torch-fidelity's own file name carries)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-
     if weights_path is None:
         tag = URL_INCEPTION_V3.rsplit("-", 1)[1].split(".")[0]
         try:
@@ -191,7 +193,8 @@ def load_inception(weights_path: Optional[str], device):
         raise common.UserError(f"--inception-weights {weights_path} is not a state dict of tensors "
                                f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
     try:
-        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path)
+        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                              feature_extractor_weights_path=weights_path)
     except RuntimeError as error:
         raise common.UserError(f"--inception-weights {weights_path} does not hold torch-fidelity's InceptionV3 "
                                f"({str(error).splitlines()[0][:120]})") from None
@@ -217,15 +220,11 @@ def inception_features(network, uint8_batches, device) -> torch.Tensor:
 
 def feature_statistics(features: torch.Tensor) -> dict:
     """torch-fidelity's FID statistics: float32 mean and float64 unbiased covariance (numpy)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-
     return fid_features_to_statistics(features)
 
 
 def frechet_distance(stats_a: dict, stats_b: dict) -> float:
     """||μa - μb||² + tr(Σa + Σb - 2 (Σa Σb)^½), torch-fidelity's formula (tr sqrt from eigvals of Σa Σb)."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-
     return fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID]
 
 
@@ -238,8 +237,6 @@ def dataset_tag(dataset: str) -> str:
 
 def reference_statistics(args, data_dir: str, network, weights_tag: str, stats_dir: str, batch_size: int, device):
     """Inception statistics of the whole training split, cached -> (stats, cache path)."""
-    import numpy as np
-
     shape = (args.image_channels, args.image_size, args.image_size)
     path = os.path.join(stats_dir, f"{dataset_tag(args.dataset)}-train-{shape[1]}x{shape[2]}-inception-"
                                    f"{weights_tag}-pool2048.pt")
@@ -429,7 +426,7 @@ def evaluate_2d(module, model, args, ea: EvalArgs, device, results: dict, out_di
         panels = []
         for multiplier in long_run_multipliers(ea.long_run):
             torch.manual_seed(ea.seed)
-            x = torch.cat(list(sample_batches(module, model, args, n, n, device, multiplier,
+            x = torch.cat(list(sample_batches(module, model, args, n, ea.batch_size, device, multiplier,
                                               f"long run x{multiplier}"))).cpu()
             mass = bin_mass(x, lo, hi)
             results["long_run"]["records"].append({
@@ -459,8 +456,6 @@ def evaluate_images(module, model, args, ea: EvalArgs, device, results: dict, ou
         save()
     if not (ea.fid_samples or ea.long_run):
         return
-    import torch_fidelity
-
     network, weights_tag = load_inception(ea.inception_weights, device)
     reference, stats_path = reference_statistics(args, data_dir, network, weights_tag,
                                                  ea.stats_dir or os.path.join(data_dir, "fid_stats"),
@@ -495,7 +490,8 @@ def print_table(results: dict):
     for key, value in results.items():
         if key == "ood":
             for name, row in value.items():
-                print(f"{'ood ' + name:>24}: AUROC {row['auroc']:.4f} (n {row['n']}, mean score {row['mean_score']:.4g})")
+                print(f"{'ood ' + name:>24}: AUROC {row['auroc']:.4f} (n {row['n']}, "
+                      f"mean score {row['mean_score']:.4g})")
         elif key == "long_run":
             print(f"{'long run':>24}: " + ", ".join(f"{k} {v:.4g}" for k, v in value.items() if k != "records"))
             for row in value["records"]:

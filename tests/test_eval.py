@@ -82,7 +82,8 @@ def test_frechet_distance_against_float64_reference(d):
     assert abs(eval_fid_ood.frechet_distance(stats(mu_a, cov_a), stats(mu_b, cov_b)) - expected) < 1e-8 * (1 + expected)
     assert abs(eval_fid_ood.frechet_distance(stats(mu_a, cov_a), stats(mu_a, cov_a))) < 1e-8
     # diagonal covariances: ||Δμ||² + Σ (sqrt(a_i) - sqrt(b_i))²
-    var_a, var_b = torch.rand(d, generator=g, dtype=torch.float64) + 0.1, torch.rand(d, generator=g, dtype=torch.float64)
+    var_a = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
+    var_b = torch.rand(d, generator=g, dtype=torch.float64)
     closed = ((mu_a - mu_b).pow(2).sum() + (var_a.sqrt() - var_b.sqrt()).pow(2).sum()).item()
     got = eval_fid_ood.frechet_distance(stats(mu_a, torch.diag(var_a)), stats(mu_b, torch.diag(var_b)))
     assert abs(got - closed) < 1e-10 * (1 + closed)
@@ -154,7 +155,8 @@ def test_true_toy_densities_integrate_to_one_and_match_their_samplers(name):
 
 
 def test_toys_without_closed_form_have_no_true_density():
-    assert all(common.toy_log_density(name, torch.zeros(3, 2)) is None for name in ("swissroll", "pinwheel", "2spirals"))
+    for name in ("swissroll", "pinwheel", "2spirals"):
+        assert common.toy_log_density(name, torch.zeros(3, 2)) is None
 
 
 def test_grid_draws_follow_the_grid_density_and_bin_mass_adds_up():
@@ -347,7 +349,8 @@ def test_eval_image_checkpoint_of_every_method(tmp_path, method, image_folder, o
     ea = eval_fid_ood.EvalArgs(ckpt=str(run / "ckpt.pt"), device="cpu", fid_samples=0 if long_run else 6,
                                batch_size=4, inception_weights=random_inception.weights,
                                stats_dir=random_inception.stats_dir,
-                               ood=("interp", "uniform", "constant", f"folder:{other_folder}", f"folder:{image_folder}"),
+                               ood=("interp", "uniform", "constant", f"folder:{other_folder}",
+                                    f"folder:{image_folder}"),
                                n_ood=16, long_run=2 if long_run else 0, long_run_samples=4)
     results = eval_fid_ood.evaluate(ea)
     assert json.load(open(run / "eval.json")) == json.loads(json.dumps(results))

@@ -237,9 +237,8 @@ def dataset_tag(dataset: str) -> str:
 
 def reference_statistics(args, data_dir: str, network, weights_tag: str, stats_dir: str, batch_size: int, device):
     """Inception statistics of the whole training split, cached -> (stats, cache path)."""
-    shape = (args.image_channels, args.image_size, args.image_size)
-    path = os.path.join(stats_dir, f"{dataset_tag(args.dataset)}-train-{shape[1]}x{shape[2]}-inception-"
-                                   f"{weights_tag}-pool2048.pt")
+    path = os.path.join(stats_dir, f"{dataset_tag(args.dataset)}-train-{args.image_size}x{args.image_size}-"
+                                   f"inception-{weights_tag}-pool2048.pt")
     if os.path.isfile(path):
         cached = torch.load(path, map_location="cpu", weights_only=True)
         return {"mu": cached["mu"].numpy(), "sigma": cached["sigma"].numpy()}, path
@@ -250,7 +249,7 @@ def reference_statistics(args, data_dir: str, network, weights_tag: str, stats_d
         for first in range(0, len(images), batch_size):
             batch = images[first:first + batch_size]
             progress.update(len(batch))
-            yield batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+            yield to_uint8_rgb(common.to_unit_range(batch))  # the samples' conversion (exact on uint8 data)
     stats = feature_statistics(inception_features(network, batches(), device))
     os.makedirs(stats_dir, exist_ok=True)
     tmp = path + ".tmp"
@@ -285,7 +284,7 @@ def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     scores = torch.cat([scores_in, scores_out]).double()
     if not torch.isfinite(scores).all():
         raise common.UserError("the model gave non-finite energies; AUROC is undefined")
-    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
     mean_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # ranks start at 1
     rank_sum_in = mean_rank[inverse[:len(scores_in)]].sum().item()
     n_in, n_out = len(scores_in), len(scores_out)
@@ -461,7 +460,8 @@ def evaluate_images(module, model, args, ea: EvalArgs, device, results: dict, ou
                                                  ea.stats_dir or os.path.join(data_dir, "fid_stats"),
                                                  ea.batch_size, device)
     results["fid_protocol"] = {"library": f"torch-fidelity {torch_fidelity.__version__}",
-                               "features": "inception-v3-compat pool3 2048", "inception_weights_sha256": weights_tag,
+                               "features": "inception-v3-compat pool3 2048",
+                               "inception_weights_sha256_prefix": weights_tag,
                                "reference": f"{args.dataset} training split", "reference_stats": stats_path}
     if ea.fid_samples:
         torch.manual_seed(ea.seed)

@@ -58,7 +58,7 @@ import common
 
 SCRIPTS = {"daebm": "pcd_diffusion_ebm", "cdrl": "cdrl", "dcd": "dcd"}
 SYNTHETIC_OOD = ("interp", "uniform", "constant")
-DRIFT_BINS = 40  # histogram bins per side for the 2D long-run distances: coarse enough that 10k points fill them
+DRIFT_BINS = 40  # histogram bins per side for the 2D long-run distances (their noise floor is reported too)
 
 
 @dataclass

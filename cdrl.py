@@ -34,18 +34,16 @@ Deliberate differences from the official code (github.com/AlvinZhuyx/CDRL):
    every resolution below full size (16 and 8 px at 32 px, as official; 14 and 7 px for MNIST).
 7. 2D: the default toy is this project's `checkerboard` ([-4, 4]², 8 squares of side 2), the official toy is the
    complementary 8-square colouring scaled to [-8, 8]². Same networks and step sizes as the official toy
-   script, but a schedule that finishes in minutes on a CPU: 3,000 iterations at batch 256, EBM lr 1e-4,
-   initializer lr 1e-4, warm-up 500 (official: 100,000 at batch 2,500, 3e-6, 1e-5, 10,000; `--steps 100000
-   --batch-size 2500 --lr 3e-6 --initializer-lr 1e-5 --warmup-steps 10000` is the official run, 0.63 it/s on
-   our 2-core CPU). The official toy sampler skips the Tweedie step; here 2D sampling uses it too (on the
-   quick-start checkpoint it moves a point by 2.0e-4 in the median, 1.5e-3 at most, over 2,000 samples).
+   script, but a schedule that finishes in minutes on a CPU (PRESETS["2d"]; the official schedule is
+   `--steps 100000 --batch-size 2500 --lr 3e-6 --initializer-lr 1e-5 --warmup-steps 10000`, days on a CPU:
+   docs/RESULTS.md). The official toy sampler skips the Tweedie step; here 2D sampling uses it too (how far
+   it moves a point: docs/RESULTS.md).
 8. Class-conditional sampling uses balanced labels (sample k has class k mod K) instead of uniform random ones,
    and `--guidance 0` evaluates the conditional networks only (the unconditional branch has weight 0).
 """
 import copy
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -53,11 +51,45 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 import common
+
+# Per-dataset defaults of the fields left at None: "2d" for the toys, "images" for every image set (the
+# official CIFAR-10 configuration). official = github.com/AlvinZhuyx/CDRL, its CIFAR-10 or toy script.
+PRESETS = {
+    "2d": {
+        "steps": 3000,  # ours, a quick start (official toy 100,000; docstring item 7)
+        "batch_size": 256,  # ours (official toy 2,500)
+        "lr": 1e-4,  # ours (official toy 3e-6)
+        "initializer_lr": 1e-4,  # ours (official toy 1e-5)
+        "warmup_steps": 500,  # ours (official toy 10,000)
+        "sample_every": 1000,  # ours
+        "save_every": 1000,  # ours
+        "step_scale": 2e-3,  # official toy
+        "noise_scaled_steps": False,  # official toy
+        "ebm_channels": 128,  # official toy
+        "ebm_blocks": 1,  # official toy
+        "init_blocks": 1,  # official toy
+        "init_dropout": 0.0,  # official toy
+    },
+    "images": {
+        "steps": 500_000,  # the paper's CIFAR-10 run
+        "batch_size": 256,  # official: 32 per GPU x 8 GPUs
+        "lr": 1e-4,  # official
+        "initializer_lr": 1e-5,  # official
+        "warmup_steps": 10_000,  # official
+        "sample_every": 5000,  # ours
+        "save_every": 50_000,  # ours
+        "step_scale": 4e-4,  # official
+        "noise_scaled_steps": True,  # official
+        "ebm_channels": 128,  # official (256 = CDRL-large)
+        "ebm_blocks": 8,  # official
+        "init_blocks": 3,  # official
+        "init_dropout": 0.1,  # official
+    },
+}
 
 
 @dataclass
@@ -67,20 +99,21 @@ class Args:
     seed: int = 1
     """random seed (weights, data order, noise)"""
     dataset: str = "checkerboard"
-    """checkerboard (default; the official toy is its complementary colouring, docstring item 7) | rings | 8gaussians | swissroll | pinwheel | 2spirals | cifar10 | cifar100 |
-    svhn | celeba | mnist | fashionmnist | folder:PATH"""
+    """checkerboard (the official toy is its complementary colouring, docstring item 7) | rings |
+    8gaussians | swissroll | pinwheel | 2spirals | cifar10 | cifar100 | svhn | celeba | mnist |
+    fashionmnist | folder:PATH"""
     data_dir: str = "data"
     """where image datasets are read from (and downloaded to when online)"""
     run_dir: Optional[str] = None
     """output folder; default runs/{exp_name}__{dataset}__{seed}__{time}"""
     steps: Optional[int] = None
-    """training iterations (images 500k, the paper's CIFAR-10 run; 2D 3,000, the official toy 100k)"""
+    """training iterations"""
     batch_size: Optional[int] = None
-    """examples per iteration (images 256 = the official 32 x 8 GPUs; 2D 256, the official toy 2,500)"""
+    """data examples per iteration"""
     lr: Optional[float] = None
-    """EBM Adam learning rate (images 1e-4 as official; 2D 1e-4, the official toy 3e-6)"""
+    """EBM Adam learning rate"""
     ema_decay: float = 0.9999
-    """EMA decay of both networks (sampling and evaluation use the EMA weights)"""
+    """EMA decay of both networks for sampling and evaluation"""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     log_every: int = 100
@@ -90,13 +123,15 @@ class Args:
     save_every: Optional[int] = None
     """iterations between checkpoints (ckpt.pt and a numbered snapshot)"""
     resume: bool = False
-    """continue the run in --run-dir from its ckpt.pt, exactly"""
+    """continue the run in --run-dir from its ckpt.pt with its own settings, exactly"""
+    save_minutes: float = 15.0
+    """also write ckpt.pt after this many minutes of wall clock since the last save (0 = off)"""
 
     # ---- CDRL ----
     initializer_lr: Optional[float] = None
-    """initializer AdamW learning rate, weight decay 0 (images 1e-5 as official; 2D 1e-4, official toy 1e-5)"""
+    """initializer AdamW learning rate, weight decay 0"""
     warmup_steps: Optional[int] = None
-    """linear learning-rate warm-up of both networks (images 10,000 as official; 2D 500, official toy 10,000)"""
+    """linear learning-rate warm-up of both networks"""
     grad_clip: float = 1.0
     """gradient-norm clip of each network"""
     num_levels: int = 6
@@ -108,37 +143,41 @@ class Args:
     langevin_steps: int = 15
     """K: Langevin steps per level in training"""
     sample_langevin_steps: Optional[int] = None
-    """Langevin steps per level when sampling (default --langevin-steps; the paper's ablation uses 8, 5, 3)"""
+    """Langevin steps per level when sampling (default --langevin-steps; the paper's ablation uses 8,
+    5, 3)"""
     step_scale: Optional[float] = None
-    """Langevin step s_i² = step_scale c_i² σ_i² (images 4e-4, 2D 2e-3 as official)"""
+    """Langevin step s_i² = step_scale c_i² σ_i²"""
     noise_scaled_steps: Optional[bool] = None
-    """c_i² = sqrt(1-ᾱ_{i-1}) / sqrt(1-ᾱ_0) (images, official) or the constant 1 / sqrt(1-ᾱ_0) (2D, official toy)"""
+    """c_i² = sqrt(1-ᾱ_{i-1}) / sqrt(1-ᾱ_0) (True) or the constant 1 / sqrt(1-ᾱ_0) (False)"""
     exact_tweedie: bool = False
-    """final Tweedie step with the recovery density's own step s² (default: the official half, see docstring)"""
+    """final Tweedie step with the recovery density's own step s² (default: the official half, see
+    docstring)"""
     conditional: bool = False
     """class-conditional EBM and initializer (labels from the dataset, a null class for guidance)"""
     label_dropout: float = 0.1
     """conditional training: probability of replacing the label by the null class"""
     guidance: float = 0.0
-    """conditional sampling: classifier-free guidance w, f = (1+w) f(y, c) - w f(y, ∅) (same for the initializer)"""
+    """conditional sampling: classifier-free guidance w, f = (1+w) f(y, c) - w f(y, ∅) (same for the
+    initializer)"""
     num_classes: Optional[int] = None
     """set from the dataset when --conditional; stored so build_model can rebuild the nets"""
     hflip: Optional[bool] = None
     """random horizontal flips of training images (default on for cifar10/cifar100/celeba/folder)"""
     ebm_channels: Optional[int] = None
-    """EBM base width (images 128; 256 = CDRL-large, 2x channels; 2D 128)"""
+    """EBM base width (256 = CDRL-large, 2x channels)"""
     ebm_channel_mult: Tuple[int, ...] = (1, 2, 2, 2)
-    """EBM width multipliers per resolution (images: average-pool between them; 2D: one block per entry)"""
+    """EBM width multipliers per resolution (images: average-pool between them; 2D: one block per
+    entry)"""
     ebm_blocks: Optional[int] = None
-    """EBM residual blocks per resolution (images 8, 2D 1)"""
+    """EBM residual blocks per resolution"""
     init_channels: int = 64
     """initializer base width (U-Net for images, MLP for 2D)"""
     init_channel_mult: Tuple[int, ...] = (1, 1, 1)
     """initializer U-Net width multipliers per resolution"""
     init_blocks: Optional[int] = None
-    """initializer residual blocks per resolution (images 3, 2D 1)"""
+    """initializer residual blocks per resolution"""
     init_dropout: Optional[float] = None
-    """initializer dropout (images 0.1, 2D 0)"""
+    """initializer dropout"""
     image_size: Optional[int] = None
     """folder: datasets are resized to this (default: the first image's size)"""
     image_channels: Optional[int] = None
@@ -153,42 +192,34 @@ class Args:
     def __post_init__(self):
         common.check_dataset_name(self.dataset)
         toy = common.is_toy(self.dataset)
-        preset = dict(steps=3000, batch_size=256, lr=1e-4, initializer_lr=1e-4, warmup_steps=500,
-                      sample_every=1000, save_every=1000, step_scale=2e-3, noise_scaled_steps=False,
-                      ebm_channels=128, ebm_blocks=1, init_blocks=1, init_dropout=0.0, hflip=False) \
-            if toy else \
-            dict(steps=500_000, batch_size=256, lr=1e-4, initializer_lr=1e-5, warmup_steps=10_000,
-                 sample_every=5000, save_every=50_000, step_scale=4e-4,
-                 noise_scaled_steps=True, ebm_channels=128, ebm_blocks=8, init_blocks=3, init_dropout=0.1,
-                 hflip=self.dataset in ("cifar10", "cifar100", "celeba") or self.dataset.startswith("folder:"))
-        for key, value in preset.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        common.apply_presets(self, PRESETS)
+        if self.hflip is None:
+            self.hflip = common.flips_by_default(self.dataset)
         if self.sample_langevin_steps is None:
             self.sample_langevin_steps = self.langevin_steps
-        if not toy and not self.dataset.startswith("folder:") and self.image_channels is None:
-            self.image_channels, self.image_size, _ = common.image_shape(self.dataset)
+        common.set_image_shape(self)
         if self.conditional and self.num_classes is None and not self.dataset.startswith("folder:"):
             if toy or self.dataset == "celeba":
                 raise common.UserError(f"--conditional needs class labels, and {self.dataset} has none")
             self.num_classes = 100 if self.dataset == "cifar100" else 10
-        self.ebm_channel_mult, self.init_channel_mult = tuple(self.ebm_channel_mult), tuple(self.init_channel_mult)
-        positive = ["steps", "batch_size", "log_every", "sample_every", "save_every", "num_levels",
-                    "langevin_steps", "sample_langevin_steps", "ebm_channels", "ebm_blocks", "init_channels",
-                    "init_blocks", "sample_batch", "n_grid", "n_points"]
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise common.UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
-        if not (self.lr > 0 and self.initializer_lr > 0 and self.step_scale > 0 and self.grad_clip > 0):
-            raise common.UserError("--lr, --initializer-lr, --step-scale and --grad-clip must be positive")
-        if not (0 <= self.ema_decay < 1 and 0 <= self.label_dropout < 1 and 0 <= self.init_dropout < 1):
-            raise common.UserError("--ema-decay, --label-dropout and --init-dropout must be in [0, 1)")
+        self.ebm_channel_mult = tuple(self.ebm_channel_mult)
+        self.init_channel_mult = tuple(self.init_channel_mult)
+        common.check_positive(self, ["num_levels", "langevin_steps", "sample_langevin_steps",
+                                     "ebm_channels", "ebm_blocks", "init_channels", "init_blocks",
+                                     "sample_batch", "n_grid", "n_points"])
+        if not (self.initializer_lr > 0 and self.step_scale > 0 and self.grad_clip > 0):
+            raise common.UserError("--initializer-lr, --step-scale and --grad-clip must be positive")
+        if not (0 <= self.label_dropout < 1 and 0 <= self.init_dropout < 1):
+            raise common.UserError("--label-dropout and --init-dropout must be in [0, 1)")
         if self.warmup_steps < 0:
             raise common.UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.logsnr_min >= self.logsnr_max:
             raise common.UserError("--logsnr-min must be below --logsnr-max")
         if self.guidance != 0 and not self.conditional:
             raise common.UserError("--guidance needs a --conditional model")
+
+
+common.show_preset_defaults(Args, PRESETS)
 
 
 # ===================================================================================================
@@ -533,6 +564,7 @@ def generate(model: CDRL, noise, labels, langevin_steps: int, guidance: float, e
     """The paper's sampler from x_L = noise: for i = L..1, y = g(x_i) + proposal noise, Langevin on the
     recovery density, x_{i-1} = y / α_mul; then one Tweedie step. Returns x_0 (and x_{L-1}..x_0 if keep_levels)."""
     x, per_level = noise, []
+    progress = common.Progress("sampler, levels", model.num_levels, interval=30, quiet=True)
     for i in range(model.num_levels, 0, -1):
         level = torch.full((len(x),), i, dtype=torch.long, device=x.device)
         with torch.no_grad():
@@ -543,6 +575,7 @@ def generate(model: CDRL, noise, labels, langevin_steps: int, guidance: float, e
         x = y / model.alpha_mul[i]
         if keep_levels:
             per_level.append(x)
+        progress.update(1)
     x = tweedie_step(model, x, labels, guidance, exact_tweedie)
     return (x, per_level) if keep_levels else x
 
@@ -555,7 +588,8 @@ def cdrl_step(model: CDRL, x0, labels, args, optimizers):
     iteration), proposals from the initializer (train mode, dropout on), K Langevin steps with the EBM in eval
     mode, EBM negatives, EBM step; then the initializer regresses its proposal onto the refined samples.
 
-    Returns detached (EBM loss, initializer loss, mean f(pos), mean f(neg), EBM grad norm, initializer grad norm).
+    Returns detached (EBM loss, initializer loss, mean energy -f(pos), mean -f(neg) (the network's output
+    before the 1/s² scale), EBM grad norm, initializer grad norm).
     """
     ebm_opt, init_opt = optimizers
     level = torch.randint(1, model.num_levels + 1, (len(x0),), device=x0.device)
@@ -583,7 +617,7 @@ def cdrl_step(model: CDRL, x0, labels, args, optimizers):
     init_grad = torch.nn.utils.clip_grad_norm_(model.initializer.parameters(), args.grad_clip)
     init_opt.step()
     ebm_loss = (weight * (f_neg.detach() - f_pos.detach())).mean()
-    return ebm_loss, init_loss.detach(), f_pos.detach().mean(), f_neg.detach().mean(), ebm_grad, init_grad
+    return ebm_loss, init_loss.detach(), -f_pos.detach().mean(), -f_neg.detach().mean(), ebm_grad, init_grad
 
 
 def warmup_factors(args):
@@ -657,13 +691,12 @@ def energy(model: CDRL, x: torch.Tensor, args) -> torch.Tensor:
 # ===================================================================================================
 # TRAINING
 # ===================================================================================================
-# settings that may change on --resume (run length, logging, sampling-time options)
-RESUMABLE = {"steps", "log_every", "sample_every", "save_every", "device", "resume", "run_dir",
-             "sample_langevin_steps", "exact_tweedie", "guidance", "sample_batch", "n_grid", "n_points",
-             "image_size", "image_channels", "num_classes"}
+# settings that may change on --resume besides common.RESUMABLE (sampling options)
+RESUMABLE = common.RESUMABLE | {"sample_langevin_steps", "sample_batch", "n_grid", "n_points",
+                                "exact_tweedie", "guidance", "num_classes"}
 
 
-def save_pictures(model: CDRL, args, run_dir, tag, device, box):
+def save_pictures(model: CDRL, args, tag, device, box):
     """2D: the learned density of every level (exp(f(α_mul x, i)/s_i²) on a grid, i.e. the marginal of
     x_{i-1}) and the sampler's points after each level. Images: a grid of samples."""
     model.eval()
@@ -678,134 +711,110 @@ def save_pictures(model: CDRL, args, run_dir, tag, device, box):
                 logits = model.f(model.alpha_mul[i] * grid, level, null) / model.step_sq[i]
                 densities.append(torch.softmax(logits, 0).view(200, 200).cpu())
         noise = torch.randn(args.n_points, 2, device=device)
-        x, per_level = generate(model, noise, sample_labels(args.n_points, args, device), args.sample_langevin_steps,
-                                args.guidance, args.exact_tweedie, keep_levels=True)
-        common.save_panels(densities, os.path.join(run_dir, f"density_per_level_{tag}.png"))
+        x, per_level = generate(model, noise, sample_labels(args.n_points, args, device),
+                                args.sample_langevin_steps, args.guidance, args.exact_tweedie,
+                                keep_levels=True)
+        common.save_panels(densities, os.path.join(args.run_dir, f"density_per_level_{tag}.png"))
         common.save_panels([common.histogram_2d(p.cpu(), lo, hi, 200) for p in per_level[::-1]] +
                            [common.histogram_2d(x.cpu(), lo, hi, 200)],
-                           os.path.join(run_dir, f"samples_per_level_{tag}.png"))
+                           os.path.join(args.run_dir, f"samples_per_level_{tag}.png"))
     else:
-        common.save_image_grid(sample(model, args.n_grid, args, device), os.path.join(run_dir, f"samples_{tag}.png"),
+        common.save_image_grid(sample(model, args.n_grid, args, device),
+                               os.path.join(args.run_dir, f"samples_{tag}.png"),
                                nrow=args.num_classes if args.conditional and args.num_classes <= 16 else None)
     model.train()
 
 
 def main(args: Args):
     device = common.pick_device(args.device)
+    ckpt = common.open_run(args, "cdrl", RESUMABLE)
     common.seed_everything(args.seed)
-    if args.resume and not args.run_dir:
-        raise common.UserError("--resume needs --run-dir pointing at the run to continue")
-    run_dir = common.make_run_dir(args)
-    ckpt = None
-    if args.resume:
-        ckpt = common.load_checkpoint(os.path.join(run_dir, "ckpt.pt"), method="cdrl")
-        for key, value in ckpt["args"].items():
-            mine = list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)
-            if key not in RESUMABLE and mine != value:
-                raise common.UserError(f"--resume: {key} is {mine!r} but the checkpoint has {value!r}; "
-                                       "resume with the run's settings")
-        for key in ("image_size", "image_channels", "num_classes"):
-            setattr(args, key, ckpt["args"][key])
 
     # ---- data ----
-    labels_all = None
-    if common.is_toy(args.dataset):
-        train_data = common.toy_2d(args.dataset, 50_000, seed=args.seed)
-        box = common.data_box(train_data)
-        to_model_space = lambda batch: batch  # noqa: E731
-    else:
-        train_data = common.load_images(args.dataset, args.data_dir, train=True, image_size=args.image_size)
-        args.image_channels, args.image_size = train_data.shape[1], train_data.shape[2]
-        to_model_space, box = common.to_unit_range, None
-        if args.conditional:
-            labels_all = common.load_labels(args.dataset, args.data_dir, train=True)
-            args.num_classes = args.num_classes or int(labels_all.max()) + 1
-    # the loader shuffles indices so that images and labels stay paired
-    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size, seed=args.seed)
+    train_data, box = common.training_data(args)
+    all_labels = None
+    if args.conditional:
+        all_labels = common.load_labels(args.dataset, args.data_dir, train=True).to(device)
+        args.num_classes = args.num_classes or int(all_labels.max()) + 1
+    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size, args.seed)
     train_data = train_data.to(device)
-    labels_all = labels_all.to(device) if labels_all is not None else None
+    common.prepare_run_dir(args, ckpt["step"] if ckpt else 0)
 
     # ---- model, optimisers, EMA ----
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     ebm_opt = torch.optim.Adam(model.ebm.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    init_opt = torch.optim.AdamW(model.initializer.parameters(), lr=args.initializer_lr, betas=(0.9, 0.999),
-                                 weight_decay=0.0)
+    init_opt = torch.optim.AdamW(model.initializer.parameters(), lr=args.initializer_lr,
+                                 betas=(0.9, 0.999), weight_decay=0.0)
     ebm_warm, init_warm = warmup_factors(args)
     ebm_sched = torch.optim.lr_scheduler.LambdaLR(ebm_opt, ebm_warm)
     init_sched = torch.optim.lr_scheduler.LambdaLR(init_opt, init_warm)
     start_step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
+        start_step = common.restore(ckpt, model, ema, loader)
         ebm_opt.load_state_dict(ckpt["optimizer"]["ebm"])
         init_opt.load_state_dict(ckpt["optimizer"]["initializer"])
         ebm_sched.load_state_dict(ckpt["scheduler"]["ebm"])
         init_sched.load_state_dict(ckpt["scheduler"]["initializer"])
-        loader.load_state_dict(ckpt["loader"])
-        common.set_rng_state(ckpt["rng"])
-        start_step = ckpt["step"]
-        print(f"resumed {run_dir} at step {start_step}")
-    n_ebm = sum(p.numel() for p in model.ebm.parameters())
-    n_init = sum(p.numel() for p in model.initializer.parameters())
-    print(f"CDRL on {args.dataset}: EBM {n_ebm / 1e6:.3f}M + initializer {n_init / 1e6:.3f}M parameters, "
-          f"device {device}, run dir {run_dir}")
-    print("args: " + ", ".join(f"{k}={v}" for k, v in common.args_to_dict(args).items()))
+    common.print_start(args, f"CDRL on {args.dataset}: EBM {common.count_parameters(model.ebm)}, "
+                             f"initializer {common.count_parameters(model.initializer)}, device {device}")
 
     def checkpoint(step, snapshot):
-        state = {"method": "cdrl", "format": common.CHECKPOINT_FORMAT, "args": common.args_to_dict(args),
-                 "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                 "optimizer": {"ebm": ebm_opt.state_dict(), "initializer": init_opt.state_dict()},
-                 "scheduler": {"ebm": ebm_sched.state_dict(), "initializer": init_sched.state_dict()},
-                 "rng": common.rng_state(), "loader": loader.state_dict()}
-        common.save_checkpoint(state, run_dir, snapshot_step=step if snapshot else None)
+        state = common.checkpoint_state(
+            "cdrl", args, step, model, ema, box=box, loader=loader.state_dict(),
+            optimizer={"ebm": ebm_opt.state_dict(), "initializer": init_opt.state_dict()},
+            scheduler={"ebm": ebm_sched.state_dict(), "initializer": init_sched.state_dict()})
+        common.save_checkpoint(state, args.run_dir, snapshot_step=step if snapshot else None)
 
-    def stop_if_broken(step, ebm_loss, f_pos, f_neg):
-        # NaN / inf or an exploding loss (|loss| > 1e8, the DA-EBM official test); checked before logs and saves
-        if not torch.isfinite(ebm_loss).item() or ebm_loss.abs().item() > 1e8:
-            print(f"error: training diverged by step {step} (EBM loss {ebm_loss.item():.4g}, mean f+ "
-                  f"{f_pos.item():.4g}, f- {f_neg.item():.4g}); the last good checkpoint in {run_dir} is kept. "
-                  "Lower --lr or --step-scale.", file=sys.stderr)
-            sys.exit(1)
-
-    log = common.MetricLog(run_dir, args.steps, start_step)
+    log = common.MetricLog(args.run_dir, args.steps, start_step)
     model.train()
     t_start = time.time()
-    for step in range(start_step, args.steps):
-        idx = loader.next()
-        x0 = to_model_space(train_data[idx])
-        if args.hflip:
-            x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)
-        labels = None
-        if args.conditional:  # classes 1..K, the null class 0 with probability label_dropout
-            labels = torch.where(torch.rand(len(idx), device=device) < args.label_dropout, 0, labels_all[idx] + 1)
-        ebm_loss, init_loss, f_pos, f_neg, ebm_grad, init_grad = cdrl_step(model, x0, labels, args,
-                                                                           (ebm_opt, init_opt))
-        ebm_sched.step()
-        init_sched.step()
-        with torch.no_grad():  # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
-            decay = min(args.ema_decay, (2 + step) / (11 + step))
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-            for b_ema, b in zip(ema.buffers(), model.buffers()):
-                b_ema.copy_(b)
+    with common.StopGuard(args.save_minutes) as guard:
+        for step in range(start_step, args.steps):
+            idx = loader.next()
+            x0 = common.to_model_space(train_data[idx])
+            if args.hflip:
+                x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)
+            labels = None
+            if args.conditional:  # classes 1..K, the null class 0 with probability label_dropout
+                labels = torch.where(torch.rand(len(idx), device=device) < args.label_dropout, 0,
+                                     all_labels[idx] + 1)
+            loss, init_loss, energy_pos, energy_neg, grad_norm, init_grad_norm = cdrl_step(
+                model, x0, labels, args, (ebm_opt, init_opt))
+            ebm_sched.step()
+            init_sched.step()
+            with torch.no_grad():  # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
+                decay = min(args.ema_decay, (2 + step) / (11 + step))
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - decay)
+                for b_ema, b in zip(ema.buffers(), model.buffers()):
+                    b_ema.copy_(b)
 
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            stop_if_broken(done, ebm_loss, f_pos, f_neg)
-            log.log(done, {"loss": ebm_loss.item(), "init_loss": init_loss.item(), "f_pos": f_pos.item(),
-                           "f_neg": f_neg.item(), "ebm_grad_norm": ebm_grad.item(),
-                           "init_grad_norm": init_grad.item(), "lr": ebm_opt.param_groups[0]["lr"]})
-        if done % args.sample_every == 0 or done == args.steps:
-            save_pictures(ema, args, run_dir, f"{done:08d}", device, box)
-        if done % args.save_every == 0 or done == args.steps:
-            stop_if_broken(done, ebm_loss, f_pos, f_neg)
-            checkpoint(done, snapshot=done % args.save_every == 0)
+            done = step + 1
+            log_now = common.every(done, args.log_every, args.steps)
+            sample_now = common.every(done, args.sample_every, args.steps)
+            save_now = common.every(done, args.save_every, args.steps) or guard.save_due()
+            if log_now or sample_now or save_now:
+                common.stop_if_diverged(done, loss, energy_pos, energy_neg, args.run_dir,
+                                        "Lower --lr or --step-scale.")
+            if log_now:
+                log.log(done, {"loss": loss.item(), "energy_pos": energy_pos.item(),
+                               "energy_neg": energy_neg.item(), "grad_norm": grad_norm.item(),
+                               "lr": ebm_opt.param_groups[0]["lr"], "init_loss": init_loss.item(),
+                               "init_grad_norm": init_grad_norm.item()})
+            if sample_now:
+                with common.own_rng(args.seed + done):
+                    save_pictures(ema, args, f"{done:08d}", device, box)
+            if save_now:
+                checkpoint(done, snapshot=done % args.save_every == 0)
+                guard.saved()
+                guard.exit_if_stopped(args.run_dir, done, "cdrl.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")
     if start_step >= args.steps:  # resumed a finished run: only draw samples (e.g. with new sampling options)
-        save_pictures(ema, args, run_dir, f"{args.steps:08d}_K{args.sample_langevin_steps}_w{args.guidance:g}",
-                      device, box)
+        with common.own_rng(args.seed + args.steps):
+            save_pictures(ema, args, f"{args.steps:08d}_K{args.sample_langevin_steps}_w{args.guidance:g}",
+                          device, box)
 
 
 if __name__ == "__main__":
-    common.run_cli(lambda: main(tyro.cli(Args)))
+    common.run_cli(lambda: main(common.parse_args(Args, "cdrl")))

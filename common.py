@@ -4,12 +4,15 @@ Datasets (2D toys and image sets), seeding and devices, the run folder and metri
 image grids and 2D pictures. Nothing here knows about energies, noise schedules, samplers or losses:
 those live in each method script so that one script plus this file can be copied alone.
 """
+import contextlib
 import dataclasses
 import gzip
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -238,11 +241,15 @@ def _load_folder(path, image_size):
     from PIL import Image
 
     files = _folder_files(path)
-    first_mode = Image.open(files[0]).mode
-    images = []
+    images, mode = [], None
     for f in files:
-        img = Image.open(f)
-        images.append(img.convert("L" if first_mode == "L" else "RGB"))
+        try:
+            with Image.open(f) as img:
+                mode = mode or ("L" if img.mode == "L" else "RGB")  # the first image decides
+                images.append(img.convert(mode))
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for truncated or foreign files
+            raise UserError(f"cannot read image {f} ({type(error).__name__}: {error}); remove or replace "
+                            "it") from None
     return _resize_pil_list(images, image_size)
 
 
@@ -314,6 +321,22 @@ class EpochLoader:
         self.order, self.position = state["order"], state["position"]
 
 
+def training_data(args):
+    """The training split as one tensor, and the 2D plot box (None for images): 50,000 toy points drawn
+    once from --seed, or the images as uint8, which also sets args.image_channels / image_size."""
+    if is_toy(args.dataset):
+        points = toy_2d(args.dataset, 50_000, seed=args.seed)
+        return points, data_box(points)
+    images = load_images(args.dataset, args.data_dir, train=True, image_size=args.image_size)
+    args.image_channels, args.image_size = images.shape[1], images.shape[2]
+    return images, None
+
+
+def to_model_space(batch: torch.Tensor) -> torch.Tensor:
+    """A training batch as the model sees it: uint8 images -> [-1, 1], 2D points unchanged."""
+    return to_unit_range(batch) if batch.dtype == torch.uint8 else batch
+
+
 # ---------------------------------------------------------------------------------------------------
 # Seeding, devices, run folder, logging
 # ---------------------------------------------------------------------------------------------------
@@ -326,22 +349,218 @@ def pick_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu. On CUDA, TF32 matmuls and convolutions are on."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for but CUDA is not available; use --device cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"--device {name} is not supported: use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for but CUDA is not available; use --device cpu")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name} is not a device name; use cuda or cuda:N") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    return device
+        return device
+    return torch.device("cpu")
 
 
-def make_run_dir(args) -> str:
-    run_dir = args.run_dir or os.path.join(
+@contextlib.contextmanager
+def own_rng(seed: int):
+    """Run a block (pictures, evaluations during training) on its own random numbers: the global CPU and
+    CUDA generators are saved, seeded with `seed`, and restored afterwards, so that drawing pictures never
+    changes what training draws next."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def every(done: int, interval: int, total: int) -> bool:
+    """True at iterations that are a multiple of `interval` and at the last one (done counts from 1)."""
+    return done % interval == 0 or done == total
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings: the command line, resuming from a checkpoint's settings, --help defaults
+# ---------------------------------------------------------------------------------------------------
+def show_preset_defaults(args_class, presets: dict):
+    """Make --help print each preset field's per-dataset defaults instead of 'None' (the PRESETS table is the
+    one place those numbers live)."""
+    import typing
+
+    import tyro
+
+    for field in dataclasses.fields(args_class):
+        if field.name not in presets["2d"]:
+            continue
+        values = ", ".join(f"{kind} {table[field.name]}" for kind, table in presets.items())
+        inner = [t for t in typing.get_args(field.type) if t is not type(None)][0]
+        metavar = {int: "INT", float: "FLOAT", bool: "{True,False}", str: "STR"}.get(inner, "VALUE")
+        field.type = typing.Annotated[field.type, tyro.conf.arg(help_behavior_hint=f"(default: {values})",
+                                                                metavar=metavar)]
+        args_class.__annotations__[field.name] = field.type
+
+
+def given_on_command_line(args_class, argv) -> set:
+    """Names of the Args fields that argv sets (--run-dir / --run_dir, --flag / --no-flag, --key=value)."""
+    names = {field.name for field in dataclasses.fields(args_class)}
+    given = set()
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name not in names and name.startswith("no_"):
+            name = name[3:]
+        if name in names:
+            given.add(name)
+    return given
+
+
+def args_from_checkpoint(args_class, saved: dict, path: str, overrides=None):
+    """Rebuild Args from a checkpoint's saved settings (lists back to tuples), with `overrides` on top.
+
+    Settings that today's Args does not know, or that the checkpoint lacks, are named in one UserError:
+    the checkpoint comes from an older or edited version of the script."""
+    names = [field.name for field in dataclasses.fields(args_class)]
+    unknown = sorted(set(saved) - set(names))
+    missing = [name for name in names if name not in saved]
+    if unknown or missing:
+        parts = ([f"unknown settings {', '.join(unknown)}"] if unknown else []) + \
+                ([f"missing settings {', '.join(missing)}"] if missing else [])
+        raise UserError(f"checkpoint {path} does not fit this version of the script ({'; '.join(parts)}); "
+                        "use the script version that wrote it")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    return args_class(**{**values, **(overrides or {})})
+
+
+def parse_args(args_class, method: str, argv=None):
+    """tyro.cli(Args). With --resume, every setting comes from {run_dir}/ckpt.pt and the flags given on the
+    command line are laid over it (main then refuses the ones that may not change)."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = tyro.cli(args_class, args=argv)
+    if not args.resume:
+        return args
+    if not args.run_dir:
+        raise UserError("--resume needs --run-dir pointing at the run to continue")
+    path = os.path.join(args.run_dir, "ckpt.pt")
+    saved = load_checkpoint(path, method)["args"]
+    given = given_on_command_line(args_class, argv)
+    return args_from_checkpoint(args_class, saved, path, {k: getattr(args, k) for k in given})
+
+
+def check_resume_args(args, saved: dict, resumable: set, path: str):
+    """Refuse a resume whose method settings differ from the checkpoint's, naming every mismatch."""
+    mismatches = []
+    for key, value in saved.items():
+        mine = getattr(args, key, None)
+        mine = list(mine) if isinstance(mine, tuple) else mine
+        if key not in resumable and mine != value:
+            mismatches.append(f"{key} is {mine!r}, the checkpoint has {value!r}")
+    if mismatches:
+        raise UserError(f"--resume of {path}: {'; '.join(mismatches)}. Only run length, logging, sampling, "
+                        "device and data-dir settings may change; drop the others to take the run's own")
+
+
+def apply_presets(args, presets: dict):
+    """Fill the Args fields left at None from the script's PRESETS table ("2d" for the toys, "images" for
+    every image set), then check the shared fields."""
+    for key, value in presets["2d" if is_toy(args.dataset) else "images"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    check_positive(args, ["steps", "batch_size", "log_every", "sample_every", "save_every"])
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not args.save_minutes >= 0:
+        raise UserError(f"--save-minutes must be >= 0, got {args.save_minutes}")
+
+
+def check_positive(args, names):
+    for key in names:
+        if getattr(args, key) <= 0:
+            raise UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+
+
+def flips_by_default(dataset: str) -> bool:
+    """Random horizontal flips suit natural images (CIFAR, CelebA, folders), not digits or house numbers."""
+    return dataset in ("cifar10", "cifar100", "celeba") or dataset.startswith("folder:")
+
+
+def set_image_shape(args):
+    """Named image sets have a known shape; folder: sets learn theirs when loaded (training_data)."""
+    if not is_toy(args.dataset) and not args.dataset.startswith("folder:") and args.image_channels is None:
+        args.image_channels, args.image_size, _ = image_shape(args.dataset)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run folder: refusal of a used folder, checks before training, metrics, signals
+# ---------------------------------------------------------------------------------------------------
+# Args fields that may change on --resume in every script: run length, logging, saving, device, where the
+# data are (their shape is re-read from the data); each script adds its sampling options.
+RESUMABLE = {"exp_name", "data_dir", "run_dir", "steps", "device", "log_every", "sample_every", "save_every",
+             "resume", "save_minutes", "image_size", "image_channels"}
+
+
+def run_dir_of(args) -> str:
+    return args.run_dir or os.path.join(
         "runs", f"{args.exp_name}__{args.dataset.replace('/', '_').replace(':', '_')}__{args.seed}__"
                 f"{int(time.time())}")
-    os.makedirs(run_dir, exist_ok=True)
-    return run_dir
+
+
+def open_run(args, method: str, resumable: set):
+    """Before any data are read: check the run folder and return the checkpoint to resume (or None).
+
+    A new run refuses a folder that holds a checkpoint; --resume loads it and refuses changed method
+    settings. Either way the folder (or its nearest existing parent) must be writable."""
+    args.run_dir = run_dir_of(args)
+    path = os.path.join(args.run_dir, "ckpt.pt")
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(path, method)
+        check_resume_args(args, ckpt["args"], resumable, path)
+    elif os.path.exists(path):
+        raise UserError(f"{args.run_dir} already holds a run (ckpt.pt); continue it with --resume --run-dir "
+                        f"{args.run_dir}, or choose another --run-dir")
+    probe_dir = args.run_dir
+    while not os.path.isdir(probe_dir):
+        parent = os.path.dirname(os.path.abspath(probe_dir))
+        if os.path.exists(probe_dir) or parent == probe_dir:
+            raise UserError(f"cannot create run folder {args.run_dir}: {probe_dir} is not a directory")
+        probe_dir = parent
+    try:
+        with tempfile.TemporaryFile(dir=probe_dir):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write to run folder {args.run_dir} ({error.strerror}); choose another "
+                        "--run-dir") from None
+    return ckpt
+
+
+def prepare_run_dir(args, step: int):
+    """Create the run folder, remove temp files left by a killed save, cut metrics.jsonl back to `step` (the
+    checkpoint's, so a resumed run has no duplicate records) and write args.json (the resolved settings)."""
+    os.makedirs(args.run_dir, exist_ok=True)
+    for name in os.listdir(args.run_dir):
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(args.run_dir, name))
+    metrics = os.path.join(args.run_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        if step == 0:
+            kept = []
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
+    with open(os.path.join(args.run_dir, "args.json.tmp"), "w") as f:
+        json.dump(args_to_dict(args), f, indent=2)
+    os.replace(os.path.join(args.run_dir, "args.json.tmp"), os.path.join(args.run_dir, "args.json"))
 
 
 def args_to_dict(args) -> dict:
@@ -351,6 +570,27 @@ def args_to_dict(args) -> dict:
         value = getattr(args, field.name)
         out[field.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def print_start(args, description: str):
+    print(f"{description}, run dir {args.run_dir}")
+    print("args: " + ", ".join(f"{k}={v}" for k, v in args_to_dict(args).items()))
+
+
+def stop_if_diverged(step: int, loss: torch.Tensor, energy_pos, energy_neg, run_dir: str, advice: str,
+                     also_finite=None):
+    """Stop (exit 1) on a non-finite or exploding loss (|loss| > 1e8, the DA-EBM official test), or a
+    non-finite `also_finite` tensor (persistent chains), before it is logged or saved, saying whether a good
+    checkpoint exists."""
+    state_ok = also_finite is None or torch.isfinite(also_finite).all().item()
+    if state_ok and torch.isfinite(loss).item() and loss.abs().item() <= 1e8:
+        return
+    path = os.path.join(run_dir, "ckpt.pt")
+    kept = (f"the last good checkpoint {path} (step {torch.load(path, weights_only=True)['step']}) is kept"
+            if os.path.exists(path) else "no checkpoint was written before it")
+    print(f"error: training diverged by step {step} (loss {loss.item():.4g}, mean energy of positives "
+          f"{float(energy_pos):.4g}, negatives {float(energy_neg):.4g}); {kept}. {advice}", file=sys.stderr)
+    sys.exit(1)
 
 
 class MetricLog:
@@ -390,6 +630,68 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+class Progress:
+    """A progress line (done/total, rate, ETA) at most every `interval` seconds and at the end, for every long
+    phase that is not the training loop (sampling, evaluation, statistics). `quiet`: no closing line for a
+    phase too short to have printed one before (samplers called once per batch)."""
+
+    def __init__(self, label: str, total: int, interval: float = 10.0, quiet: bool = False):
+        self.label, self.total, self.done, self.interval = label, total, 0, interval
+        self.start = self.last = time.time()
+        self.speak_at_end = not quiet
+
+    def update(self, count: int):
+        self.done += count
+        now = time.time()
+        due = now - self.last >= self.interval
+        if due or (self.done >= self.total and self.speak_at_end):
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = format_seconds((self.total - self.done) / max(rate, 1e-9))
+            print(f"  {self.label}: {self.done}/{self.total} ({rate:.1f}/s, ETA {eta})", flush=True)
+            self.last, self.speak_at_end = now, True
+
+
+class StopGuard:
+    """While training: SIGINT / SIGTERM (Ctrl-C, cluster preemption) ask the loop to finish the iteration, save
+    and exit; a second signal stops at once. `save_due()` is also true every `save_minutes` of wall clock."""
+
+    def __init__(self, save_minutes: float):
+        self.signal_name, self.interval = None, save_minutes * 60
+        self.last_save = time.time()
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: finishing this iteration, then saving (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def save_due(self) -> bool:
+        return self.signal_name is not None or (self.interval > 0 and time.time() - self.last_save >= self.interval)
+
+    def saved(self):
+        self.last_save = time.time()
+
+    def exit_if_stopped(self, run_dir: str, step: int, script: str):
+        """After the save: tell how to resume and exit non-zero (130 for SIGINT, 143 for SIGTERM)."""
+        if self.signal_name is None:
+            return
+        print(f"stopped by {self.signal_name} at step {step}; checkpoint saved. Continue with:\n"
+              f"  python {script} --resume --run-dir {run_dir}", file=sys.stderr, flush=True)
+        sys.exit(130 if self.signal_name == "SIGINT" else 143)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------
@@ -406,21 +708,55 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(state: dict, run_dir: str, snapshot_step=None):
-    """Write {run_dir}/ckpt.pt atomically (temp file + os.replace); optionally also ckpt_{step}.pt."""
-    path = os.path.join(run_dir, "ckpt.pt")
+def checkpoint_state(method: str, args, step: int, model, ema, **method_state) -> dict:
+    """The checkpoint dict: the part every method has, then the method's own entries (optimizer, scheduler,
+    loader, chains, ...)."""
+    return {"method": method, "format": CHECKPOINT_FORMAT, "args": args_to_dict(args), "step": step,
+            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "rng": rng_state(), **method_state}
+
+
+def restore(ckpt: dict, model, ema, loader) -> int:
+    """Load the part of a checkpoint every method has (weights, EMA, data order, random state); returns its
+    step. The script loads its own entries (optimizers, schedulers, chains) after this."""
+    model.load_state_dict(ckpt["model"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    loader.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"])
+    print(f"resuming at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def count_parameters(module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.3f}M parameters"
+
+
+def _atomic_save(state: dict, path: str):
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    if snapshot_step is not None:
-        snap = os.path.join(run_dir, f"ckpt_{snapshot_step:08d}.pt")
-        tmp = snap + ".tmp"
+    try:
         torch.save(state, tmp)
-        os.replace(tmp, snap)
+        os.replace(tmp, path)
+    except OSError as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path} ({error.strerror or error}); the previous checkpoint is "
+                        "kept. Free space or choose another --run-dir, then --resume") from None
+
+
+def save_checkpoint(state: dict, run_dir: str, snapshot_step=None):
+    """Write {run_dir}/ckpt.pt atomically (temp file + os.replace); optionally also ckpt_{step}.pt. A failed
+    write (full disk, ...) removes its temp file and leaves the previous checkpoint as it was."""
+    _atomic_save(state, os.path.join(run_dir, "ckpt.pt"))
+    if snapshot_step is not None:
+        _atomic_save(state, os.path.join(run_dir, f"ckpt_{snapshot_step:08d}.pt"))
 
 
 def load_checkpoint(path: str, method=None) -> dict:
-    """torch.load(weights_only=True) with one clear UserError for missing, corrupt or foreign files."""
+    """torch.load(weights_only=True) with one clear UserError for missing, corrupt or foreign files. A run
+    folder stands for its ckpt.pt."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:

@@ -50,22 +50,18 @@ Our choices (the abstract states none of them; each is a deliberate decision, li
 6. Training: Adam (β = 0.9, 0.999), gradient-norm clip --grad-clip, EMA of the weights with torch_ema's decay
    warm-up min(decay, (1 + k) / (10 + k)); shuffled epochs of an in-memory tensor, random horizontal flips on
    CIFAR, CelebA and folder sets. An energy-magnitude penalty --energy-reg α (mean E(pos)² + mean E(neg)²)
-   (Du & Mordatch 2019), on for images (1e-2): without it our brief MNIST denoising runs diverged (DCD by
-   iteration 300, CD by 500 and 1,000), and at 1e-3 the DCD run's energies and gradient norm were still growing
-   when we stopped it at iteration 350 (README). The
-   image defaults (batch 128, lr 1e-4, 200k iterations, K 15, step ratio 0.2, energy penalty 1e-2) are ours
-   and were not tuned: no image-generation run was measured.
+   (Du & Mordatch 2019), on for images (1e-2): without it our brief MNIST denoising runs diverged
+   (docs/RESULTS.md). The image defaults (PRESETS["images"]) are ours and were not tuned: no image-generation
+   run has been made.
 7. Post-training sampling of a one-level model (2D, denoising checkpoints): --sample-langevin-steps
    unadjusted Langevin steps on p_θ from N(0, I) with --cd-step-size (DCD comes with no unconditional
    sampler; 2D quality is measured by the exact grid density instead).
-8. 2D defaults (importance, σ = 0.1, M = 6; for langevin K = 5, step ratio 0.3; CD step 0.03) were chosen by the
-   README's DCD-vs-CD measurement: on 8gaussians CD beat every DCD estimator at equal cost, and on the
-   checkerboard importance was the only variant (DCD or CD) that trained without diverging.
+8. 2D defaults (PRESETS["2d"]: importance, σ = 0.1, M = 6; for langevin K = 5, step ratio 0.3; CD step 0.03)
+   were chosen by the DCD-vs-CD measurement in docs/RESULTS.md, which also says where DCD lost to CD.
 """
 import copy
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -73,9 +69,44 @@ from typing import Literal, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 
 import common
+
+# Per-dataset defaults of the fields left at None: "2d" for the toys, "images" for every image set. The
+# abstract fixes none of them, so every value is ours (docstring items 6 and 8; how the 2D ones were chosen:
+# docs/RESULTS.md, DCD).
+PRESETS = {
+    "2d": {
+        "steps": 3000,  # ours
+        "batch_size": 1000,  # ours
+        "lr": 1e-3,  # ours
+        "ema_decay": 0.995,  # ours
+        "sample_every": 1000,  # ours
+        "save_every": 1000,  # ours
+        "estimator": "importance",  # ours, by measurement
+        "sigma": 0.1,  # ours, by measurement (0.3 suits --estimator langevin)
+        "langevin_steps": 5,  # ours
+        "step_ratio": 0.3,  # ours
+        "cd_step_size": 0.03,  # ours
+        "num_levels": 1,  # ours: a time-independent EBM
+        "energy_reg": 0.0,  # ours
+    },
+    "images": {
+        "steps": 200_000,  # ours
+        "batch_size": 128,  # ours
+        "lr": 1e-4,  # ours
+        "ema_decay": 0.9999,  # ours
+        "sample_every": 5000,  # ours
+        "save_every": 20_000,  # ours
+        "estimator": "langevin",  # ours
+        "sigma": 0.3,  # ours; used by one-level models (--task denoise), a ladder takes its own noise
+        "langevin_steps": 15,  # ours
+        "step_ratio": 0.2,  # ours
+        "cd_step_size": 1e-4,  # ours
+        "num_levels": 6,  # ours (--task generate; --task denoise trains one level)
+        "energy_reg": 1e-2,  # ours: without it brief MNIST runs diverged (docstring item 6)
+    },
+}
 
 
 @dataclass
@@ -85,20 +116,20 @@ class Args:
     seed: int = 1
     """random seed (weights, data order, noise)"""
     dataset: str = "checkerboard"
-    """checkerboard | rings | 8gaussians | swissroll | pinwheel | 2spirals | celeba (the paper's image set) |
-    cifar10 | cifar100 | svhn | mnist | fashionmnist | folder:PATH"""
+    """checkerboard | rings | 8gaussians | swissroll | pinwheel | 2spirals | celeba (the paper's image
+    set) | cifar10 | cifar100 | svhn | mnist | fashionmnist | folder:PATH"""
     data_dir: str = "data"
     """where image datasets are read from (and downloaded to when online)"""
     run_dir: Optional[str] = None
     """output folder; default runs/{exp_name}__{dataset}__{seed}__{time}"""
     steps: Optional[int] = None
-    """training iterations (2D 3,000; images 200k, our choice)"""
+    """training iterations"""
     batch_size: Optional[int] = None
-    """data examples per iteration (2D 1,000; images 128)"""
+    """data examples per iteration"""
     lr: Optional[float] = None
-    """Adam learning rate (2D 1e-3; images 1e-4)"""
+    """Adam learning rate"""
     ema_decay: Optional[float] = None
-    """EMA decay of the weights for sampling and evaluation (2D 0.995; images 0.9999)"""
+    """EMA decay of the weights for sampling and evaluation"""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     log_every: int = 100
@@ -108,31 +139,31 @@ class Args:
     save_every: Optional[int] = None
     """iterations between checkpoints (ckpt.pt and a numbered snapshot)"""
     resume: bool = False
-    """continue the run in --run-dir from its ckpt.pt, exactly"""
+    """continue the run in --run-dir from its ckpt.pt with its own settings, exactly"""
+    save_minutes: float = 15.0
+    """also write ckpt.pt after this many minutes of wall clock since the last save (0 = off)"""
 
     # ---- DCD ----
     task: Literal["generate", "denoise"] = "generate"
-    """images: 'generate' = time-dependent EBM over a noise ladder; 'denoise' = one clean-data EBM, scored by
-    denoising PSNR on held-out images (2D always trains one time-independent EBM)"""
+    """images: 'generate' = time-dependent EBM over a noise ladder; 'denoise' = one clean-data EBM,
+    scored by denoising PSNR on held-out images (2D always trains one time-independent EBM)"""
     kernel: Literal["ve", "vp", "cd"] = "ve"
-    """ve / vp: DCD with that Gaussian diffusion kernel; cd: classic short-run CD (one-level models only)"""
+    """ve / vp: DCD with that Gaussian diffusion kernel; cd: classic short-run CD (one-level models)"""
     estimator: Optional[Literal["langevin", "importance"]] = None
-    """DCD negatives: 'langevin' (K posterior Langevin steps from y) or 'importance' (M proposals around y);
-    2D importance (chosen by the README's measurement), images langevin"""
+    """DCD negatives: 'langevin' (K posterior Langevin steps from y) or 'importance' (M proposals
+    around y)"""
     sigma: Optional[float] = None
-    """one-level models: std of the kernel's added noise (VP needs < 1); 2D 0.1 (by measurement: 0.3 suits
-    --estimator langevin), denoise 0.3"""
+    """one-level models: std of the kernel's added noise (VP needs < 1)"""
     langevin_steps: Optional[int] = None
-    """K: Langevin steps of the posterior (DCD langevin) or of p_θ from data (CD) per iteration (2D 5; images 15)"""
+    """K: Langevin steps of the posterior (DCD langevin) or of p_θ from data (CD) per iteration"""
     step_ratio: Optional[float] = None
-    """posterior Langevin step η = step_ratio · (b / a)², the kernel's own variance in x units (2D 0.3; images 0.2)"""
+    """posterior Langevin step η = step_ratio · (b / a)², the kernel's own variance in x units"""
     num_proposals: int = 6
-    """M: proposals per example of the importance estimator (6: the cost of CD with K = 5, README)"""
+    """M: proposals per example of the importance estimator (6: the cost of CD with K = 5)"""
     cd_step_size: Optional[float] = None
-    """CD Langevin step η (x ← x - η/2 ∇E + sqrt(η) ξ), also the one-level post-training sampler's (2D 0.03,
-    images 1e-4)"""
+    """CD Langevin step η (x ← x - η/2 ∇E + sqrt(η) ξ), also the one-level post-training sampler's"""
     num_levels: Optional[int] = None
-    """levels of the time-dependent ladder (generate 6; 2D and denoise 1, a time-independent EBM)"""
+    """levels of the time-dependent ladder (1 = a time-independent EBM: 2D and --task denoise)"""
     logsnr_min: float = -5.1
     """ladder: log-SNR of the noisiest level x_L (cosine schedule, as CDRL)"""
     logsnr_max: float = 9.8
@@ -140,9 +171,8 @@ class Args:
     grad_clip: float = 1.0
     """gradient-norm clip; 0 = off"""
     energy_reg: Optional[float] = None
-    """weight α of the energy-magnitude penalty α (mean E(pos)² + mean E(neg)²) added to the loss, the negatives
-    being the proposals for importance (Du & Mordatch 2019; keeps energies, and so unadjusted Langevin, in range;
-    2D 0, images 1e-2)"""
+    """weight α of the energy-magnitude penalty α (mean E(pos)² + mean E(neg)²) (Du & Mordatch 2019;
+    the negatives being the proposals for importance; keeps unadjusted Langevin in range)"""
     mlp_width: int = 128
     """2D MLP hidden width"""
     ebm_channels: int = 128
@@ -156,10 +186,11 @@ class Args:
     holdout: int = 1000
     """denoise: images at the end of the training split held out (never trained on) and denoised"""
     denoise_steps: int = 100
-    """denoise: posterior Langevin steps (step --step-ratio · σ_d²); the mean of the second half is the estimate"""
+    """denoise: posterior Langevin steps (step --step-ratio · σ_d²); the estimate is the mean of the
+    second half"""
     sample_langevin_steps: Optional[int] = None
-    """sampling: posterior steps per ladder level (default --langevin-steps); one-level models: steps of the
-    unconditional chain (default 500)"""
+    """sampling: posterior steps per ladder level (default --langevin-steps); one-level models: steps
+    of the unconditional chain (default 500)"""
     hflip: Optional[bool] = None
     """random horizontal flips of training images (default on for cifar10/cifar100/celeba/folder)"""
     image_size: Optional[int] = None
@@ -176,53 +207,44 @@ class Args:
     def __post_init__(self):
         common.check_dataset_name(self.dataset)
         toy = common.is_toy(self.dataset)
-        if toy:
-            preset = dict(steps=3000, batch_size=1000, lr=1e-3, ema_decay=0.995, sample_every=1000, energy_reg=0.0,
-                          save_every=1000, estimator="importance", sigma=0.1, langevin_steps=5, step_ratio=0.3,
-                          cd_step_size=0.03, num_levels=1, hflip=False)
-        else:
-            preset = dict(steps=200_000, batch_size=128, lr=1e-4, ema_decay=0.9999, sample_every=5000, energy_reg=1e-2,
-                          save_every=20_000, estimator="langevin", langevin_steps=15, step_ratio=0.2,
-                          cd_step_size=1e-4, num_levels=6 if self.task == "generate" else 1,
-                          sigma=None if self.task == "generate" else 0.3,
-                          hflip=self.dataset in ("cifar10", "cifar100", "celeba") or self.dataset.startswith("folder:"))
-        for key, value in preset.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        if self.task == "denoise" and self.num_levels is None:
+            self.num_levels = 1
+        common.apply_presets(self, PRESETS)
+        if self.hflip is None:
+            self.hflip = common.flips_by_default(self.dataset)
         if self.sample_langevin_steps is None:
             self.sample_langevin_steps = self.langevin_steps if self.num_levels > 1 else 500
         if self.denoise_sigma is None:
             self.denoise_sigma = self.sigma
-        if not toy and not self.dataset.startswith("folder:") and self.image_channels is None:
-            self.image_channels, self.image_size, _ = common.image_shape(self.dataset)
+        common.set_image_shape(self)
         self.ebm_channel_mult = tuple(self.ebm_channel_mult)
-        positive = ["steps", "batch_size", "log_every", "sample_every", "save_every", "langevin_steps",
-                    "num_proposals", "num_levels", "mlp_width", "ebm_channels", "ebm_blocks", "holdout",
-                    "denoise_steps", "sample_langevin_steps", "sample_batch", "n_grid", "n_points"]
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise common.UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
-        if not (self.lr > 0 and self.step_ratio > 0 and self.cd_step_size > 0 and self.grad_clip >= 0
+        common.check_positive(self, ["langevin_steps", "num_proposals", "num_levels", "mlp_width",
+                                     "ebm_channels", "ebm_blocks", "holdout", "denoise_steps",
+                                     "sample_langevin_steps", "sample_batch", "n_grid", "n_points"])
+        if not (self.step_ratio > 0 and self.cd_step_size > 0 and self.grad_clip >= 0
                 and self.energy_reg >= 0):
-            raise common.UserError("--lr, --step-ratio and --cd-step-size must be positive, --grad-clip and "
+            raise common.UserError("--step-ratio and --cd-step-size must be positive, --grad-clip and "
                                    "--energy-reg >= 0")
-        if not 0 <= self.ema_decay < 1:
-            raise common.UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if toy and self.task == "denoise":
             raise common.UserError("--task denoise needs an image dataset; 2D toys train one EBM already")
         if toy and self.num_levels != 1:
             raise common.UserError("2D toys train a time-independent EBM: --num-levels must be 1")
         if self.task == "denoise" and self.num_levels != 1:
-            raise common.UserError("--task denoise trains a one-level (clean-data) EBM: --num-levels must be 1")
+            raise common.UserError("--task denoise trains a one-level (clean-data) EBM: --num-levels "
+                                   "must be 1")
         if self.num_levels == 1:
-            if self.sigma is None or self.sigma <= 0 or (self.kernel == "vp" and self.sigma >= 1):
-                raise common.UserError(f"--sigma must be positive (and below 1 for --kernel vp), got {self.sigma}")
+            if not self.sigma > 0 or (self.kernel == "vp" and self.sigma >= 1):
+                raise common.UserError(f"--sigma must be positive (and below 1 for --kernel vp), got "
+                                       f"{self.sigma}")
         elif self.kernel == "cd":
             raise common.UserError("--kernel cd is the one-level baseline: use it with --num-levels 1")
         if self.task == "denoise" and not self.denoise_sigma > 0:
             raise common.UserError(f"--denoise-sigma must be positive, got {self.denoise_sigma}")
         if self.logsnr_min >= self.logsnr_max:
             raise common.UserError("--logsnr-min must be below --logsnr-max")
+
+
+common.show_preset_defaults(Args, PRESETS)
 
 
 # ===================================================================================================
@@ -383,10 +405,12 @@ def generate(model: DCD, n: int, shape, args, device, langevin_steps: int):
                               args.cd_step_size)
     top = model.num_levels
     x = torch.randn((n,) + shape, device=device) * (model.noise[top] ** 2 + model.signal[top] ** 2).sqrt()
+    progress = common.Progress("sampler, levels", top, interval=30, quiet=True)
     for t in reversed(range(top)):
         level = torch.full((n,), t, dtype=torch.long, device=device)
         x, _ = posterior_langevin(model, x, level, model.kernel_a[t], model.kernel_b[t], langevin_steps,
                                   args.step_ratio)
+        progress.update(1)
     return x / model.signal[0]
 
 
@@ -497,10 +521,9 @@ def energy(model: DCD, x: torch.Tensor, args) -> torch.Tensor:
 # ===================================================================================================
 # TRAINING
 # ===================================================================================================
-# settings that may change on --resume (run length, logging, sampling and denoising options)
-RESUMABLE = {"steps", "log_every", "sample_every", "save_every", "device", "resume", "run_dir",
-             "sample_langevin_steps", "sample_batch", "n_grid", "n_points", "denoise_sigma", "denoise_steps",
-             "image_size", "image_channels"}
+# settings that may change on --resume besides common.RESUMABLE (sampling and denoising options)
+RESUMABLE = common.RESUMABLE | {"sample_langevin_steps", "sample_batch", "n_grid", "n_points",
+                                "denoise_sigma", "denoise_steps"}
 
 
 def denoise_heldout(model: DCD, clean, args, device):
@@ -519,54 +542,41 @@ def denoise_heldout(model: DCD, clean, args, device):
     return {key: torch.cat(value).mean().item() for key, value in scores.items()}, rows
 
 
-def save_pictures(model: DCD, args, run_dir, tag, device, box):
-    """2D: the model density exp(-E) on a grid and a histogram of sampler points. Images: a sample grid."""
+def save_pictures(model: DCD, args, tag, device, box):
+    """2D: the model density exp(-E) on a grid and a histogram of sampler points. Images: a sample
+    grid."""
     model.eval()
     if common.is_toy(args.dataset):
         lo, hi = box
         grid = common.grid_2d(lo, hi, 200).float().to(device)
         with torch.no_grad():
-            density = torch.softmax(-model.energy(grid, torch.zeros(len(grid), dtype=torch.long, device=device)), 0)
+            density = torch.softmax(-model.energy(grid, torch.zeros(len(grid), dtype=torch.long,
+                                                                    device=device)), 0)
         points = sample(model, args.n_points, args, device).cpu()
         common.save_panels([density.view(200, 200).cpu(), common.histogram_2d(points, lo, hi, 200)],
-                           os.path.join(run_dir, f"density_samples_{tag}.png"))
+                           os.path.join(args.run_dir, f"density_samples_{tag}.png"))
     else:
-        common.save_image_grid(sample(model, args.n_grid, args, device), os.path.join(run_dir, f"samples_{tag}.png"))
+        common.save_image_grid(sample(model, args.n_grid, args, device),
+                               os.path.join(args.run_dir, f"samples_{tag}.png"))
     model.train()
 
 
 def main(args: Args):
     device = common.pick_device(args.device)
+    ckpt = common.open_run(args, "dcd", RESUMABLE)
     common.seed_everything(args.seed)
-    if args.resume and not args.run_dir:
-        raise common.UserError("--resume needs --run-dir pointing at the run to continue")
-    run_dir = common.make_run_dir(args)
-    ckpt = None
-    if args.resume:
-        ckpt = common.load_checkpoint(os.path.join(run_dir, "ckpt.pt"), method="dcd")
-        for key, value in ckpt["args"].items():
-            mine = list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)
-            if key not in RESUMABLE and mine != value:
-                raise common.UserError(f"--resume: {key} is {mine!r} but the checkpoint has {value!r}; "
-                                       "resume with the run's settings")
-        for key in ("image_size", "image_channels"):
-            setattr(args, key, ckpt["args"][key])
 
     # ---- data ----
+    train_data, box = common.training_data(args)
     heldout = None
-    if common.is_toy(args.dataset):
-        train_data = common.toy_2d(args.dataset, 50_000, seed=args.seed)
-        box = common.data_box(train_data)
-        to_model_space = lambda batch: batch  # noqa: E731
-    else:
-        train_data = common.load_images(args.dataset, args.data_dir, train=True, image_size=args.image_size)
-        args.image_channels, args.image_size = train_data.shape[1], train_data.shape[2]
-        to_model_space, box = common.to_unit_range, None
-        if args.task == "denoise":
-            if args.holdout >= len(train_data):
-                raise common.UserError(f"--holdout {args.holdout} leaves no training images of {len(train_data)}")
-            train_data, heldout = train_data[:-args.holdout], train_data[-args.holdout:]
-    loader = common.EpochLoader(train_data.to(device), args.batch_size, seed=args.seed)
+    if args.task == "denoise":
+        if args.holdout >= len(train_data):
+            raise common.UserError(f"--holdout {args.holdout} leaves no training images of "
+                                   f"{len(train_data)}")
+        train_data, heldout = train_data[:-args.holdout], train_data[-args.holdout:]
+    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size, args.seed)
+    train_data = train_data.to(device)
+    common.prepare_run_dir(args, ckpt["step"] if ckpt else 0)
 
     # ---- model, optimiser, EMA ----
     model = build_model(args).to(device)
@@ -574,68 +584,59 @@ def main(args: Args):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     start_step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
+        start_step = common.restore(ckpt, model, ema, loader)
         optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"])
-        common.set_rng_state(ckpt["rng"])
-        start_step = ckpt["step"]
-        print(f"resumed {run_dir} at step {start_step}")
     method = "CD" if args.kernel == "cd" else f"DCD-{args.kernel.upper()} ({args.estimator})"
-    print(f"{method} on {args.dataset} ({args.task if not common.is_toy(args.dataset) else '2D'}, "
-          f"{args.num_levels} level(s)): {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
-          f"device {device}, run dir {run_dir}")
-    print("args: " + ", ".join(f"{k}={v}" for k, v in common.args_to_dict(args).items()))
+    common.print_start(args, f"{method} on {args.dataset}, {args.num_levels} level(s): "
+                             f"{common.count_parameters(model)}, device {device}")
 
     def checkpoint(step, snapshot):
-        state = {"method": "dcd", "format": common.CHECKPOINT_FORMAT, "args": common.args_to_dict(args),
-                 "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": None, "rng": common.rng_state(),
-                 "loader": loader.state_dict()}
-        common.save_checkpoint(state, run_dir, snapshot_step=step if snapshot else None)
+        state = common.checkpoint_state("dcd", args, step, model, ema, box=box,
+                                        optimizer=optimizer.state_dict(), loader=loader.state_dict())
+        common.save_checkpoint(state, args.run_dir, snapshot_step=step if snapshot else None)
 
-    def stop_if_broken(step, loss, e_pos, e_neg):
-        # NaN / inf or an exploding loss (|loss| > 1e8); checked before logs and saves
-        if not torch.isfinite(loss).item() or loss.abs().item() > 1e8:
-            print(f"error: training diverged by step {step} (loss {loss.item():.4g}, mean E+ {e_pos.item():.4g}, "
-                  f"E- {e_neg.item():.4g}); the last good checkpoint in {run_dir} is kept. Lower --lr, "
-                  "--step-ratio or --cd-step-size.", file=sys.stderr)
-            sys.exit(1)
-
-    log = common.MetricLog(run_dir, args.steps, start_step)
+    log = common.MetricLog(args.run_dir, args.steps, start_step)
     model.train()
     t_start = time.time()
-    for step in range(start_step, args.steps):
-        x0 = to_model_space(loader.next())
-        if args.hflip:
-            x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)
-        loss, e_pos, e_neg, grad_norm, diagnostic = dcd_step(model, x0, args, optimizer)
-        with torch.no_grad():  # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
-            decay = min(args.ema_decay, (2 + step) / (11 + step))
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+    with common.StopGuard(args.save_minutes) as guard:
+        for step in range(start_step, args.steps):
+            x0 = common.to_model_space(train_data[loader.next()])
+            if args.hflip:
+                x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)
+            loss, energy_pos, energy_neg, grad_norm, diagnostic = dcd_step(model, x0, args, optimizer)
+            with torch.no_grad():  # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
+                decay = min(args.ema_decay, (2 + step) / (11 + step))
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - decay)
 
-        done = step + 1
-        log_now = done % args.log_every == 0 or done == args.steps
-        sample_now = done % args.sample_every == 0 or done == args.steps
-        if log_now or sample_now:
-            stop_if_broken(done, loss, e_pos, e_neg)
-        scores = {}
-        if sample_now:
-            save_pictures(ema, args, run_dir, f"{done:08d}", device, box)
-            if heldout is not None:
-                scores, rows = denoise_heldout(ema, heldout, args, device)
-                common.save_image_grid(torch.cat(rows), os.path.join(run_dir, f"denoise_{done:08d}.png"), nrow=8)
-        if log_now or scores:
-            log.log(done, {"loss": loss.item(), "e_pos": e_pos.item(), "e_neg": e_neg.item(),
-                           "grad_norm": grad_norm.item(),
-                           ("ess_fraction" if args.kernel != "cd" and args.estimator == "importance"
-                            else "neg_move"): diagnostic.item(), **scores})
-        if done % args.save_every == 0 or done == args.steps:
-            stop_if_broken(done, loss, e_pos, e_neg)
-            checkpoint(done, snapshot=done % args.save_every == 0)
+            done = step + 1
+            log_now = common.every(done, args.log_every, args.steps)
+            sample_now = common.every(done, args.sample_every, args.steps)
+            save_now = common.every(done, args.save_every, args.steps) or guard.save_due()
+            if log_now or sample_now or save_now:
+                common.stop_if_diverged(done, loss, energy_pos, energy_neg, args.run_dir,
+                                        "Lower --lr, --step-ratio or --cd-step-size.")
+            scores = {}
+            if sample_now:
+                with common.own_rng(args.seed + done):
+                    save_pictures(ema, args, f"{done:08d}", device, box)
+                    if heldout is not None:
+                        scores, rows = denoise_heldout(ema, heldout, args, device)
+                        common.save_image_grid(torch.cat(rows), os.path.join(
+                            args.run_dir, f"denoise_{done:08d}.png"), nrow=8)
+            if log_now or scores:
+                diagnostic_name = "ess_fraction" if args.kernel != "cd" and args.estimator == "importance" \
+                    else "neg_move"
+                log.log(done, {"loss": loss.item(), "energy_pos": energy_pos.item(),
+                               "energy_neg": energy_neg.item(), "grad_norm": grad_norm.item(),
+                               "lr": optimizer.param_groups[0]["lr"], diagnostic_name: diagnostic.item(),
+                               **scores})
+            if save_now:
+                checkpoint(done, snapshot=done % args.save_every == 0)
+                guard.saved()
+                guard.exit_if_stopped(args.run_dir, done, "dcd.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")
 
 
 if __name__ == "__main__":
-    common.run_cli(lambda: main(tyro.cli(Args)))
+    common.run_cli(lambda: main(common.parse_args(Args, "dcd")))

@@ -41,7 +41,6 @@ import importlib
 import json
 import math
 import os
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -64,7 +63,7 @@ DRIFT_BINS = 40  # histogram bins per side for the 2D long-run distances (their 
 @dataclass
 class EvalArgs:
     ckpt: str
-    """checkpoint written by one of the method scripts"""
+    """checkpoint written by one of the method scripts, or a run folder (its ckpt.pt)"""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     out: Optional[str] = None
@@ -95,13 +94,16 @@ class EvalArgs:
     """N > 0: also run the sampler with 1, 10, 100, ..., N times its steps (FID or 2D drift against steps)"""
     long_run_samples: int = 10_000
     """samples per step count of the long-run check"""
+    save_samples: int = 0
+    """N > 0: only draw N samples with the method's own sampler and write them as samples.npz (key
+    'samples') and samples.png beside the JSON; no metrics, no training data needed"""
 
     def __post_init__(self):
         for key in ("batch_size", "n_ood", "n_test", "grid_resolution", "long_run_samples"):
             if getattr(self, key) <= 0:
                 raise common.UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
-        if self.fid_samples < 0 or self.long_run < 0:
-            raise common.UserError("--fid-samples and --long-run must be >= 0")
+        if self.fid_samples < 0 or self.long_run < 0 or self.save_samples < 0:
+            raise common.UserError("--fid-samples, --long-run and --save-samples must be >= 0")
         if self.fid_samples == 1 or self.long_run_samples == 1:
             raise common.UserError("a covariance needs at least 2 samples: --fid-samples / --long-run-samples >= 2")
         self.ood = () if tuple(self.ood) == ("none",) else tuple(self.ood)
@@ -114,37 +116,20 @@ class EvalArgs:
 # ---------------------------------------------------------------------------------------------------
 # Loading a checkpoint through the public API
 # ---------------------------------------------------------------------------------------------------
-def load_method(ckpt: dict, device):
+def load_method(ckpt: dict, device, ckpt_path: str = "the checkpoint"):
     """Import the script named by the checkpoint, rebuild Args and the model (EMA weights when present)."""
     if ckpt["method"] not in SCRIPTS:
         raise common.UserError(f"checkpoint method {ckpt['method']!r} is unknown; known: {', '.join(SCRIPTS)}")
     module = importlib.import_module(SCRIPTS[ckpt["method"]])
-    args = module.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["args"].items()})
+    args = common.args_from_checkpoint(module.Args, ckpt["args"], ckpt_path)
     model = module.build_model(args)
     model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
     return module, args, model.to(device).eval()
 
 
-class Progress:
-    """A progress line (done/total, rate, ETA) at most every 10 s and at the end."""
-
-    def __init__(self, label: str, total: int):
-        self.label, self.total, self.done = label, total, 0
-        self.start = self.last = time.time()
-
-    def update(self, count: int):
-        self.done += count
-        now = time.time()
-        if self.done >= self.total or now - self.last >= 10:
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = common.format_seconds((self.total - self.done) / rate)
-            print(f"  {self.label}: {self.done}/{self.total} ({rate:.1f}/s, ETA {eta})", flush=True)
-            self.last = now
-
-
 def sample_batches(module, model, args, n: int, batch_size: int, device, step_multiplier: int, label: str):
     """Yield the method's samples in batches of batch_size (n in all)."""
-    progress = Progress(label, n)
+    progress = common.Progress(label, n)
     for first in range(0, n, batch_size):
         count = min(batch_size, n - first)
         batch = module.sample(model, count, args, device, step_multiplier=step_multiplier)
@@ -152,10 +137,14 @@ def sample_batches(module, model, args, n: int, batch_size: int, device, step_mu
         yield batch
 
 
-def energies(module, model, args, images_uint8: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+def energies(module, model, args, images_uint8: torch.Tensor, batch_size: int, device, label: str):
     """energy(x) of uint8 images (converted to [-1, 1]) in batches, float64 on the CPU."""
-    return torch.cat([module.energy(model, common.to_unit_range(images_uint8[i:i + batch_size]).to(device), args)
-                      .double().cpu() for i in range(0, len(images_uint8), batch_size)])
+    progress, out = common.Progress(label, len(images_uint8)), []
+    for first in range(0, len(images_uint8), batch_size):
+        batch = common.to_unit_range(images_uint8[first:first + batch_size]).to(device)
+        out.append(module.energy(model, batch, args).double().cpu())
+        progress.update(len(batch))
+    return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,7 +232,7 @@ def reference_statistics(args, data_dir: str, network, weights_tag: str, stats_d
         cached = torch.load(path, map_location="cpu", weights_only=True)
         return {"mu": cached["mu"].numpy(), "sigma": cached["sigma"].numpy()}, path
     images = common.load_images(args.dataset, data_dir, train=True, image_size=args.image_size)
-    progress = Progress(f"Inception statistics of the {args.dataset} training split", len(images))
+    progress = common.Progress(f"Inception statistics of the {args.dataset} training split", len(images))
 
     def batches():
         for first in range(0, len(images), batch_size):
@@ -325,7 +314,7 @@ def evaluate_ood(module, model, args, ea: EvalArgs, data_dir: str, device, resul
     generator = torch.Generator().manual_seed(ea.seed)
     in_test = common.load_images(args.dataset, data_dir, train=False, image_size=args.image_size)
     in_test = in_test[torch.randperm(len(in_test), generator=generator)[:ea.n_ood]]
-    scores_in = -energies(module, model, args, in_test, ea.batch_size, device)
+    scores_in = -energies(module, model, args, in_test, ea.batch_size, device, "energies, test split")
     results["ood_in_distribution"] = {
         "set": args.dataset, "n": len(in_test), "mean_score": scores_in.mean().item(),
         "split": "training images (folder datasets have no test split)" if args.dataset.startswith("folder:")
@@ -335,7 +324,7 @@ def evaluate_ood(module, model, args, ea: EvalArgs, data_dir: str, device, resul
         if name == args.dataset:
             continue
         images = ood_images(name, in_test, shape, data_dir, ea.n_ood, generator)
-        scores_out = -energies(module, model, args, images, ea.batch_size, device)
+        scores_out = -energies(module, model, args, images, ea.batch_size, device, f"energies, {name}")
         results["ood"][name] = {"auroc": auroc(scores_in, scores_out), "n": len(images),
                                 "mean_score": scores_out.mean().item()}
         print(f"  OOD {name}: AUROC {results['ood'][name]['auroc']:.4f}", flush=True)
@@ -396,8 +385,24 @@ def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
     return 0.5 * (p - q).abs().sum().item()
 
 
-def evaluate_2d(module, model, args, ea: EvalArgs, device, results: dict, out_dir: str, save):
-    lo, hi = common.data_box(common.toy_2d(args.dataset, 50_000, seed=args.seed))
+def save_samples(module, model, args, ea: EvalArgs, device, results: dict, out_dir: str, box):
+    """The sample-only path: --save-samples N samples -> samples.npz (key 'samples') and a picture."""
+    torch.manual_seed(ea.seed)
+    samples = torch.cat(list(sample_batches(module, model, args, ea.save_samples, ea.batch_size, device, 1,
+                                            "samples"))).cpu()
+    path = os.path.join(out_dir, "samples.npz")
+    np.savez(path + ".tmp.npz", samples=samples.numpy())
+    os.replace(path + ".tmp.npz", path)
+    picture = os.path.join(out_dir, "samples.png")
+    if common.is_toy(args.dataset):
+        common.save_panels([common.histogram_2d(samples, *box, 200)], picture)
+    else:
+        common.save_image_grid(samples[:64], picture)
+    results.update({"samples": path, "n_samples": ea.save_samples, "picture": picture})
+
+
+def evaluate_2d(module, model, args, ea: EvalArgs, device, results: dict, out_dir: str, save, box):
+    lo, hi = box
     energy_fn = lambda x: module.energy(model, x.to(device), args)  # noqa: E731
     log_p = grid_log_density(energy_fn, lo, hi, ea.grid_resolution)
     test = common.toy_2d(args.dataset, ea.n_test, seed=ea.seed)
@@ -504,8 +509,9 @@ def print_table(results: dict):
 def evaluate(ea: EvalArgs) -> dict:
     device = common.pick_device(ea.device)
     ckpt = common.load_checkpoint(ea.ckpt)
-    module, args, model = load_method(ckpt, device)
-    out = ea.out or os.path.join(os.path.dirname(os.path.abspath(ea.ckpt)), "eval.json")
+    module, args, model = load_method(ckpt, device, ea.ckpt)
+    run_dir = ea.ckpt if os.path.isdir(ea.ckpt) else os.path.dirname(os.path.abspath(ea.ckpt))
+    out = ea.out or os.path.join(run_dir, "eval.json")
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
     results = {"ckpt": ea.ckpt, "method": ckpt["method"], "dataset": args.dataset, "step": ckpt["step"],
@@ -517,8 +523,10 @@ def evaluate(ea: EvalArgs) -> dict:
             json.dump(results, f, indent=2)
         os.replace(tmp, out)
     try:
-        if common.is_toy(args.dataset):
-            evaluate_2d(module, model, args, ea, device, results, out_dir, save)
+        if ea.save_samples:
+            save_samples(module, model, args, ea, device, results, out_dir, ckpt["box"])
+        elif common.is_toy(args.dataset):
+            evaluate_2d(module, model, args, ea, device, results, out_dir, save, ckpt["box"])
         else:
             evaluate_images(module, model, args, ea, device, results, out_dir, save)
     except BaseException as error:  # keep what was computed, then fail as usual

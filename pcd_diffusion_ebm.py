@@ -48,9 +48,48 @@ from typing import Literal, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 
 import common
+
+# Per-dataset defaults of the fields left at None: "2d" for the toys (the paper's rings configuration),
+# "images" for every image set (the paper's MNIST configuration, docstring item 8). paper = arXiv
+# 2304.10707; official = github.com/XinweiZhang/DAEBM.
+PRESETS = {
+    "2d": {
+        "steps": 20_000,  # ours, a quick start (paper 100,000; docstring item 9)
+        "batch_size": 100,  # paper
+        "lr": 5e-4,  # paper
+        "sample_every": 5000,  # ours
+        "save_every": 10_000,  # ours
+        "num_levels": 6,  # paper
+        "beta_start": 1e-2,  # paper
+        "beta_end": 3e-1,  # paper
+        "n_chains": 10_000,  # paper
+        "mh_start": 500,  # paper: one epoch
+        "adapt_every": 500,  # official: once per epoch (docstring item 4)
+        "warmup_steps": 500,  # official
+        "lr_schedule": "multistep",  # official
+        "long_run_steps": 10_000,  # ours
+        "sample_chains": 256,  # ours
+    },
+    "images": {
+        "steps": 120_000,  # paper: 200 epochs x 600 iterations
+        "batch_size": 200,  # paper
+        "lr": 1e-5,  # paper
+        "sample_every": 2000,  # ours
+        "save_every": 10_000,  # ours
+        "num_levels": 50,  # paper
+        "beta_start": 2e-4,  # paper
+        "beta_end": 2e-2,  # paper
+        "n_chains": 50_000,  # paper
+        "mh_start": 6000,  # paper: 10 epochs
+        "adapt_every": 100,  # official
+        "warmup_steps": 6000,  # official
+        "lr_schedule": "linear",  # official
+        "long_run_steps": 100_000,  # paper
+        "sample_chains": 100,  # official post-sampling
+    },
+}
 
 
 @dataclass
@@ -58,23 +97,23 @@ class Args:
     exp_name: str = "daebm"
     """name used in the run folder"""
     seed: int = 1
-    """random seed (weights, chains, data order)"""
+    """random seed (weights, data order, noise)"""
     dataset: str = "rings"
-    """rings | 8gaussians | checkerboard | swissroll | pinwheel | 2spirals | mnist | fashionmnist | cifar10 |
-    cifar100 | svhn | celeba | folder:PATH"""
+    """rings | 8gaussians | checkerboard | swissroll | pinwheel | 2spirals | mnist | fashionmnist |
+    cifar10 | cifar100 | svhn | celeba | folder:PATH"""
     data_dir: str = "data"
     """where image datasets are read from (and downloaded to when online)"""
     run_dir: Optional[str] = None
     """output folder; default runs/{exp_name}__{dataset}__{seed}__{time}"""
     steps: Optional[int] = None
-    """training iterations (default 20k for 2D, the paper's 100k is --steps 100000; images 120k = 200 epochs
-    x 600, the paper's)"""
+    """training iterations; the learning-rate decays are fractions of it, so a run extended with
+    --resume --steps follows the new schedule from where it stands"""
     batch_size: Optional[int] = None
-    """data and chain batch per iteration (paper: 100 for 2D, 200 for images)"""
+    """data examples (and chains) per iteration"""
     lr: Optional[float] = None
-    """Adam learning rate (paper: 5e-4 for 2D, 1e-5 for images)"""
+    """Adam learning rate"""
     ema_decay: float = 0.0
-    """EMA decay of the weights for sampling/evaluation; 0 = no EMA (the official code has none)"""
+    """EMA decay of the weights for sampling and evaluation; 0 = no EMA (the official code has none)"""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     log_every: int = 100
@@ -84,31 +123,33 @@ class Args:
     save_every: Optional[int] = None
     """iterations between checkpoints (ckpt.pt and a numbered snapshot)"""
     resume: bool = False
-    """continue the run in --run-dir from its ckpt.pt, exactly"""
+    """continue the run in --run-dir from its ckpt.pt with its own settings, exactly"""
+    save_minutes: float = 15.0
+    """also write ckpt.pt after this many minutes of wall clock since the last save (0 = off)"""
 
     # ---- DA-EBM ----
     num_levels: Optional[int] = None
-    """T: diffusion steps above the data (paper: 6 for 2D, 50 for images)"""
+    """T: diffusion steps above the data"""
     beta_start: Optional[float] = None
-    """b1 of the sqrtcumlinear schedule β_t = (cumsum linspace(b1, b2, T))² (2D 1e-2, images 2e-4)"""
+    """b1 of the sqrtcumlinear schedule β_t = (cumsum linspace(b1, b2, T))²"""
     beta_end: Optional[float] = None
-    """b2 of the schedule (2D 3e-1, images 2e-2)"""
+    """b2 of the schedule"""
     n_chains: Optional[int] = None
-    """persistent chains (paper: 10,000 for 2D, 50,000 for images)"""
+    """persistent chains"""
     langevin_steps: int = 40
     """K: Langevin steps at fixed t in one MGMS transition"""
     init_step_size: float = 0.1
     """initial Langevin step size s_t (images: s_t = 0.1; 2D: s_t = 0.1 sqrt(β_t) with s_0 = s_1)"""
     mh_start: Optional[int] = None
-    """iteration at which the Metropolis-Hastings correction is switched on (paper: 10 epochs images, 1 2D)"""
+    """iteration at which the Metropolis-Hastings correction is switched on"""
     adapt_every: Optional[int] = None
-    """iterations between step-size adaptations toward 0.6-0.8 acceptance (images 100, 2D 500)"""
+    """iterations between step-size adaptations toward 0.6-0.8 acceptance"""
     official_mh_ratio: bool = False
     """use the official code's (incorrect) MALA ratio, with s²/2 in the reverse proposal"""
     warmup_steps: Optional[int] = None
-    """linear learning-rate warm-up (images 6,000, 2D 500)"""
+    """linear learning-rate warm-up"""
     lr_schedule: Optional[Literal["linear", "multistep"]] = None
-    """images 'linear': constant to 60% of steps, then linear decay; 2D 'multistep': x0.1 at 70/80/90%"""
+    """'linear': constant to 60% of --steps, then linear decay; 'multistep': x0.1 at 70/80/90%"""
     adam_beta1: float = 0.0
     """Adam β1 (paper: 0)"""
     adam_beta2: float = 0.999
@@ -124,47 +165,38 @@ class Args:
     image_channels: Optional[int] = None
     """set from the dataset; stored so build_model can rebuild the net from a checkpoint"""
     sampler: Literal["mgms", "annealed"] = "mgms"
-    """post-training sampler: 'mgms' = the paper's (chains from t = T kept at their M-th visit to t = 0);
-    'annealed' = K Langevin steps at each t from T down to 0"""
+    """post-training sampler: 'mgms' = the paper's (chains from t = T kept at their M-th visit to
+    t = 0); 'annealed' = K Langevin steps at each t from T down to 0"""
     visits_to_keep: int = 50
     """M: a post-training chain is kept at its M-th visit to t = 0"""
     sample_chains: Optional[int] = None
-    """parallel chains of the post-training sampler (images 100 as the official post-sampling; 2D 256, also
-    the number of points in the final 2D sample picture and in the 2D long-run check)"""
+    """parallel chains of the post-training sampler (2D: also the points of the final picture and of
+    the long-run check)"""
     max_transitions: int = 100000
     """post-training sampler gives up after this many MGMS transitions"""
+    final_samples: bool = True
+    """after training, draw samples_mgms.png with the MGMS sampler, bounded by --steps transitions
+    (the cost of training at most); --no-final-samples skips it"""
     long_run_steps: Optional[int] = None
-    """MALA steps at t = 0 from real data after training (paper 100,000 images; 2D 10,000); 0 = skip"""
+    """MALA steps at t = 0 from real data after training; 0 = skip"""
     n_grid: int = 64
     """images in each sample grid"""
 
     def __post_init__(self):
         common.check_dataset_name(self.dataset)
-        toy = common.is_toy(self.dataset)
-        preset = dict(steps=20_000, batch_size=100, lr=5e-4, sample_every=5000, save_every=10_000,
-                      num_levels=6, beta_start=1e-2, beta_end=3e-1, n_chains=10_000, mh_start=500,
-                      adapt_every=500, warmup_steps=500, lr_schedule="multistep", long_run_steps=10_000,
-                      sample_chains=256) \
-            if toy else \
-            dict(steps=120_000, batch_size=200, lr=1e-5, sample_every=2000, save_every=10_000,
-                 num_levels=50, beta_start=2e-4, beta_end=2e-2, n_chains=50_000, mh_start=6000,
-                 adapt_every=100, warmup_steps=6000, lr_schedule="linear", long_run_steps=100_000,
-                 sample_chains=100)
-        for key, value in preset.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        if not toy and not self.dataset.startswith("folder:") and self.image_channels is None:
-            self.image_channels, self.image_size, _ = common.image_shape(self.dataset)
+        common.apply_presets(self, PRESETS)
+        common.set_image_shape(self)
         self.channel_mult = tuple(self.channel_mult)
-        positive = ["steps", "batch_size", "n_chains", "langevin_steps", "log_every", "sample_every",
-                    "save_every", "adapt_every", "num_levels", "visits_to_keep", "sample_chains"]
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise common.UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
-        if not (self.lr > 0 and self.init_step_size > 0 and 0 <= self.ema_decay < 1):
-            raise common.UserError("--lr and --init-step-size must be positive and 0 <= --ema-decay < 1")
+        common.check_positive(self, ["n_chains", "langevin_steps", "adapt_every", "num_levels",
+                                     "visits_to_keep", "sample_chains", "max_transitions"])
+        if not self.init_step_size > 0:
+            raise common.UserError(f"--init-step-size must be positive, got {self.init_step_size}")
         if self.n_chains < self.batch_size:
-            raise common.UserError(f"--n-chains {self.n_chains} is smaller than --batch-size {self.batch_size}")
+            raise common.UserError(f"--n-chains {self.n_chains} is smaller than --batch-size "
+                                   f"{self.batch_size}")
+
+
+common.show_preset_defaults(Args, PRESETS)
 
 
 # ===================================================================================================
@@ -282,7 +314,8 @@ class DAEBM(nn.Module):
 
     def all_levels_logits(self, x, table=None, max_rows=2048):
         """f(x, t) for every t = 0..T, (B, T+1): the levels batched together, at most max_rows rows per
-        forward pass (all 51 MNIST levels of a 200 batch at once peak at 57 GiB on an H100)."""
+        forward pass (all 51 MNIST levels of a 200-chain batch in one pass need far more GPU memory:
+        docs/RESULTS.md)."""
         levels_per_pass = max(1, max_rows // len(x))
         logits = []
         for first in range(0, self.num_levels + 1, levels_per_pass):
@@ -377,13 +410,14 @@ def mgms_transition(model: DAEBM, x, t, args, metropolis: bool, stats=None):
     return x, gibbs_level(model, x)
 
 
-def mgms_generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1):
-    """The paper's post-training sampler: chains start at N(0, I) with t = T and run MGMS transitions (MALA
-    on); a chain's x is kept at its M-th visit to t = 0, and that chain restarts from noise at t = T.
-    step_multiplier m keeps it at the (m M)-th visit instead (about m times the transitions; --max-transitions
-    is scaled alike), the evaluator's long-run check.
+def mgms_generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1, max_transitions=None):
+    """The paper's post-training sampler: chains start at N(0, I) with t = T and run MGMS transitions
+    (MALA on); a chain's x is kept at its M-th visit to t = 0, and that chain restarts from noise at t = T.
+    step_multiplier m keeps it at the (m M)-th visit instead (about m times the transitions), the
+    evaluator's long-run check. It stops after max_transitions (default m x --max-transitions) and prints
+    progress every 30 s.
 
-    Returns (samples (n, ...), Langevin steps each kept chain took (n,)).
+    Returns (samples (k, ...), Langevin steps each kept chain took (k,)), k = n unless the budget ran out.
     """
     shape = sample_shape(args)
     pool = min(n, args.sample_chains)
@@ -393,13 +427,16 @@ def mgms_generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1):
     steps_taken = torch.zeros(pool, dtype=torch.long, device=device)
     kept, kept_steps = [], []
     n_kept = 0
-    visits_to_keep, max_transitions = args.visits_to_keep * step_multiplier, args.max_transitions * step_multiplier
+    visits_to_keep = args.visits_to_keep * step_multiplier
+    max_transitions = max_transitions or args.max_transitions * step_multiplier
+    progress = common.Progress(f"MGMS sampler, chains kept of {n}", n, interval=30, quiet=True)
     for _ in range(max_transitions):
         x, t = mgms_transition(model, x, t, args, metropolis=True)
         steps_taken += args.langevin_steps
         visits += t == 0
         done = visits == visits_to_keep
         n_done = int(done.sum())  # one sync per transition (40 Langevin steps), outside the Langevin loop
+        progress.update(min(n_done, n - n_kept))
         if n_done:
             kept.append(x[done])
             kept_steps.append(steps_taken[done])
@@ -408,9 +445,8 @@ def mgms_generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1):
                 break
             x[done] = torch.randn_like(x[done])
             t[done], visits[done], steps_taken[done] = args.num_levels, 0, 0
-    else:
-        raise RuntimeError(f"post-training sampler kept {n_kept}/{n} chains in {max_transitions} "
-                           f"transitions; raise --max-transitions or lower --visits-to-keep")
+    if not kept:
+        return x[:0], steps_taken[:0]
     return torch.cat(kept)[:n], torch.cat(kept_steps)[:n]
 
 
@@ -418,21 +454,29 @@ def annealed_generate(model: DAEBM, n: int, args, device, step_multiplier: int =
     """K MALA steps (m K with step_multiplier m) at each level from t = T down to t = 0, starting from N(0, I)
     (the official p_sample_langevin_progressive). Returns samples (n, ...)."""
     x = torch.randn((n,) + sample_shape(args), device=device)
+    progress = common.Progress("annealed sampler, levels", args.num_levels + 1, interval=30, quiet=True)
     for level in range(args.num_levels, -1, -1):
         t = torch.full((n,), level, device=device, dtype=torch.long)
         x = langevin(model, x, t, args.langevin_steps * step_multiplier, metropolis=True,
                      official_ratio=args.official_mh_ratio)
+        progress.update(1)
     return x
 
 
 def long_run(model: DAEBM, x0, n_steps: int, checkpoints, official_ratio=False):
     """MALA at t = 0 from real data for n_steps; at each step count in `checkpoints` record the mean energy
-    and the RMS drift from the start (per coordinate). Returns (records, final x)."""
+    and the RMS drift from the start (per coordinate). Runs in pieces of at most 1,000 steps (the same
+    numbers as one run: a piece starts from the state and random stream where the last ended) so that it
+    can print progress. Returns (records, final x)."""
     t = torch.zeros(len(x0), dtype=torch.long, device=x0.device)
     x, done, records = x0, 0, []
+    progress = common.Progress("long-run MALA steps", n_steps, interval=30, quiet=True)
     for mark in checkpoints:
-        x = langevin(model, x, t, mark - done, metropolis=True, official_ratio=official_ratio)
-        done = mark
+        while done < mark:
+            piece = min(1000, mark - done)
+            x = langevin(model, x, t, piece, metropolis=True, official_ratio=official_ratio)
+            done += piece
+            progress.update(piece)
         with torch.no_grad():
             records.append({"mala_steps": mark, "mean_energy": model.energy(x, t).mean().item(),
                             "rms_drift": (x - x0).pow(2).mean().sqrt().item()})
@@ -484,12 +528,19 @@ def build_model(args) -> DAEBM:
 
 
 def sample(model: DAEBM, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:
-    """n samples by the post-training sampler named in args.sampler ('mgms' is the paper's); step_multiplier m
-    runs it m times longer (kept at the (m M)-th visit to t = 0, or m K steps per level when annealed)."""
+    """n samples by the post-training sampler named in args.sampler ('mgms' is the paper's), images clamped
+    to [-1, 1]; step_multiplier m runs it m times longer (kept at the (m M)-th visit to t = 0, or m K
+    steps per level when annealed)."""
     model.eval()
     if args.sampler == "annealed":
-        return annealed_generate(model, n, args, device, step_multiplier).detach()
-    return mgms_generate(model, n, args, device, step_multiplier)[0].detach()
+        samples = annealed_generate(model, n, args, device, step_multiplier).detach()
+    else:
+        samples, _ = mgms_generate(model, n, args, device, step_multiplier)
+        if len(samples) < n:
+            raise RuntimeError(f"post-training sampler kept {len(samples)}/{n} chains in "
+                               f"{args.max_transitions * step_multiplier} transitions; raise "
+                               "--max-transitions or lower --visits-to-keep")
+    return samples.detach() if common.is_toy(args.dataset) else samples.detach().clamp(-1, 1)
 
 
 def energy(model: DAEBM, x: torch.Tensor, args) -> torch.Tensor:
@@ -501,14 +552,12 @@ def energy(model: DAEBM, x: torch.Tensor, args) -> torch.Tensor:
 # ===================================================================================================
 # TRAINING
 # ===================================================================================================
-# settings that may change on --resume (run length, logging, post-training options; the image shape is
-# taken from the checkpoint)
-RESUMABLE = {"steps", "log_every", "sample_every", "save_every", "device", "resume", "run_dir",
-             "long_run_steps", "n_grid", "sampler", "visits_to_keep", "sample_chains", "max_transitions",
-             "image_size", "image_channels"}
+# settings that may change on --resume besides common.RESUMABLE (post-training options)
+RESUMABLE = common.RESUMABLE | {"long_run_steps", "n_grid", "sampler", "visits_to_keep", "sample_chains",
+                                "max_transitions", "final_samples"}
 
 
-def save_pictures(model, args, run_dir, step, chains_x, chains_t, device, box):
+def save_pictures(model: DAEBM, args, tag, device, box, chains_x, chains_t):
     """2D: learned density exp(-U(x, t)) per level on a grid and the chains per level. Images: chains at
     t = 0 and an annealed T -> 0 sweep."""
     model.eval()
@@ -521,175 +570,160 @@ def save_pictures(model, args, run_dir, step, chains_x, chains_t, device, box):
                 u = model.energy(grid, torch.full((len(grid),), level, device=device, dtype=torch.long))
                 densities.append(torch.softmax(-u, 0).view(200, 200).cpu())
                 scatters.append(common.histogram_2d(chains_x[chains_t == level].cpu(), lo, hi, 200))
-        common.save_panels(densities, os.path.join(run_dir, f"density_per_t_{step:08d}.png"))
-        common.save_panels(scatters, os.path.join(run_dir, f"chains_per_t_{step:08d}.png"))
+        common.save_panels(densities, os.path.join(args.run_dir, f"density_per_t_{tag}.png"))
+        common.save_panels(scatters, os.path.join(args.run_dir, f"chains_per_t_{tag}.png"))
     else:
         at_zero = chains_x[chains_t == 0][: args.n_grid]
         if len(at_zero):
-            common.save_image_grid(at_zero, os.path.join(run_dir, f"chains_t0_{step:08d}.png"))
+            common.save_image_grid(at_zero, os.path.join(args.run_dir, f"chains_t0_{tag}.png"))
         common.save_image_grid(annealed_generate(model, args.n_grid, args, device),
-                               os.path.join(run_dir, f"annealed_{step:08d}.png"))
+                               os.path.join(args.run_dir, f"annealed_{tag}.png"))
     model.train()
+
+
+def after_training(model: DAEBM, args, device, box, train_data, log):
+    """The paper's MGMS samples (bounded by --steps transitions) and the long-run stability check."""
+    model.eval()
+    if args.final_samples:
+        n = args.sample_chains if common.is_toy(args.dataset) else args.n_grid
+        generated, steps_taken = mgms_generate(model, n, args, device,
+                                               max_transitions=min(args.max_transitions, args.steps))
+        if len(generated) < n:
+            print(f"warning: the MGMS sampler kept {len(generated)} of {n} chains within "
+                  f"{min(args.max_transitions, args.steps)} transitions (bounded by --steps)",
+                  file=sys.stderr)
+        if len(generated):
+            path = os.path.join(args.run_dir, "samples_mgms.png")
+            if common.is_toy(args.dataset):
+                common.save_panels([common.histogram_2d(generated.cpu(), *box, 200)], path)
+            else:
+                common.save_image_grid(generated, path)
+            log.log(args.steps, {"post_sampling_mean_langevin_steps": steps_taken.float().mean().item()})
+    if args.long_run_steps > 0:
+        start = (common.toy_2d(args.dataset, args.sample_chains, seed=args.seed + 1)
+                 if common.is_toy(args.dataset) else common.to_model_space(train_data[: args.n_grid]))
+        marks = sorted({m for m in (10, 100, 1000, 10_000, 100_000, args.long_run_steps)
+                        if m <= args.long_run_steps})
+        records, x_end = long_run(model, start.to(device), args.long_run_steps, marks,
+                                  args.official_mh_ratio)
+        for record in records:
+            log.log(args.steps, {f"long_run_{k}": v for k, v in record.items()})
+        path = os.path.join(args.run_dir, "long_run.png")
+        if common.is_toy(args.dataset):
+            common.save_panels([common.histogram_2d(x_end.cpu(), *box, 200)], path)
+        else:
+            common.save_image_grid(x_end, path)
 
 
 def main(args: Args):
     device = common.pick_device(args.device)
+    ckpt = common.open_run(args, "daebm", RESUMABLE)
     common.seed_everything(args.seed)
-    if args.resume and not args.run_dir:
-        raise common.UserError("--resume needs --run-dir pointing at the run to continue")
-    run_dir = common.make_run_dir(args)
-    ckpt = None
-    if args.resume:
-        ckpt = common.load_checkpoint(os.path.join(run_dir, "ckpt.pt"), method="daebm")
-        for key, value in ckpt["args"].items():
-            mine = list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)
-            if key not in RESUMABLE and mine != value:
-                raise common.UserError(f"--resume: {key} is {mine!r} but the checkpoint has {value!r}; "
-                                       "resume with the run's settings")
-        args.image_size, args.image_channels = ckpt["args"]["image_size"], ckpt["args"]["image_channels"]
 
     # ---- data ----
-    if common.is_toy(args.dataset):
-        train_data = common.toy_2d(args.dataset, 50_000, seed=args.seed)
-        box = common.data_box(train_data)
-        loader = common.EpochLoader(train_data.to(device), args.batch_size, seed=args.seed)
-        to_model_space = lambda batch: batch  # noqa: E731
-    else:
-        images = common.load_images(args.dataset, args.data_dir, train=True, image_size=args.image_size)
-        args.image_channels, args.image_size = images.shape[1], images.shape[2]
-        loader = common.EpochLoader(images.to(device), args.batch_size, seed=args.seed)
-        to_model_space = common.to_unit_range
-        train_data, box = images, None
-    shape = sample_shape(args)
+    train_data, box = common.training_data(args)
+    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size, args.seed)
+    train_data = train_data.to(device)
+    common.prepare_run_dir(args, ckpt["step"] if ckpt else 0)
 
-    # ---- model, optimiser, chains ----
+    # ---- model, optimiser, EMA, chains ----
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema_decay > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
     levels = args.num_levels + 1
-    chains_x = torch.randn((args.n_chains,) + shape, device=device)
-    chains_t = torch.arange(levels, device=device).repeat_interleave(args.n_chains // levels + 1)[: args.n_chains]
+    chains_x = torch.randn((args.n_chains,) + sample_shape(args), device=device)
+    chains_t = torch.arange(levels, device=device).repeat_interleave(args.n_chains // levels + 1)
+    chains_t = chains_t[: args.n_chains]
     accept_stats = (torch.zeros(levels, device=device), torch.zeros(levels, device=device))
     start_step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
+        start_step = common.restore(ckpt, model, ema, loader)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         chains_x, chains_t = ckpt["chains_x"].to(device), ckpt["chains_t"].to(device)
         accept_stats = (ckpt["accept_sum"].to(device), ckpt["accept_count"].to(device))
-        loader.load_state_dict(ckpt["loader"])
-        common.set_rng_state(ckpt["rng"])
-        start_step = ckpt["step"]
-        print(f"resumed {run_dir} at step {start_step}")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"DA-EBM on {args.dataset}: {n_params / 1e6:.3f}M parameters, device {device}, run dir {run_dir}")
-    print("args: " + ", ".join(f"{k}={v}" for k, v in common.args_to_dict(args).items()))
+    common.print_start(args, f"DA-EBM on {args.dataset}: {common.count_parameters(model)}, device {device}")
 
     def checkpoint(step, snapshot):
-        state = {"method": "daebm", "format": common.CHECKPOINT_FORMAT, "args": common.args_to_dict(args),
-                 "step": step, "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": common.rng_state(), "chains_x": chains_x, "chains_t": chains_t,
-                 "accept_sum": accept_stats[0], "accept_count": accept_stats[1], "loader": loader.state_dict()}
-        common.save_checkpoint(state, run_dir, snapshot_step=step if snapshot else None)
+        state = common.checkpoint_state(
+            "daebm", args, step, model, ema, box=box, loader=loader.state_dict(),
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), chains_x=chains_x,
+            chains_t=chains_t, accept_sum=accept_stats[0], accept_count=accept_stats[1])
+        common.save_checkpoint(state, args.run_dir, snapshot_step=step if snapshot else None)
 
-    def stop_if_broken(step, loss, u_pos, u_neg):
-        # the official code's breakdown test (NaN or |loss| > 1e8); checked before every save and log line
-        bad = not torch.isfinite(loss).item() or loss.abs().item() > 1e8 or not torch.isfinite(chains_x).all().item()
-        if bad:
-            print(f"error: training diverged by step {step} (loss {loss.item():.4g}, mean U+ "
-                  f"{u_pos.mean().item():.4g}, U- {u_neg.mean().item():.4g}); the last good checkpoint in "
-                  f"{run_dir} is kept. Lower --lr or --init-step-size.", file=sys.stderr)
-            sys.exit(1)
-
-    log = common.MetricLog(run_dir, args.steps, start_step)
+    log = common.MetricLog(args.run_dir, args.steps, start_step)
     model.train()
     t_start = time.time()
-    for step in range(start_step, args.steps):
-        metropolis = step >= args.mh_start
-        # negatives: one MGMS transition of a batch of persistent chains (drawn with replacement, as official)
-        idx = torch.randint(0, args.n_chains, (args.batch_size,), device=device)
-        x_neg, t_neg = mgms_transition(model, chains_x[idx], chains_t[idx], args, metropolis, accept_stats)
-        chains_x[idx], chains_t[idx] = x_neg, t_neg
-        # positives: fresh diffusion data
-        x0 = to_model_space(loader.next())
-        t_pos = torch.randint(0, levels, (args.batch_size,), device=device)
-        x_pos = diffuse(model, x0, t_pos, torch.randn_like(x0))
+    with common.StopGuard(args.save_minutes) as guard:
+        for step in range(start_step, args.steps):
+            metropolis = step >= args.mh_start
+            # negatives: one MGMS transition of a batch of persistent chains (drawn with replacement, as
+            # official)
+            idx = torch.randint(0, args.n_chains, (args.batch_size,), device=device)
+            x_neg, t_neg = mgms_transition(model, chains_x[idx], chains_t[idx], args, metropolis,
+                                           accept_stats)
+            chains_x[idx], chains_t[idx] = x_neg, t_neg
+            # positives: fresh diffusion data
+            x0 = common.to_model_space(train_data[loader.next()])
+            t_pos = torch.randint(0, levels, (args.batch_size,), device=device)
+            x_pos = diffuse(model, x0, t_pos, torch.randn_like(x0))
 
-        loss, u_pos, u_neg = daebm_loss(model, x_pos, t_pos, x_neg, t_neg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        is_log_step = (step + 1) % args.log_every == 0 or step + 1 == args.steps
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) if is_log_step else None
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - args.ema_decay)
-                for b_ema, b in zip(ema.buffers(), model.buffers()):
-                    b_ema.copy_(b)
+            loss, energy_pos, energy_neg = daebm_loss(model, x_pos, t_pos, x_neg, t_neg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            log_now = common.every(step + 1, args.log_every, args.steps)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) \
+                if log_now else None
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), model.parameters()):
+                        p_ema.lerp_(p, 1 - args.ema_decay)
+                    for b_ema, b in zip(ema.buffers(), model.buffers()):
+                        b_ema.copy_(b)
 
-        # step-size adaptation toward 0.6-0.8 acceptance, on the device (no sync)
-        if (step + 1) % args.adapt_every == 0:
-            if metropolis:
-                rate = accept_stats[0] / accept_stats[1].clamp_min(1)
-                seen = accept_stats[1] > 0
-                factor = torch.where(rate > 0.8, 1.1, torch.where(rate < 0.6, 1 / 1.2, 1.0))
-                model.step_size.mul_(torch.where(seen, factor, 1.0))
-            window_rate = accept_stats[0].sum() / accept_stats[1].sum().clamp_min(1)
-            accept_stats[0].zero_(), accept_stats[1].zero_()
-        else:
+            # step-size adaptation toward 0.6-0.8 acceptance, on the device (no sync)
             window_rate = None
+            if (step + 1) % args.adapt_every == 0:
+                if metropolis:
+                    rate = accept_stats[0] / accept_stats[1].clamp_min(1)
+                    seen = accept_stats[1] > 0
+                    factor = torch.where(rate > 0.8, 1.1, torch.where(rate < 0.6, 1 / 1.2, 1.0))
+                    model.step_size.mul_(torch.where(seen, factor, 1.0))
+                window_rate = accept_stats[0].sum() / accept_stats[1].sum().clamp_min(1)
+                accept_stats[0].zero_(), accept_stats[1].zero_()
 
-        done = step + 1
-        if is_log_step:
-            stop_if_broken(done, loss, u_pos, u_neg)
-            metrics = {"loss": loss.item(), "energy_pos": u_pos.mean().item(), "energy_neg": u_neg.mean().item(),
-                       "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
-                       "mh": int(metropolis), "frac_chains_t0": (chains_t == 0).float().mean().item(),
-                       "step_min": model.step_size.min().item(), "step_max": model.step_size.max().item()}
-            if window_rate is not None:
-                metrics["accept"] = window_rate.item()
-            log.log(done, metrics)
-        if done % args.sample_every == 0 or done == args.steps:
-            save_pictures(ema or model, args, run_dir, done, chains_x, chains_t, device, box)
-        if done % args.save_every == 0 or done == args.steps:
-            stop_if_broken(done, loss, u_pos, u_neg)
-            checkpoint(done, snapshot=done % args.save_every == 0)
+            done = step + 1
+            sample_now = common.every(done, args.sample_every, args.steps)
+            save_now = common.every(done, args.save_every, args.steps) or guard.save_due()
+            if log_now or sample_now or save_now:
+                common.stop_if_diverged(done, loss, energy_pos.mean(), energy_neg.mean(), args.run_dir,
+                                        "Lower --lr or --init-step-size.", also_finite=chains_x)
+            if log_now:
+                metrics = {"loss": loss.item(), "energy_pos": energy_pos.mean().item(),
+                           "energy_neg": energy_neg.mean().item(), "grad_norm": grad_norm.item(),
+                           "lr": optimizer.param_groups[0]["lr"], "mh": int(metropolis),
+                           "frac_chains_t0": (chains_t == 0).float().mean().item(),
+                           "step_min": model.step_size.min().item(),
+                           "step_max": model.step_size.max().item()}
+                if window_rate is not None:
+                    metrics["accept"] = window_rate.item()
+                log.log(done, metrics)
+            if sample_now:
+                with common.own_rng(args.seed + done):
+                    save_pictures(ema or model, args, f"{done:08d}", device, box, chains_x, chains_t)
+            if save_now:
+                checkpoint(done, snapshot=done % args.save_every == 0)
+                guard.saved()
+                guard.exit_if_stopped(args.run_dir, done, "pcd_diffusion_ebm.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")
 
-    # ---- post-training generation (the paper's sampler) and the long-run stability check ----
-    final = ema or model
-    final.eval()
-    try:
-        if common.is_toy(args.dataset):
-            generated, steps_taken = mgms_generate(final, args.sample_chains, args, device)
-            lo, hi = box
-            common.save_panels([common.histogram_2d(generated.cpu(), lo, hi, 200)],
-                               os.path.join(run_dir, "samples_mgms.png"))
-        else:
-            generated, steps_taken = mgms_generate(final, args.n_grid, args, device)
-            common.save_image_grid(generated, os.path.join(run_dir, "samples_mgms.png"))
-        log.log(args.steps, {"post_sampling_mean_langevin_steps": steps_taken.float().mean().item()})
-    except RuntimeError as error:  # the chains did not reach t = 0 often enough; the checkpoint is saved
-        print(f"warning: {error}", file=sys.stderr)
-    if args.long_run_steps > 0:
-        start = (common.toy_2d(args.dataset, args.sample_chains, seed=args.seed + 1) if common.is_toy(args.dataset)
-                 else to_model_space(train_data[: args.n_grid])).to(device)
-        marks = sorted({m for m in (10, 100, 1000, 10_000, 100_000, args.long_run_steps) if m <= args.long_run_steps})
-        records, x_end = long_run(final, start, args.long_run_steps, marks, args.official_mh_ratio)
-        for record in records:
-            log.log(args.steps, {f"long_run_{k}": v for k, v in record.items()})
-        if common.is_toy(args.dataset):
-            lo, hi = box
-            common.save_panels([common.histogram_2d(x_end.cpu(), lo, hi, 200)], os.path.join(run_dir, "long_run.png"))
-        else:
-            common.save_image_grid(x_end, os.path.join(run_dir, "long_run.png"))
+    # ---- after training: the paper's sampler and the long-run stability check ----
+    with common.own_rng(args.seed + args.steps):
+        after_training(ema or model, args, device, box, train_data, log)
 
 
 if __name__ == "__main__":
-    common.run_cli(lambda: main(tyro.cli(Args)))
+    common.run_cli(lambda: main(common.parse_args(Args, "daebm")))

@@ -1,15 +1,105 @@
+"""Shared test helpers: the three method scripts, tiny configurations of each, generated image folders,
+command lines, checkpoint comparison. Test modules import these from here, never from each other."""
 import os
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cdrl  # noqa: E402
+import dcd  # noqa: E402
+import pcd_diffusion_ebm as daebm  # noqa: E402
+
+METHODS = {"daebm": daebm, "cdrl": cdrl, "dcd": dcd}
+SCRIPTS = {"daebm": "pcd_diffusion_ebm.py", "cdrl": "cdrl.py", "dcd": "dcd.py"}
+
+# Tiny configurations (seconds on a CPU) with every lifecycle setting in reach: logs, pictures, saves.
+TINY_2D = {
+    "daebm": dict(dataset="8gaussians", device="cpu", steps=20, batch_size=32, n_chains=64,
+                  langevin_steps=3, mlp_width=16, log_every=5, sample_every=10, save_every=10, mh_start=5,
+                  adapt_every=5, warmup_steps=5, long_run_steps=5, visits_to_keep=1, sample_chains=16),
+    "cdrl": dict(dataset="8gaussians", device="cpu", steps=20, batch_size=32, langevin_steps=3,
+                 ebm_channels=8, init_channels=8, warmup_steps=4, log_every=5, sample_every=10,
+                 save_every=10, n_points=64),
+    "dcd": dict(dataset="8gaussians", device="cpu", steps=20, batch_size=32, mlp_width=16, log_every=5,
+                sample_every=10, save_every=10, n_points=64, sample_langevin_steps=5),
+}
+TINY_IMAGES = {
+    "daebm": dict(device="cpu", steps=6, batch_size=8, n_chains=16, num_levels=3, langevin_steps=2,
+                  channels=8, channel_mult=(1, 2), log_every=2, sample_every=3, save_every=3, mh_start=2,
+                  adapt_every=2, warmup_steps=2, long_run_steps=3, visits_to_keep=1, sample_chains=4,
+                  n_grid=4),
+    "cdrl": dict(device="cpu", steps=6, batch_size=8, langevin_steps=2, ebm_channels=8,
+                 ebm_channel_mult=(1, 2), ebm_blocks=1, init_channels=8, init_channel_mult=(1, 1),
+                 init_blocks=1, warmup_steps=2, log_every=2, sample_every=3, save_every=3, n_grid=4),
+    "dcd": dict(device="cpu", steps=6, batch_size=8, langevin_steps=2, num_levels=2, ebm_channels=8,
+                ebm_channel_mult=(1, 2), ebm_blocks=1, log_every=2, sample_every=3, save_every=3,
+                n_grid=4),
+}
+
+
+def tiny_fields(method: str, run_dir, folder=None, **overrides) -> dict:
+    """The tiny 2D configuration of a method (or the tiny image one on `folder`), with overrides."""
+    fields = dict(TINY_IMAGES[method], dataset=f"folder:{folder}") if folder else dict(TINY_2D[method])
+    fields.update(run_dir=str(run_dir), **overrides)
+    return fields
+
+
+def tiny_args(method: str, run_dir, folder=None, **overrides):
+    return METHODS[method].Args(**tiny_fields(method, run_dir, folder, **overrides))
+
+
+def as_argv(fields: dict) -> list:
+    """Args fields -> command-line flags as a user would type them."""
+    argv = []
+    for key, value in fields.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (tuple, list)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_script(method: str, *argv, **popen):
+    """The method script as a separate process (stdout and stderr captured as text)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, SCRIPTS[method]), *argv],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, **popen)
+
+
+def flatten(tree, prefix=""):
+    """Nested dicts / lists of a state dict -> {dotted name: leaf}."""
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix] = tree
+    return out
+
+
+def assert_same_state(a: dict, b: dict, keys):
+    """Bitwise equality of the named entries of two checkpoints."""
+    for key in keys:
+        flat_a, flat_b = flatten(a[key]), flatten(b[key])
+        assert flat_a.keys() == flat_b.keys(), key
+        for name, value in flat_a.items():
+            same = torch.equal(value, flat_b[name]) if torch.is_tensor(value) else value == flat_b[name]
+            assert same, (key, name)
+
 
 @pytest.fixture(autouse=True)
-def _single_thread_and_seed():
+def _seed():
     torch.manual_seed(0)
     yield
 
@@ -18,7 +108,6 @@ def _single_thread_and_seed():
 def image_folder(tmp_path):
     """40 tiny 8x8 RGB PNGs with some structure (a bright square at a random place)."""
     from PIL import Image
-    import numpy as np
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -29,3 +118,18 @@ def image_folder(tmp_path):
         img[r:r + 3, c:c + 3] = rng.integers(150, 255, size=3)
         Image.fromarray(img).save(folder / f"{i:03d}.png")
     return str(folder)
+
+
+@pytest.fixture
+def class_folder(tmp_path):
+    """Two classes of 8x8 RGB PNGs in subfolders: a bright square top-left (class a) or bottom-right (b)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, corner in (("a", 0), ("b", 5)):
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        for i in range(12):
+            img = np.full((8, 8, 3), 20, dtype=np.uint8)
+            img[corner:corner + 3, corner:corner + 3] = rng.integers(150, 255, size=3)
+            Image.fromarray(img).save(tmp_path / "classes" / name / f"{i:02d}.png")
+    return str(tmp_path / "classes")

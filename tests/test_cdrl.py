@@ -1,10 +1,8 @@
 """CDRL (cdrl.py): schedule constants, network sizes, recovery Langevin, Tweedie, guidance, the cooperative
 update's gradients, smoke runs, resume and failures."""
 import copy
-import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +14,6 @@ import cdrl
 import common
 import eval_fid_ood
 from conftest import ROOT
-from test_daebm import flatten
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -37,22 +34,6 @@ def tiny_image_args(run_dir, folder, **overrides):
                   save_every=3, n_grid=4)
     fields.update(overrides)
     return cdrl.Args(**fields)
-
-
-@pytest.fixture
-def class_folder(tmp_path):
-    """Two classes of 8x8 RGB PNGs in subfolders: a bright square top-left (class a) or bottom-right (b)."""
-    from PIL import Image
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    for name, corner in (("a", 0), ("b", 5)):
-        (tmp_path / "classes" / name).mkdir(parents=True)
-        for i in range(12):
-            img = np.full((8, 8, 3), 20, dtype=np.uint8)
-            img[corner:corner + 3, corner:corner + 3] = rng.integers(150, 255, size=3)
-            Image.fromarray(img).save(tmp_path / "classes" / name / f"{i:02d}.png")
-    return str(tmp_path / "classes")
 
 
 class QuadraticEBM(nn.Module):
@@ -299,7 +280,7 @@ def test_cdrl_step_gradients_closed_form():
     torch.manual_seed(6)
     level = torch.randint(1, 7, (64,))  # the first draw cdrl_step makes
     torch.manual_seed(6)
-    ebm_loss, init_loss, f_pos, f_neg, _, _ = cdrl.cdrl_step(model, x0, None, args, opts)
+    ebm_loss, init_loss, energy_pos, energy_neg, _, _ = cdrl.cdrl_step(model, x0, None, args, opts)
     inputs = model.ebm.inputs
     assert len(inputs) == 1 + args.langevin_steps + 1
     pos, proposal, neg = inputs[0], inputs[1], inputs[-1]
@@ -310,43 +291,12 @@ def test_cdrl_step_gradients_closed_form():
     init_grad = -2 * (neg - proposal).mean(0)
     assert torch.allclose(model.initializer.b.detach(), b0 - init_grad, atol=1e-5)
     assert init_loss.item() == pytest.approx((neg - proposal).pow(2).sum(1).mean().item(), rel=1e-5)
-    assert f_pos.item() == pytest.approx((pos @ theta0).mean().item(), abs=1e-5)
+    assert energy_pos.item() == pytest.approx(-(pos @ theta0).mean().item(), abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------
 # smoke, resume, failures
 # ---------------------------------------------------------------------------------------------------
-def test_smoke_2d_checkpoint_and_eval(tmp_path):
-    args = tiny_2d_args(tmp_path / "run")
-    cdrl.main(args)
-    run = tmp_path / "run"
-    for name in ("ckpt.pt", "ckpt_00000004.pt", "metrics.jsonl", "density_per_level_00000008.png",
-                 "samples_per_level_00000004.png"):
-        assert (run / name).exists(), name
-    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert records[-1]["step"] == 8 and "init_loss" in records[-1]
-    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-    assert ckpt["method"] == "cdrl" and ckpt["step"] == 8 and set(ckpt["ema"]) == set(ckpt["model"])
-    assert set(ckpt["optimizer"]) == {"ebm", "initializer"}
-    results = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run / "ckpt.pt"), device="cpu",
-                                                           n_test=500, grid_resolution=100))
-    assert results["method"] == "cdrl" and math.isfinite(results["nll"])
-    module, loaded_args, model = eval_fid_ood.load_method(ckpt, "cpu")
-    assert module.sample(model, 5, loaded_args, "cpu").shape == (5, 2)
-
-
-def test_smoke_tiny_images(tmp_path, image_folder):
-    args = tiny_image_args(tmp_path / "run", image_folder)
-    cdrl.main(args)
-    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert ckpt["args"]["image_size"] == 8 and ckpt["args"]["hflip"] is True
-    assert (tmp_path / "run" / "samples_00000006.png").exists()
-    module, loaded_args, model = eval_fid_ood.load_method(ckpt, "cpu")
-    out = module.sample(model, 3, loaded_args, "cpu")
-    assert out.shape == (3, 3, 8, 8) and out.abs().max() <= 1
-    assert module.energy(model, out, loaded_args).shape == (3,)
-
-
 def test_smoke_conditional_and_guided_resample(tmp_path, class_folder):
     run = tmp_path / "run"
     cdrl.main(tiny_image_args(run, class_folder, conditional=True))
@@ -367,48 +317,12 @@ def test_folder_labels_follow_subfolders(class_folder):
     assert images[:12, :, 0, 0].float().mean() > images[12:, :, 0, 0].float().mean()  # class a: top-left square
 
 
-def test_resume_is_exact_with_both_optimizers_and_emas(tmp_path, class_folder):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    cdrl.main(tiny_image_args(straight, class_folder, conditional=True, ema_decay=0.9))
-    resumed.mkdir()
-    shutil.copy(straight / "ckpt_00000003.pt", resumed / "ckpt.pt")
-    cdrl.main(tiny_image_args(resumed, class_folder, conditional=True, ema_decay=0.9, resume=True))
-    a = torch.load(straight / "ckpt.pt", weights_only=True)
-    b = torch.load(resumed / "ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 6
-    for key in ("model", "ema", "optimizer", "scheduler", "loader"):
-        flat_a, flat_b = flatten(a[key]), flatten(b[key])
-        assert flat_a.keys() == flat_b.keys()
-        for name, value in flat_a.items():
-            same = torch.equal(value, flat_b[name]) if torch.is_tensor(value) else value == flat_b[name]
-            assert same, (key, name)
-    assert not torch.equal(a["model"]["ebm.conv_in.parametrizations.weight.original"],
-                           a["ema"]["ebm.conv_in.parametrizations.weight.original"])
-
-
-def test_resume_refuses_changed_settings(tmp_path):
-    cdrl.main(tiny_2d_args(tmp_path, steps=4))
-    with pytest.raises(common.UserError, match="step_scale"):
-        cdrl.main(tiny_2d_args(tmp_path, steps=8, step_scale=1e-3, resume=True))
-
-
-def test_nan_run_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
-    # lr 1e30: the first Adam step moves every weight by ~1e30; the unnormalised scales and head overflow
-    args = tiny_2d_args(tmp_path, steps=50, lr=1e30, save_every=1, log_every=1, warmup_steps=0)
-    with pytest.raises(SystemExit) as exit_info:
-        cdrl.main(args)
-    assert exit_info.value.code == 1
-    assert "diverged" in capsys.readouterr().err
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert 1 <= ckpt["step"] < 50
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
-
-
 def run_cli(*argv):
     return subprocess.run([sys.executable, os.path.join(ROOT, "cdrl.py"), *argv],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (("--conditional",), "--conditional needs class labels, and checkerboard has none"),
     (("--guidance", "2"), "--guidance needs a --conditional model"),

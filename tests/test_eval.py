@@ -14,17 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-import cdrl
 import common
-import dcd
 import eval_fid_ood
-import pcd_diffusion_ebm as daebm
-import test_cdrl
-import test_daebm
-import test_dcd
-from conftest import ROOT
-
-METHODS = {"daebm": (daebm, test_daebm), "cdrl": (cdrl, test_cdrl), "dcd": (dcd, test_dcd)}
+from conftest import METHODS, ROOT, tiny_args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,8 +175,8 @@ def test_long_run_multipliers():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_step_multiplier_runs_the_sampler_that_much_longer(method):
     """sample(..., step_multiplier=m) must equal the configured sampler with m times the steps."""
-    module, tests = METHODS[method]
-    args = tests.tiny_2d_args("unused")
+    module = METHODS[method]
+    args = tiny_args(method, "unused")
     model = module.build_model(args).eval()
     longer = dict(visits_to_keep=3 * args.visits_to_keep, max_transitions=3 * args.max_transitions) \
         if method == "daebm" else dict(sample_langevin_steps=3 * args.sample_langevin_steps)
@@ -199,8 +191,8 @@ def test_step_multiplier_runs_the_sampler_that_much_longer(method):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_eval_2d_checkpoint_of_every_method(tmp_path, method):
-    module, tests = METHODS[method]
-    module.main(tests.tiny_2d_args(tmp_path, steps=8, save_every=4))
+    module = METHODS[method]
+    module.main(tiny_args(method, tmp_path, steps=8, save_every=4))
     results = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(tmp_path / "ckpt.pt"), device="cpu", n_test=2000,
                                                           grid_resolution=200, long_run=2, long_run_samples=300))
     saved = json.load(open(tmp_path / "eval.json"))
@@ -263,6 +255,7 @@ class Uint8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
+@pytest.mark.slow
 def test_fid_pipeline_self_zero_rising_with_noise_and_equal_to_torch_fidelity(tmp_path, image_folder,
                                                                              random_inception):
     small = tmp_path / "small"  # 16 of the images: the CPU Inception takes ~0.15 s per image
@@ -322,9 +315,9 @@ def test_ood_sets_take_the_model_shape():
 
 
 def image_checkpoint(tmp_path, method, folder):
-    module, tests = METHODS[method]
+    module = METHODS[method]
     run = tmp_path / "run"
-    module.main(tests.tiny_image_args(run, folder))
+    module.main(tiny_args(method, run, folder))
     return run
 
 
@@ -342,6 +335,7 @@ def other_folder(tmp_path):
     return str(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_eval_image_checkpoint_of_every_method(tmp_path, method, image_folder, other_folder, random_inception):
     run = image_checkpoint(tmp_path, method, image_folder)
@@ -388,6 +382,7 @@ def test_eval_rejects_missing_corrupt_foreign_and_unknown_checkpoints(tmp_path):
         eval_fid_ood.EvalArgs(ckpt="x", ood=("imagenet",))
 
 
+@pytest.mark.slow
 def test_unavailable_ood_set_fails_with_one_line_and_keeps_partial_results(tmp_path, image_folder):
     run = image_checkpoint(tmp_path, "dcd", image_folder)
     ckpt = str(run / "ckpt.pt")

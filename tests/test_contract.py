@@ -1,0 +1,338 @@
+"""The contract every method script keeps (DESIGN.md: run lifecycle, checkpoints, public API, failures),
+one test per behaviour, parametrized over the three methods."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, METHODS, SCRIPTS, as_argv, assert_same_state, tiny_args, tiny_fields
+
+import common
+import eval_fid_ood
+
+ALL = pytest.mark.parametrize("method", sorted(METHODS))
+SHARED_METRICS = {"loss", "energy_pos", "energy_neg", "grad_norm", "lr", "it_per_s"}
+# settings that make the first Adam step overflow the energies
+DIVERGING = {"daebm": dict(lr=1e30, warmup_steps=0), "cdrl": dict(lr=1e30, warmup_steps=0),
+             "dcd": dict(lr=1e30, grad_clip=0.0)}
+
+
+def cli(method, argv):
+    """main() through the real command-line path (tyro, --resume resolution, one-line errors)."""
+    module = METHODS[method]
+    common.run_cli(lambda: module.main(common.parse_args(module.Args, method, argv)))
+
+
+def cli_error(method, argv, capsys) -> str:
+    """The one stderr line of a refused command (exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli(method, argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def folder_snapshot(run_dir):
+    return {name: open(os.path.join(run_dir, name), "rb").read() for name in sorted(os.listdir(run_dir))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# smoke: training, checkpoint round trip, evaluation through the public API
+# ---------------------------------------------------------------------------------------------------
+@ALL
+def test_smoke_2d_checkpoint_round_trip_and_eval(method, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_args(method, run)
+    METHODS[method].main(args)
+    for name in ("ckpt.pt", "ckpt_00000010.pt", "metrics.jsonl", "args.json"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    training = [r for r in records if "loss" in r]
+    assert [r["step"] for r in training] == [5, 10, 15, 20]
+    assert all(SHARED_METRICS <= set(r) and math.isfinite(r["loss"]) for r in training)
+    assert json.load(open(run / "args.json")) == common.args_to_dict(args)
+    ckpt = load(run / "ckpt.pt")
+    assert ckpt["method"] == method and ckpt["step"] == 20
+    assert ckpt["box"] == pytest.approx(common.data_box(common.toy_2d("8gaussians", 50_000, seed=1)))
+    if ckpt["ema"] is not None:
+        assert set(ckpt["ema"]) == set(ckpt["model"])
+    # the evaluator takes the run folder for its ckpt.pt
+    results = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run), device="cpu", n_test=500,
+                                                           grid_resolution=100))
+    assert results["method"] == method and math.isfinite(results["nll"])
+    assert (run / "eval.json").exists()
+    module, loaded_args, model = eval_fid_ood.load_method(ckpt, "cpu")
+    assert module.sample(model, 5, loaded_args, "cpu").shape == (5, 2)
+    assert module.energy(model, torch.zeros(3, 2), loaded_args).shape == (3,)
+
+
+@ALL
+def test_smoke_tiny_images_and_samples_without_training_data(method, tmp_path, image_folder):
+    run = tmp_path / "run"
+    METHODS[method].main(tiny_args(method, run, image_folder))
+    ckpt = load(run / "ckpt.pt")
+    assert ckpt["args"]["image_size"] == 8 and ckpt["box"] is None
+    module, loaded_args, model = eval_fid_ood.load_method(ckpt, "cpu")
+    out = module.sample(model, 3, loaded_args, "cpu")
+    assert out.shape == (3, 3, 8, 8) and out.abs().max() <= 1
+    assert module.energy(model, out, loaded_args).shape == (3,)
+    for name in os.listdir(image_folder):  # the sample-only path needs no training data
+        os.remove(os.path.join(image_folder, name))
+    eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run), device="cpu", save_samples=5, batch_size=2))
+    samples = np.load(run / "samples.npz")["samples"]
+    assert samples.shape == (5, 3, 8, 8) and np.abs(samples).max() <= 1
+    assert (run / "samples.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# resume: exact after an interrupt, exact when extending a finished run, settings from the checkpoint
+# ---------------------------------------------------------------------------------------------------
+def interrupt_at(monkeypatch, iteration: int):
+    """Send this process SIGTERM during the given training iteration (1-based): every script reads its
+    batch through common.to_model_space once per iteration."""
+    calls = {"n": 0}
+    original = common.to_model_space
+
+    def to_model_space(batch):
+        calls["n"] += 1
+        if calls["n"] == iteration:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(batch)
+
+    monkeypatch.setattr(common, "to_model_space", to_model_space)
+
+
+@ALL
+def test_sigterm_saves_and_resume_is_exact(method, tmp_path, monkeypatch, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    METHODS[method].main(tiny_args(method, straight))
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 7)
+        with pytest.raises(SystemExit) as exit_info:
+            METHODS[method].main(tiny_args(method, stopped))
+    assert exit_info.value.code == 143
+    err = capsys.readouterr().err
+    assert f"python {SCRIPTS[method]} --resume --run-dir {stopped}" in err
+    assert load(stopped / "ckpt.pt")["step"] == 7
+    cli(method, ["--resume", "--run-dir", str(stopped)])
+    a, b = load(straight / "ckpt.pt"), load(stopped / "ckpt.pt")
+    assert a["step"] == b["step"] == 20
+    assert_same_state(a, b, [k for k in a if k not in ("args", "box")])
+    steps = [json.loads(line)["step"] for line in open(stopped / "metrics.jsonl") if '"loss"' in line]
+    assert steps == [5, 10, 15, 20]
+
+
+@ALL
+def test_extending_a_finished_run(method, tmp_path):
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    METHODS[method].main(tiny_args(method, straight))
+    METHODS[method].main(tiny_args(method, extended, steps=10))
+    cli(method, ["--resume", "--run-dir", str(extended), "--steps", "20"])
+    a, b = load(straight / "ckpt.pt"), load(extended / "ckpt.pt")
+    assert b["step"] == 20 and b["args"]["steps"] == 20
+    if method != "daebm":
+        assert_same_state(a, b, [k for k in a if k not in ("args", "box")])
+        return
+    # DA-EBM's decays are fractions of --steps: the extended run follows the new schedule from step 10
+    args = METHODS[method].Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in b["args"].items()})
+    lrs = {json.loads(line)["step"]: json.loads(line)["lr"] for line in open(extended / "metrics.jsonl")
+           if '"loss"' in line}
+    assert [lrs[s] for s in (15, 20)] == pytest.approx(
+        [args.lr * METHODS[method].lr_factor(s, args) for s in (15, 20)], rel=1e-12)
+    assert lrs[15] > lrs[10]  # the 10-step run had decayed fully; the 20-step schedule is behind it
+
+
+@ALL
+def test_pictures_do_not_change_the_trained_weights(method, tmp_path):
+    METHODS[method].main(tiny_args(method, tmp_path / "rare", sample_every=1000))
+    METHODS[method].main(tiny_args(method, tmp_path / "often", sample_every=3))
+    a, b = load(tmp_path / "rare" / "ckpt.pt"), load(tmp_path / "often" / "ckpt.pt")
+    assert_same_state(a, b, ["model", "ema", "optimizer", "rng"])
+
+
+@ALL
+def test_resume_alone_takes_every_setting_from_the_checkpoint(method, tmp_path):
+    run = tmp_path / "run"
+    fields = tiny_fields(method, run, steps=10, seed=7)
+    cli(method, as_argv(fields))
+    resumed = common.parse_args(METHODS[method].Args, method,
+                                ["--resume", "--run-dir", str(run), "--steps", "12", "--log-every", "3"])
+    expected = dict(load(run / "ckpt.pt")["args"], steps=12, log_every=3, resume=True)
+    assert common.args_to_dict(resumed) == expected
+
+
+@ALL
+def test_resume_refuses_changed_method_settings_naming_all(method, tmp_path, capsys):
+    run = tmp_path / "run"
+    cli(method, as_argv(tiny_fields(method, run, steps=10)))
+    before = folder_snapshot(run)
+    line = cli_error(method, ["--resume", "--run-dir", str(run), "--seed", "9", "--batch-size", "16",
+                              "--steps", "20"], capsys)
+    assert "seed is 9" in line and "batch_size is 16" in line and "steps" not in line.split(".")[0]
+    assert folder_snapshot(run) == before
+
+
+@ALL
+def test_new_run_refuses_a_folder_with_a_checkpoint(method, tmp_path, capsys):
+    run = tmp_path / "run"
+    cli(method, as_argv(tiny_fields(method, run, steps=10)))
+    before = folder_snapshot(run)
+    line = cli_error(method, as_argv(tiny_fields(method, run, steps=5)), capsys)
+    assert str(run) in line and "--resume" in line
+    assert folder_snapshot(run) == before
+
+
+@ALL
+def test_resume_removes_debris_and_cuts_metrics_back(method, tmp_path):
+    run = tmp_path / "run"
+    METHODS[method].main(tiny_args(method, run, steps=10, save_every=5, log_every=1))
+    # a crash after step 5's save: later records exist, ckpt.pt is step 5, a save left its temp file
+    os.replace(run / "ckpt_00000005.pt", run / "ckpt.pt")
+    (run / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
+    cli(method, ["--resume", "--run-dir", str(run)])
+    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
+    assert steps == list(range(1, 11))
+    assert not [name for name in os.listdir(run) if name.endswith(".tmp")]
+
+
+@ALL
+def test_wall_clock_saves(method, tmp_path, monkeypatch):
+    saves = []
+    original = common.save_checkpoint
+    monkeypatch.setattr(common, "save_checkpoint", lambda state, *a, **k: (saves.append(state["step"]),
+                                                                           original(state, *a, **k)))
+    METHODS[method].main(tiny_args(method, tmp_path / "a", steps=6, save_every=1000, save_minutes=0.0))
+    assert saves == [6]
+    saves.clear()
+    METHODS[method].main(tiny_args(method, tmp_path / "b", steps=6, save_every=1000, save_minutes=1e-9))
+    assert saves == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------------------------------------
+# failures: divergence, bad input, full disk
+# ---------------------------------------------------------------------------------------------------
+@ALL
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(method, tmp_path, capsys):
+    args = tiny_args(method, tmp_path, steps=50, save_every=1, log_every=1, **DIVERGING[method])
+    with pytest.raises(SystemExit) as exit_info:
+        METHODS[method].main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    ckpt = load(tmp_path / "ckpt.pt")
+    assert 1 <= ckpt["step"] < 50
+    assert f"diverged by step {ckpt['step'] + 1}" in err and f"(step {ckpt['step']}) is kept" in err
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_divergence_before_any_save_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        METHODS["dcd"].main(tiny_args("dcd", tmp_path, steps=50, save_every=100, log_every=1,
+                                      **DIVERGING["dcd"]))
+    assert "no checkpoint was written" in capsys.readouterr().err
+
+
+@ALL
+def test_missing_data_is_checked_before_the_run_folder_exists(method, tmp_path, capsys):
+    run = tmp_path / "run"
+    line = cli_error(method, ["--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"), "--device", "cpu",
+                              "--run-dir", str(run)], capsys)
+    assert "mnist data not found" in line
+    assert not run.exists()
+
+
+@ALL
+def test_unwritable_run_folder_is_refused_at_start(method, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    line = cli_error(method, as_argv(tiny_fields(method, tmp_path / "a_file" / "run")), capsys)
+    assert "cannot create run folder" in line
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(common.tempfile, "TemporaryFile", read_only)
+    line = cli_error(method, as_argv(tiny_fields(method, tmp_path / "run")), capsys)
+    assert "cannot write to run folder" in line and "Permission denied" in line
+
+
+@ALL
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(method, tmp_path, capsys, monkeypatch):
+    original, calls = torch.save, {"n": 0}
+
+    def save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # step 5's ckpt.pt and snapshot succeed, step 10's fail
+            open(path, "wb").write(b"partial")
+            raise OSError(28, "No space left on device")
+        return original(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    line = cli_error(method, as_argv(tiny_fields(method, tmp_path, steps=10, save_every=5)), capsys)
+    assert "No space left on device" in line and "previous checkpoint is kept" in line
+    assert load(tmp_path / "ckpt.pt")["step"] == 5
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+@ALL
+@pytest.mark.parametrize("device, message", [("mps", "not supported"), ("tpu", "not supported"),
+                                             ("cuda:0", "CUDA is not available")])
+def test_unavailable_device_is_one_line(method, device, message, tmp_path, capsys):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = cli_error(method, ["--device", device, "--run-dir", str(tmp_path / "run")], capsys)
+    assert message in line and not (tmp_path / "run").exists()
+
+
+@ALL
+def test_checkpoint_from_another_version_names_the_fields(method, tmp_path, capsys):
+    run = tmp_path / "run"
+    METHODS[method].main(tiny_args(method, run, steps=5))
+    ckpt = load(run / "ckpt.pt")
+    ckpt["args"]["retired_option"] = 3
+    del ckpt["args"]["save_minutes"]
+    torch.save(ckpt, run / "ckpt.pt")
+    capsys.readouterr()
+    line = cli_error(method, ["--resume", "--run-dir", str(run)], capsys)
+    assert "retired_option" in line and "save_minutes" in line
+    with pytest.raises(common.UserError, match="retired_option"):
+        eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run), device="cpu"))
+
+
+@ALL
+def test_help_shows_the_real_defaults(method, capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args(METHODS[method].Args, method, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    steps = METHODS[method].PRESETS
+    assert f"(default: 2d {steps['2d']['steps']}, images {steps['images']['steps']})" in out
+    assert "--steps INT" in out and "--save-minutes FLOAT" in out
+
+
+@ALL
+@pytest.mark.slow
+def test_real_sigterm_from_outside(method, tmp_path):
+    """A separate process, stopped by a real SIGTERM: it saves, says how to resume, exits 143."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, SCRIPTS[method]),
+         *as_argv(tiny_fields(method, run, steps=100_000, log_every=1, sample_every=100_000))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "--resume --run-dir" in err
+    assert load(run / "ckpt.pt")["step"] >= 1

@@ -526,6 +526,16 @@ def guided(cond, uncond, guidance: float):
     return (1 + guidance) * cond() - guidance * uncond()
 
 
+def energy_and_grad(model: CDRL, y, temb, guidance: float = 0.0, temb_null=None):
+    """The energy -f(y) (the network's output before the 1/s² scale, guided by w = guidance with the null
+    class's embedding temb_null) and its gradient in y, without touching parameter gradients."""
+    with torch.enable_grad():
+        y = y.detach().requires_grad_(True)
+        f = guided(lambda: model.ebm(y, temb), lambda: model.ebm(y, temb_null), guidance)
+        (grad,) = torch.autograd.grad(f.sum(), y)
+    return -f.detach(), -grad
+
+
 def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guidance: float = 0.0):
     """n_steps of Langevin on the recovery density f(y)/s² - ||y - x_noisy||²/(2σ²) (the marginal f(y)/s² at
     the top level), step s²:  y <- y + ½∇f(y) - q (y - x_noisy) + s ε with q = step_scale c² / 2 (0 at the top).
@@ -538,11 +548,8 @@ def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guid
     y = y.detach()
     with parametrize.cached():  # spectral-normalised weights computed once for the whole run
         for _ in range(n_steps):
-            with torch.enable_grad():
-                y_var = y.requires_grad_(True)
-                f = guided(lambda: model.ebm(y_var, temb), lambda: model.ebm(y_var, temb_null), guidance)
-                (grad,) = torch.autograd.grad(f.sum(), y_var)
-            y = (y.detach() + 0.5 * grad - quad * (y.detach() - x_noisy) + step * torch.randn_like(y)).detach()
+            _, grad = energy_and_grad(model, y, temb, guidance, temb_null)  # grad = -∇f
+            y = y - 0.5 * grad - quad * (y - x_noisy) + step * torch.randn_like(y)
     return y
 
 
@@ -559,24 +566,27 @@ def tweedie_step(model: CDRL, x, labels, guidance: float, exact: bool):
     return ((x + (1 - model.alpha_bar[0]) * score) / model.alpha_bar[0].sqrt()).detach()
 
 
-def generate(model: CDRL, noise, labels, langevin_steps: int, guidance: float, exact_tweedie: bool,
+def generate(model: CDRL, n: int, args, device, step_multiplier: int = 1, labels=None,
              keep_levels: bool = False):
-    """The paper's sampler from x_L = noise: for i = L..1, y = g(x_i) + proposal noise, Langevin on the
-    recovery density, x_{i-1} = y / α_mul; then one Tweedie step. Returns x_0 (and x_{L-1}..x_0 if keep_levels)."""
-    x, per_level = noise, []
+    """The paper's sampler from x_L ~ N(0, I): for i = L..1, y = g(x_i) + proposal noise, Langevin on the
+    recovery density (step_multiplier x --sample-langevin-steps, --guidance), x_{i-1} = y / α_mul; then one
+    Tweedie step. Returns x_0 (and x_{L-1}..x_0 if keep_levels)."""
+    x, per_level = torch.randn((n,) + sample_shape(args), device=device), []
     progress = common.Progress("sampler, levels", model.num_levels, interval=30, quiet=True)
     for i in range(model.num_levels, 0, -1):
         level = torch.full((len(x),), i, dtype=torch.long, device=x.device)
         with torch.no_grad():
             mean = guided(lambda: model.initializer(x, model.logsnr[level], labels),
-                          lambda: model.initializer(x, model.logsnr[level], torch.zeros_like(labels)), guidance)
+                          lambda: model.initializer(x, model.logsnr[level], torch.zeros_like(labels)),
+                          args.guidance)
         y = mean + as_batch(model.proposal_std[level], x) * torch.randn_like(x)
-        y = recovery_langevin(model, y, x, level, labels, langevin_steps, guidance)
+        y = recovery_langevin(model, y, x, level, labels, args.sample_langevin_steps * step_multiplier,
+                              args.guidance)
         x = y / model.alpha_mul[i]
         if keep_levels:
             per_level.append(x)
         progress.update(1)
-    x = tweedie_step(model, x, labels, guidance, exact_tweedie)
+    x = tweedie_step(model, x, labels, args.guidance, args.exact_tweedie)
     return (x, per_level) if keep_levels else x
 
 
@@ -670,10 +680,8 @@ def sample(model: CDRL, n: int, args, device, step_multiplier: int = 1) -> torch
     labels = sample_labels(n, args, device)
     for first in range(0, n, args.sample_batch):
         count = min(args.sample_batch, n - first)
-        batch = generate(model, torch.randn((count,) + sample_shape(args), device=device),
-                         None if labels is None else labels[first:first + count],
-                         args.sample_langevin_steps * step_multiplier,
-                         args.guidance, args.exact_tweedie)
+        batch = generate(model, count, args, device, step_multiplier,
+                         None if labels is None else labels[first:first + count])
         out.append(batch if common.is_toy(args.dataset) else batch.clamp(-1, 1))
     return torch.cat(out)
 
@@ -710,10 +718,8 @@ def save_pictures(model: CDRL, args, tag, device, box):
                 null = torch.zeros_like(level) if args.conditional else None
                 logits = model.f(model.alpha_mul[i] * grid, level, null) / model.step_sq[i]
                 densities.append(torch.softmax(logits, 0).view(200, 200).cpu())
-        noise = torch.randn(args.n_points, 2, device=device)
-        x, per_level = generate(model, noise, sample_labels(args.n_points, args, device),
-                                args.sample_langevin_steps, args.guidance, args.exact_tweedie,
-                                keep_levels=True)
+        x, per_level = generate(model, args.n_points, args, device,
+                                labels=sample_labels(args.n_points, args, device), keep_levels=True)
         common.save_panels(densities, os.path.join(args.run_dir, f"density_per_level_{tag}.png"))
         common.save_panels([common.histogram_2d(p.cpu(), lo, hi, 200) for p in per_level[::-1]] +
                            [common.histogram_2d(x.cpu(), lo, hi, 200)],

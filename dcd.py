@@ -368,11 +368,13 @@ def diffuse(model: DCD, x0, level, noise):
 # ===================================================================================================
 # SAMPLER
 # ===================================================================================================
-def energy_grad(model: DCD, x, level):
-    """∇_x E_θ(x, t) without touching parameter gradients."""
+def energy_and_grad(model: DCD, x, level):
+    """E_θ(x, t) and its gradient in x, without touching parameter gradients."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        return torch.autograd.grad(model.energy(x, level).sum(), x)[0]
+        energy = model.energy(x, level)
+        (grad,) = torch.autograd.grad(energy.sum(), x)
+    return energy.detach(), grad
 
 
 def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: float):
@@ -382,7 +384,8 @@ def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: flo
     step = step_ratio * (b / a) ** 2
     x, total = y / a, torch.zeros_like(y)
     for k in range(n_steps):
-        grad_log_post = -energy_grad(model, x, level) - a * (a * x - y) / b ** 2
+        _, grad = energy_and_grad(model, x, level)
+        grad_log_post = -grad - a * (a * x - y) / b ** 2
         x = x + 0.5 * step * grad_log_post + step ** 0.5 * torch.randn_like(x)
         if k >= n_steps // 2:
             total += x
@@ -392,13 +395,16 @@ def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: flo
 def model_langevin(model: DCD, x, level, n_steps: int, step: float):
     """n_steps of unadjusted Langevin on p_θ(x, t) itself: x ← x - η/2 ∇E + sqrt(η) ξ (CD's kernel)."""
     for _ in range(n_steps):
-        x = x - 0.5 * step * energy_grad(model, x, level) + math.sqrt(step) * torch.randn_like(x)
+        _, grad = energy_and_grad(model, x, level)
+        x = x - 0.5 * step * grad + math.sqrt(step) * torch.randn_like(x)
     return x
 
 
-def generate(model: DCD, n: int, shape, args, device, langevin_steps: int):
-    """One-level model: langevin_steps Langevin steps on p_θ from N(0, I). Ladder: x_L from the wide Gaussian,
-    then each level t = L-1 .. 0 from the posterior given x_{t+1} (langevin_steps each); returns x_0 / signal_0."""
+def generate(model: DCD, n: int, args, device, step_multiplier: int = 1):
+    """One-level model: step_multiplier x --sample-langevin-steps Langevin steps on p_θ from N(0, I). Ladder:
+    x_L from the wide Gaussian, then each level t = L-1 .. 0 from the posterior given x_{t+1} (that many
+    steps each); returns x_0 / signal_0."""
+    shape, langevin_steps = sample_shape(args), args.sample_langevin_steps * step_multiplier
     if model.num_levels == 1:
         level = torch.zeros(n, dtype=torch.long, device=device)
         return model_langevin(model, torch.randn((n,) + shape, device=device), level, langevin_steps,
@@ -505,8 +511,7 @@ def sample(model: DCD, n: int, args, device, step_multiplier: int = 1) -> torch.
     model.eval()
     out = []
     for first in range(0, n, args.sample_batch):
-        batch = generate(model, min(args.sample_batch, n - first), sample_shape(args), args, device,
-                         args.sample_langevin_steps * step_multiplier)
+        batch = generate(model, min(args.sample_batch, n - first), args, device, step_multiplier)
         out.append(batch if common.is_toy(args.dataset) else batch.clamp(-1, 1))
     return torch.cat(out)
 

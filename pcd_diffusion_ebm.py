@@ -202,11 +202,11 @@ common.show_preset_defaults(Args, PRESETS)
 # ===================================================================================================
 # NETWORK
 # ===================================================================================================
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer steps (DDPM / tensor2tensor form)."""
+def sinusoidal_embedding(time: torch.Tensor, dim: int) -> torch.Tensor:
+    """DDPM / tensor2tensor sinusoidal embedding of the (integer) diffusion step."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
-    angles = t.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=time.device, dtype=torch.float32) / (half - 1))
+    angles = time.float()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], 1)
 
 
@@ -247,7 +247,7 @@ class ResNetTemb(nn.Module):
     def level_table(self):
         """Per level t = 0..T: each block's per-channel bias and the final projection."""
         levels = torch.arange(self.num_levels + 1, device=self.conv_in.weight.device)
-        temb_act = F.silu(self.temb_dense(timestep_embedding(levels, self.ch)))
+        temb_act = F.silu(self.temb_dense(sinusoidal_embedding(levels, self.ch)))
         return [block.temb_proj(temb_act) for block in self.blocks] + [self.temb_final(temb_act)]
 
     def forward(self, x, t, table=None):
@@ -275,7 +275,7 @@ class GatedMLP(nn.Module):
     def level_table(self):
         """Per level t = 0..T: the three gates."""
         levels = torch.arange(self.num_levels + 1, device=self.out.weight.device)
-        temb_act = F.softplus(self.temb_dense(timestep_embedding(levels, self.width)))
+        temb_act = F.softplus(self.temb_dense(sinusoidal_embedding(levels, self.width)))
         return [self.gate1(temb_act), self.gate2(temb_act), self.gate3(temb_act)]
 
     def forward(self, x, t, table=None):
@@ -347,14 +347,18 @@ def initial_step_sizes(args, betas: torch.Tensor) -> torch.Tensor:
 
 def diffuse(model: DAEBM, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (eq. of the forward process; t = 0 returns x_0)."""
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    return model.sqrt_alpha_bar[t].view(shape) * x0 + model.sqrt_one_minus_alpha_bar[t].view(shape) * noise
+    return as_batch(model.sqrt_alpha_bar[t], x0) * x0 + as_batch(model.sqrt_one_minus_alpha_bar[t], x0) * noise
+
+
+def as_batch(per_example: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return per_example.view(-1, *[1] * (like.dim() - 1))
 
 
 # ===================================================================================================
 # SAMPLER
 # ===================================================================================================
 def energy_and_grad(model: DAEBM, x: torch.Tensor, t: torch.Tensor, table):
+    """U(x, t) and its gradient in x, without touching parameter gradients."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         u = model.energy(x, t, table)
@@ -369,7 +373,7 @@ def langevin(model: DAEBM, x, t, n_steps: int, metropolis: bool, official_ratio:
     standard-normal draw that the reverse proposal x' -> x would need. `stats` = (sum, count) tensors of size
     T+1 that accumulate the acceptance probability per level, on the device (no host sync in the loop).
     """
-    s = model.step_size[t].view((-1,) + (1,) * (x.dim() - 1))
+    s = as_batch(model.step_size[t], x)
     reverse_coef = s * s / 2 if official_ratio else s / 2
     with torch.no_grad():
         table = model.net.level_table()  # depends on t only: once per call, not once per step
@@ -410,7 +414,7 @@ def mgms_transition(model: DAEBM, x, t, args, metropolis: bool, stats=None):
     return x, gibbs_level(model, x)
 
 
-def mgms_generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1, max_transitions=None):
+def generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1, max_transitions=None):
     """The paper's post-training sampler: chains start at N(0, I) with t = T and run MGMS transitions
     (MALA on); a chain's x is kept at its M-th visit to t = 0, and that chain restarts from noise at t = T.
     step_multiplier m keeps it at the (m M)-th visit instead (about m times the transitions), the
@@ -535,7 +539,7 @@ def sample(model: DAEBM, n: int, args, device, step_multiplier: int = 1) -> torc
     if args.sampler == "annealed":
         samples = annealed_generate(model, n, args, device, step_multiplier).detach()
     else:
-        samples, _ = mgms_generate(model, n, args, device, step_multiplier)
+        samples, _ = generate(model, n, args, device, step_multiplier)
         if len(samples) < n:
             raise RuntimeError(f"post-training sampler kept {len(samples)}/{n} chains in "
                                f"{args.max_transitions * step_multiplier} transitions; raise "
@@ -586,7 +590,7 @@ def after_training(model: DAEBM, args, device, box, train_data, log):
     model.eval()
     if args.final_samples:
         n = args.sample_chains if common.is_toy(args.dataset) else args.n_grid
-        generated, steps_taken = mgms_generate(model, n, args, device,
+        generated, steps_taken = generate(model, n, args, device,
                                                max_transitions=min(args.max_transitions, args.steps))
         if len(generated) < n:
             print(f"warning: the MGMS sampler kept {len(generated)} of {n} chains within "

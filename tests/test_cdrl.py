@@ -185,11 +185,12 @@ def tiny_conditional_model(seed=0):
 def test_guidance_zero_ignores_the_null_class_and_nonzero_uses_it():
     model, args = tiny_conditional_model()
     labels = torch.tensor([1, 2, 3, 10])
-    noise = torch.randn(4, 3, 8, 8)
 
     def draw(m, w):
-        torch.manual_seed(1)
-        return cdrl.generate(m, noise, labels, 3, w, False)
+        torch.manual_seed(1)  # the same noise for every draw
+        guided_args = copy.copy(args)
+        guided_args.sample_langevin_steps, guided_args.guidance = 3, w
+        return cdrl.generate(m, 4, guided_args, "cpu", labels=labels)
 
     # a copy whose networks answer differently for the null class (label 0) only, in both networks
     scrambled = copy.deepcopy(model)

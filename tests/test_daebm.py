@@ -203,14 +203,14 @@ def test_all_levels_logits_match_per_level_calls(image_folder):
         assert torch.allclose(batched, looped, atol=1e-5)
 
 
-def test_mgms_generate_keeps_chains_at_their_mth_visit():
+def test_mgms_sampler_keeps_chains_at_their_mth_visit():
     # a model whose Gibbs draw always returns t = 0 (level 0 has all the mass): a chain visits t = 0 on
     # every transition, so it is kept after exactly M transitions of K steps
     coefs = torch.zeros(3, 2)
     model = daebm.DAEBM(LinearLevelNet(coefs), 2, 1e-2, 3e-1, torch.full((3,), 0.1))
     model.all_levels_logits = lambda x, table=None: torch.tensor([0.0, -1e9, -1e9]).expand(len(x), 3)
     args = tiny_2d_args("unused", num_levels=2, visits_to_keep=3, langevin_steps=4, sample_chains=5)
-    samples, steps = daebm.mgms_generate(model, 12, args, "cpu")
+    samples, steps = daebm.generate(model, 12, args, "cpu")
     assert samples.shape == (12, 2) and torch.all(steps == 12)
 
 
@@ -257,7 +257,7 @@ def test_level_table_equals_per_row_embedding():
     model = daebm.build_model(tiny_2d_args("unused"))
     net = model.net
     x, t = torch.randn(7, 2), torch.arange(7)
-    temb_act = torch.nn.functional.softplus(net.temb_dense(daebm.timestep_embedding(t, net.width)))
+    temb_act = torch.nn.functional.softplus(net.temb_dense(daebm.sinusoidal_embedding(t, net.width)))
     h = torch.nn.functional.softplus(net.lin1(x) * net.gate1(temb_act))
     h = torch.nn.functional.softplus(net.lin2(h)) * net.gate2(temb_act)
     h = torch.nn.functional.softplus(net.lin3(h)) * net.gate3(temb_act)

@@ -235,7 +235,8 @@ def test_ladder_sampler_walks_down_every_level(kernel):
     args = dcd.Args(dataset="celeba", kernel=kernel, step_ratio=1.0, sample_langevin_steps=1, num_levels=3)
     model = dcd.DCD(ZeroEnergy(), dcd.level_tables(args)).double()
     torch.manual_seed(0)
-    out = dcd.generate(model, 40_000, (1,), args, "cpu", args.sample_langevin_steps).double()
+    args.image_channels, args.image_size = 1, 1  # one pixel: 40,000 scalar draws
+    out = dcd.generate(model, 40_000, args, "cpu").double()
     var = model.noise[-1] ** 2 + model.signal[-1] ** 2
     for t in reversed(range(3)):
         var = (var + model.kernel_b[t] ** 2) / model.kernel_a[t] ** 2

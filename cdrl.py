@@ -1,45 +1,54 @@
-"""CDRL: Learning Energy-Based Models by Cooperative Diffusion Recovery Likelihood (Zhu, Xie, Wu, Gao 2023,
-arXiv 2309.05153, ICLR 2024).
+"""CDRL: Learning Energy-Based Models by Cooperative Diffusion Recovery Likelihood (Zhu, Xie, Wu,
+Gao 2023, arXiv 2309.05153, ICLR 2024).
 
-A Gaussian diffusion x_0 -> x_1 -> ... -> x_L (L = 6 levels, cosine log-SNR schedule) splits a hard EBM into L
-easy ones. At level i one EBM f_θ(y, i) models y = α_mul x_{i-1} (α_mul = sqrt(ᾱ_i / ᾱ_{i-1})), and what is
-learned is the recovery likelihood of the cleaner sample given the noisier one,
-    log p(y | x_i) = f_θ(y, i) / s_i² - ||y - x_i||² / (2 σ_i²) + const,      (DRL, Gao et al. 2021, eq. 6)
-whose quadratic term makes the conditional nearly Gaussian and short-run Langevin good enough. At the noisiest
-level the quadratic term is dropped (a plain marginal EBM). The energy is divided by the Langevin step size
-s_i² ("normalised by step size", CDRL appendix A.2), so the Langevin drift on f is ½∇f at every level. Training
-is cooperative: an initializer network g_φ (a U-Net) proposes y from x_i, K = 15 Langevin steps of the
-recovery density refine the proposal, the EBM does maximum recovery likelihood with the refined samples as
-negatives (loss = mean_i w_i (f(neg) - f(pos)), w_i = σ_1 / σ_i), and the initializer regresses its proposal
-onto the refined samples (it learns to amortise the MCMC). Sampling runs from noise level by level: proposal,
-Langevin, divide by α_mul; then one Tweedie denoising step. The energy at the lowest level scores OOD inputs.
+A Gaussian diffusion x_0 -> x_1 -> ... -> x_L (L = 6 levels, cosine log-SNR schedule) splits a hard
+EBM into L easy ones. At level i one EBM f_θ(y, i) models y = α_mul x_{i-1} (α_mul = sqrt(ᾱ_i /
+ᾱ_{i-1})), and what is learned is the recovery likelihood of the cleaner sample given the noisier
+one,
+    log p(y | x_i) = f_θ(y, i) / s_i² - ||y - x_i||² / (2 σ_i²) + const,      (DRL, Gao et al. 2021,
+    eq. 6)
+whose quadratic term makes the conditional nearly Gaussian and short-run Langevin good enough. At
+the noisiest level the quadratic term is dropped (a plain marginal EBM). The energy is divided by
+the Langevin step size s_i² ("normalised by step size", CDRL appendix A.2), so the Langevin drift on
+f is ½∇f at every level. Training is cooperative: an initializer network g_φ (a U-Net) proposes y
+from x_i, K = 15 Langevin steps of the recovery density refine the proposal, the EBM does maximum
+recovery likelihood with the refined samples as negatives (loss = mean_i w_i (f(neg) - f(pos)), w_i
+= σ_1 / σ_i), and the initializer regresses its proposal onto the refined samples (it learns to
+amortise the MCMC). Sampling runs from noise level by level: proposal, Langevin, divide by α_mul;
+then one Tweedie denoising step. The energy at the lowest level scores OOD inputs.
 
 Deliberate differences from the official code (github.com/AlvinZhuyx/CDRL):
-1. One process, one device: the official CIFAR-10 run is 8 GPUs x 32 images; here one batch of 256 gives the
-   same effective batch (spectral norm and the initializer have no batch statistics, so nothing else changes).
-2. The final Tweedie step uses the official code's half step scale (score = ∇f / (s²/2)), which doubles the
-   score of the recovery marginal f / s² (an apparent slip: the Langevin step and the paper's appendix use
-   s²). Kept for comparable numbers; `--exact-tweedie` uses s².
-3. The initializer's last convolution has zero weight AND zero bias, so it starts as exactly the identity
-   (x_i -> x_i); the official code zeroes the weight only, leaving a small random per-channel bias.
-4. Spectral norm is `torch.nn.utils.parametrizations.spectral_norm` (one power iteration per training forward,
-   as the official `torch.nn.utils.spectral_norm`); its u/v start from 15 power iterations at construction
-   instead of none, and the normalised weights are computed once per Langevin run instead of once per step
-   (the same numbers in eval mode).
-5. EMA of both networks as torch_ema does it (decay min(0.9999, (1+k)/(10+k)) at update k), applied to one copy
-   of the whole model; spectral-norm vectors are copied from the trained model (torch_ema leaves them live).
-6. Data: shuffled epochs of an in-memory tensor (`common.EpochLoader`) with random horizontal flips on CIFAR,
-   CelebA and folder sets (not on MNIST, FashionMNIST, SVHN); the official code flips CIFAR-10 only
-   (its only dataset). Other image sets use the CIFAR-10 configuration; the initializer's attention sits at
-   every resolution below full size (16 and 8 px at 32 px, as official; 14 and 7 px for MNIST).
-7. 2D: the default toy is this project's `checkerboard` ([-4, 4]², 8 squares of side 2), the official toy is the
-   complementary 8-square colouring scaled to [-8, 8]². Same networks and step sizes as the official toy
-   script, but a schedule that finishes in minutes on a CPU (PRESETS["2d"]; the official schedule is
-   `--steps 100000 --batch-size 2500 --lr 3e-6 --initializer-lr 1e-5 --warmup-steps 10000`, days on a CPU:
-   docs/RESULTS.md). The official toy sampler skips the Tweedie step; here 2D sampling uses it too (how far
-   it moves a point: docs/RESULTS.md).
-8. Class-conditional sampling uses balanced labels (sample k has class k mod K) instead of uniform random ones,
-   and `--guidance 0` evaluates the conditional networks only (the unconditional branch has weight 0).
+1. One process, one device: the official CIFAR-10 run is 8 GPUs x 32 images; here one batch of 256
+   gives the same effective batch (spectral norm and the initializer have no batch statistics, so
+   nothing else changes).
+2. The final Tweedie step uses the official code's half step scale (score = ∇f / (s²/2)), which
+   doubles the score of the recovery marginal f / s² (an apparent slip: the Langevin step and the
+   paper's appendix use s²). Kept for comparable numbers; `--exact-tweedie` uses s².
+3. The initializer's last convolution has zero weight AND zero bias, so it starts as exactly the
+   identity (x_i -> x_i); the official code zeroes the weight only, leaving a small random
+   per-channel bias.
+4. Spectral norm is `torch.nn.utils.parametrizations.spectral_norm` (one power iteration per
+   training forward, as the official `torch.nn.utils.spectral_norm`); its u/v start from 15 power
+   iterations at construction instead of none, and the normalised weights are computed once per
+   Langevin run instead of once per step (the same numbers in eval mode).
+5. EMA of both networks as torch_ema does it (decay min(0.9999, (1+k)/(10+k)) at update k), applied
+   to one copy of the whole model; spectral-norm vectors are copied from the trained model
+   (torch_ema leaves them live).
+6. Data: shuffled epochs of an in-memory tensor (`common.EpochLoader`) with random horizontal flips
+   on CIFAR, CelebA and folder sets (not on MNIST, FashionMNIST, SVHN); the official code flips
+   CIFAR-10 only (its only dataset). Other image sets use the CIFAR-10 configuration; the
+   initializer's attention sits at every resolution below full size (16 and 8 px at 32 px, as
+   official; 14 and 7 px for MNIST).
+7. 2D: the default toy is this project's `checkerboard` ([-4, 4]², 8 squares of side 2), the
+   official toy is the complementary 8-square colouring scaled to [-8, 8]². Same networks and step
+   sizes as the official toy script, but a schedule that finishes in minutes on a CPU
+   (PRESETS["2d"]; the official schedule is `--steps 100000 --batch-size 2500 --lr 3e-6
+   --initializer-lr 1e-5 --warmup-steps 10000`, days on a CPU: docs/RESULTS.md). The official toy
+   sampler skips the Tweedie step; here 2D sampling uses it too (how far it moves a point:
+   docs/RESULTS.md).
+8. Class-conditional sampling uses balanced labels (sample k has class k mod K) instead of uniform
+   random ones, and `--guidance 0` evaluates the conditional networks only (the unconditional branch
+   has weight 0).
 """
 import copy
 import math
@@ -56,8 +65,9 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 import common
 
-# Per-dataset defaults of the fields left at None: "2d" for the toys, "images" for every image set (the
-# official CIFAR-10 configuration). official = github.com/AlvinZhuyx/CDRL, its CIFAR-10 or toy script.
+# Per-dataset defaults of the fields left at None: "2d" for the toys, "images" for every image set
+# (the official CIFAR-10 configuration). official = github.com/AlvinZhuyx/CDRL, its CIFAR-10 or toy
+# script.
 PRESETS = {
     "2d": {
         "steps": 3000,  # ours, a quick start (official toy 100,000; docstring item 7)
@@ -143,8 +153,8 @@ class Args:
     langevin_steps: int = 15
     """K: Langevin steps per level in training"""
     sample_langevin_steps: Optional[int] = None
-    """Langevin steps per level when sampling (default --langevin-steps; the paper's ablation uses 8,
-    5, 3)"""
+    """Langevin steps per level when sampling (default --langevin-steps; the paper's ablation uses
+    8, 5, 3)"""
     step_scale: Optional[float] = None
     """Langevin step s_i² = step_scale c_i² σ_i²"""
     noise_scaled_steps: Optional[bool] = None
@@ -200,7 +210,8 @@ class Args:
         common.set_image_shape(self)
         if self.conditional and self.num_classes is None and not self.dataset.startswith("folder:"):
             if toy or self.dataset == "celeba":
-                raise common.UserError(f"--conditional needs class labels, and {self.dataset} has none")
+                raise common.UserError(f"--conditional needs class labels, and {self.dataset} has "
+                                       "none")
             self.num_classes = 100 if self.dataset == "cifar100" else 10
         self.ebm_channel_mult = tuple(self.ebm_channel_mult)
         self.init_channel_mult = tuple(self.init_channel_mult)
@@ -208,7 +219,8 @@ class Args:
                                      "ebm_channels", "ebm_blocks", "init_channels", "init_blocks",
                                      "sample_batch", "n_grid", "n_points"])
         if not (self.initializer_lr > 0 and self.step_scale > 0 and self.grad_clip > 0):
-            raise common.UserError("--initializer-lr, --step-scale and --grad-clip must be positive")
+            raise common.UserError("--initializer-lr, --step-scale and --grad-clip must be "
+                                   "positive")
         if not (0 <= self.label_dropout < 1 and 0 <= self.init_dropout < 1):
             raise common.UserError("--label-dropout and --init-dropout must be in [0, 1)")
         if self.warmup_steps < 0:
@@ -222,18 +234,20 @@ class Args:
 common.show_preset_defaults(Args, PRESETS)
 
 
-# ===================================================================================================
+# ==================================================================================================
 # NETWORK
-# ===================================================================================================
+# ==================================================================================================
 def logsnr_to_time(logsnr: torch.Tensor) -> torch.Tensor:
-    """The networks' time input: arctan(exp(-logSNR/2)) / (π/2) in [0, 1], times 1000 (official scaling)."""
+    """The networks' time input: arctan(exp(-logSNR/2)) / (π/2) in [0, 1], times 1000 (official
+    scaling)."""
     return torch.arctan(torch.exp(-0.5 * logsnr.clamp(-20.0, 20.0))) / (0.5 * math.pi) * 1000.0
 
 
 def sinusoidal_embedding(time: torch.Tensor, dim: int) -> torch.Tensor:
     """DDPM / tensor2tensor sinusoidal embedding of a real-valued time."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=time.device, dtype=torch.float32) / (half - 1))
+    freqs = torch.exp(-math.log(10000)
+                      * torch.arange(half, device=time.device, dtype=torch.float32) / (half - 1))
     angles = time.float()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], 1)
 
@@ -248,14 +262,15 @@ def as_feature_map(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class EBMBlock(nn.Module):
-    """Official EBM residual block: lrelu -> conv -> + lrelu(Linear(lrelu(temb))) -> lrelu -> conv x learnable
-    per-channel scale; 3x3 conv shortcut when the width changes. Spectral norm on every conv and linear.
-    2D: the same with linear layers."""
+    """Official EBM residual block: lrelu -> conv -> + lrelu(Linear(lrelu(temb))) -> lrelu -> conv x
+    learnable per-channel scale; 3x3 conv shortcut when the width changes. Spectral norm on every
+    conv and linear. 2D: the same with linear layers."""
 
     def __init__(self, c_in: int, c_out: int, temb_dim: int, image: bool):
         super().__init__()
         layer = (lambda i, o: nn.Conv2d(i, o, 3, padding=1)) if image else nn.Linear
-        self.conv1, self.conv2 = spectral_norm(layer(c_in, c_out)), spectral_norm(layer(c_out, c_out))
+        self.conv1, self.conv2 = spectral_norm(layer(c_in, c_out)), spectral_norm(layer(c_out,
+                                                                                        c_out))
         self.temb_proj = spectral_norm(nn.Linear(temb_dim, c_out))
         self.scale = nn.Parameter(torch.ones(c_out))
         self.shortcut = spectral_norm(layer(c_in, c_out)) if c_in != c_out else nn.Identity()
@@ -267,13 +282,13 @@ class EBMBlock(nn.Module):
 
 
 class EnergyNet(nn.Module):
-    """f_θ(y, level): the official EBM. Images: 3x3 conv in, `blocks` EBMBlocks per resolution, average-pool
-    between resolutions, output <sum over pixels of relu(h), Linear(lrelu(temb))> (that last linear without
-    spectral norm, as official). 2D (official toy): linear in, `blocks` blocks per width entry, no pooling,
-    output Linear(relu(h)) -> 1.
+    """f_θ(y, level): the official EBM. Images: 3x3 conv in, `blocks` EBMBlocks per resolution,
+    average-pool between resolutions, output <sum over pixels of relu(h), Linear(lrelu(temb))> (that
+    last linear without spectral norm, as official). 2D (official toy): linear in, `blocks` blocks
+    per width entry, no pooling, output Linear(relu(h)) -> 1.
 
-    The time embedding (from the lower level's log-SNR, plus a class embedding when conditional) is split
-    off as `embed` so that a Langevin run computes it once.
+    The time embedding (from the lower level's log-SNR, plus a class embedding when conditional) is
+    split off as `embed` so that a Langevin run computes it once.
     """
 
     def __init__(self, in_dim: int, ch: int, ch_mult: Tuple[int, ...], blocks: int, image: bool,
@@ -283,9 +298,12 @@ class EnergyNet(nn.Module):
         temb_dim = 4 * ch
         self.temb_map1 = spectral_norm(nn.Linear(ch, temb_dim))
         self.temb_map2 = spectral_norm(nn.Linear(temb_dim, temb_dim))
-        # labels 1..K are classes, 0 the null class of classifier-free guidance (official convention)
-        self.class_map = spectral_norm(nn.Linear(num_classes + 1, temb_dim)) if num_classes else None
-        self.conv_in = spectral_norm(nn.Conv2d(in_dim, ch, 3, padding=1) if image else nn.Linear(in_dim, ch))
+        # labels 1..K are classes, 0 the null class of classifier-free guidance (official
+        # convention)
+        self.class_map = (spectral_norm(nn.Linear(num_classes + 1, temb_dim)) if num_classes
+                          else None)
+        self.conv_in = spectral_norm(nn.Conv2d(in_dim, ch, 3, padding=1) if image
+                                     else nn.Linear(in_dim, ch))
         self.stages = nn.ModuleList()
         width = ch
         for mult in ch_mult:
@@ -294,10 +312,12 @@ class EnergyNet(nn.Module):
                 stage.append(EBMBlock(width, ch * mult, temb_dim, image))
                 width = ch * mult
             self.stages.append(stage)
-        self.head = nn.Linear(temb_dim, width, bias=False) if image else nn.Linear(width, 1, bias=False)
+        self.head = nn.Linear(temb_dim, width, bias=False) if image else nn.Linear(width, 1,
+                                                                                   bias=False)
 
     def embed(self, logsnr: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        temb = self.temb_map2(lrelu(self.temb_map1(sinusoidal_embedding(logsnr_to_time(logsnr), self.ch))))
+        temb = self.temb_map2(lrelu(self.temb_map1(sinusoidal_embedding(logsnr_to_time(logsnr),
+                                                                        self.ch))))
         if self.class_map is not None:
             temb = temb + self.class_map(F.one_hot(labels, self.class_map.in_features).float())
         return temb
@@ -315,35 +335,41 @@ class EnergyNet(nn.Module):
 
 
 class InitBlock(nn.Module):
-    """Initializer residual block (official, from lucidrains' DDPM U-Net): GroupNorm -> SiLU -> [resample] ->
-    conv -> GroupNorm x (1 + scale) + shift from the time embedding -> SiLU -> dropout -> zero-initialised conv;
-    1x1 conv shortcut when the width changes. 2D: the same with linear layers."""
+    """Initializer residual block (official, from lucidrains' DDPM U-Net): GroupNorm -> SiLU ->
+    [resample] -> conv -> GroupNorm x (1 + scale) + shift from the time embedding -> SiLU -> dropout
+    -> zero-initialised conv; 1x1 conv shortcut when the width changes. 2D: the same with linear
+    layers."""
 
-    def __init__(self, c_in: int, c_out: int, temb_dim: int, image: bool, dropout: float, resample=None):
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, image: bool, dropout: float,
+                 resample=None):
         super().__init__()
-        self.norm1, self.norm2 = nn.GroupNorm(min(32, c_in), c_in, eps=1e-6), nn.GroupNorm(min(32, c_out), c_out, eps=1e-6)
+        self.norm1 = nn.GroupNorm(min(32, c_in), c_in, eps=1e-6)
+        self.norm2 = nn.GroupNorm(min(32, c_out), c_out, eps=1e-6)
         layer = (lambda i, o: nn.Conv2d(i, o, 3, padding=1)) if image else nn.Linear
         self.conv1, self.conv2 = layer(c_in, c_out), layer(c_out, c_out)
         nn.init.zeros_(self.conv2.weight)
         self.scale_shift = nn.Linear(temb_dim, 2 * c_out)
         self.dropout = nn.Dropout(dropout)
         self.resample = resample
-        self.shortcut = (nn.Conv2d(c_in, c_out, 1) if image else nn.Linear(c_in, c_out)) if c_in != c_out \
-            else nn.Identity()
+        self.shortcut = nn.Identity()
+        if c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1) if image else nn.Linear(c_in, c_out)
 
     def forward(self, x, temb):
         h = F.silu(self.norm1(x))
         if self.resample == "down":
             h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
         elif self.resample == "up":
-            h, x = F.interpolate(h, scale_factor=2.0, mode="nearest"), F.interpolate(x, scale_factor=2.0, mode="nearest")
+            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         scale, shift = as_feature_map(self.scale_shift(F.silu(temb)), x).chunk(2, dim=1)
         h = F.silu(self.norm2(self.conv1(h)) * (1 + scale) + shift)
         return self.conv2(self.dropout(h)) + self.shortcut(x)
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over pixels with a zero-initialised output projection and a residual."""
+    """Single-head self-attention over pixels with a zero-initialised output projection and a
+    residual."""
 
     def __init__(self, ch: int):
         super().__init__()
@@ -360,7 +386,8 @@ class Attention(nn.Module):
 
 
 class TimeMLP(nn.Module):
-    """sinusoid(logSNR time) -> Linear -> SiLU -> Linear, plus Linear(one-hot label) when conditional."""
+    """sinusoid(logSNR time) -> Linear -> SiLU -> Linear, plus Linear(one-hot label) when
+    conditional."""
 
     def __init__(self, ch: int, temb_dim: int, num_classes: Optional[int]):
         super().__init__()
@@ -376,10 +403,10 @@ class TimeMLP(nn.Module):
 
 
 class UNetInitializer(nn.Module):
-    """g_φ(x_i, level) for images: the official U-Net (64 channels, mult (1, 1, 1), 3 blocks per resolution,
-    attention below full resolution and in the middle, dropout 0.1, GroupNorm + SiLU, scale-shift time
-    conditioning), predicting the mean of y = α_mul x_{i-1} as x_i + net(x_i) with a zero-initialised last
-    conv, so it starts as the identity."""
+    """g_φ(x_i, level) for images: the official U-Net (64 channels, mult (1, 1, 1), 3 blocks per
+    resolution, attention below full resolution and in the middle, dropout 0.1, GroupNorm + SiLU,
+    scale-shift time conditioning), predicting the mean of y = α_mul x_{i-1} as x_i + net(x_i) with
+    a zero-initialised last conv, so it starts as the identity."""
 
     def __init__(self, in_ch: int, ch: int, ch_mult: Tuple[int, ...], blocks: int, dropout: float,
                  num_classes: Optional[int]):
@@ -390,23 +417,27 @@ class UNetInitializer(nn.Module):
         widths = [ch] + [ch * m for m in ch_mult]
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
         skip_widths = [ch]
-        for level in range(len(ch_mult)):  # down: `blocks` blocks (+ attention), then a downsampling block
+        # down: `blocks` blocks (+ attention), then a downsampling block
+        for level in range(len(ch_mult)):
             for b in range(blocks):
-                self.down.append(InitBlock(widths[level] if b == 0 else widths[level + 1], widths[level + 1],
-                                           temb_dim, True, dropout))
+                self.down.append(InitBlock(widths[level] if b == 0 else widths[level + 1],
+                                           widths[level + 1], temb_dim, True, dropout))
                 self.down.append(Attention(widths[level + 1]) if level > 0 else nn.Identity())
                 skip_widths.append(widths[level + 1])
             if level < len(ch_mult) - 1:
-                self.down.append(InitBlock(widths[level + 1], widths[level + 1], temb_dim, True, dropout, "down"))
+                self.down.append(InitBlock(widths[level + 1], widths[level + 1], temb_dim, True,
+                                           dropout, "down"))
                 self.down.append(nn.Identity())
                 skip_widths.append(widths[level + 1])
         self.mid1 = InitBlock(widths[-1], widths[-1], temb_dim, True, dropout)
         self.mid_attn = Attention(widths[-1])
         self.mid2 = InitBlock(widths[-1], widths[-1], temb_dim, True, dropout)
         width = widths[-1]
-        for level in reversed(range(len(ch_mult))):  # up: blocks + 1 blocks on [h, skip], then upsample
+        # up: blocks + 1 blocks on [h, skip], then upsample
+        for level in reversed(range(len(ch_mult))):
             for _ in range(blocks + 1):
-                self.up.append(InitBlock(width + skip_widths.pop(), widths[level + 1], temb_dim, True, dropout))
+                self.up.append(InitBlock(width + skip_widths.pop(), widths[level + 1], temb_dim,
+                                         True, dropout))
                 self.up.append(Attention(widths[level + 1]) if level > 0 else nn.Identity())
                 width = widths[level + 1]
             if level > 0:
@@ -431,8 +462,8 @@ class UNetInitializer(nn.Module):
 
 
 class MLPInitializer(nn.Module):
-    """g_φ(x_i, level) for 2D (the official toy's): Linear(2, ch), `blocks` InitBlocks, SiLU, zero-initialised
-    Linear(ch, 2) without bias, plus x_i."""
+    """g_φ(x_i, level) for 2D (the official toy's): Linear(2, ch), `blocks` InitBlocks, SiLU,
+    zero-initialised Linear(ch, 2) without bias, plus x_i."""
 
     def __init__(self, ch: int, blocks: int, num_classes: Optional[int]):
         super().__init__()
@@ -451,7 +482,8 @@ class MLPInitializer(nn.Module):
 
 
 class CDRL(nn.Module):
-    """Both networks plus the level tables (buffers, index = level 0..L) that training and sampling use."""
+    """Both networks plus the level tables (buffers, index = level 0..L) that training and sampling
+    use."""
 
     def __init__(self, ebm: nn.Module, initializer: nn.Module, tables: dict):
         super().__init__()
@@ -465,23 +497,26 @@ class CDRL(nn.Module):
         return self.ebm(y, self.ebm.embed(self.logsnr[level - 1], labels))
 
 
-# ===================================================================================================
+# ==================================================================================================
 # NOISE SCHEDULE
-# ===================================================================================================
+# ==================================================================================================
 def logsnr_schedule(t: torch.Tensor, logsnr_min: float, logsnr_max: float) -> torch.Tensor:
-    """Cosine schedule in log-SNR clipped to [logsnr_min, logsnr_max]: -2 log tan(a t + b) (DRL / CDRL)."""
+    """Cosine schedule in log-SNR clipped to [logsnr_min, logsnr_max]: -2 log tan(a t + b) (DRL /
+    CDRL)."""
     b = math.atan(math.exp(-0.5 * logsnr_max))
     a = math.atan(math.exp(-0.5 * logsnr_min)) - b
     return -2.0 * torch.log(torch.tan(a * t + b))
 
 
 def level_tables(args) -> dict:
-    """Per-level constants (float64, index 0..L; entries at index 0 are unused except logsnr / alpha_bar).
+    """Per-level constants (float64, index 0..L; entries at index 0 are unused except logsnr /
+    alpha_bar).
 
-    α_mul_i = sqrt(ᾱ_i / ᾱ_{i-1}) (1 at the top level: its EBM sees x_{L-1} itself), σ_i² = 1 - ᾱ_i/ᾱ_{i-1},
-    the Langevin step s_i² = step_scale c_i² σ_i², the coefficient q_i = step_scale c_i² / 2 = s_i² / (2σ_i²)
-    of the quadratic term's drift (s²/2) ∇(-||y - x||²/(2σ²)) = -q (y - x) (0 at the top level), the loss weight
-    σ_1 / σ_i and the initializer's proposal noise std sqrt(β̃_i α_mul²) (DDPM posterior variance β̃).
+    α_mul_i = sqrt(ᾱ_i / ᾱ_{i-1}) (1 at the top level: its EBM sees x_{L-1} itself), σ_i² = 1 -
+    ᾱ_i/ᾱ_{i-1}, the Langevin step s_i² = step_scale c_i² σ_i², the coefficient q_i = step_scale
+    c_i² / 2 = s_i² / (2σ_i²) of the quadratic term's drift (s²/2) ∇(-||y - x||²/(2σ²)) = -q (y - x)
+    (0 at the top level), the loss weight σ_1 / σ_i and the initializer's proposal noise std
+    sqrt(β̃_i α_mul²) (DDPM posterior variance β̃).
     """
     levels = torch.arange(args.num_levels + 1, dtype=torch.float64)
     logsnr = logsnr_schedule(levels / args.num_levels, args.logsnr_min, args.logsnr_max)
@@ -500,7 +535,8 @@ def level_tables(args) -> dict:
     posterior_var = prev_var / (1 - alpha_bar) * sigma_sq  # β̃_i = (1-ᾱ_{i-1}) / (1-ᾱ_i) β_i
     weight = torch.zeros_like(alpha_bar)
     weight[1:] = sigma_sq[1].sqrt() / sigma_sq[1:].sqrt()
-    return {"logsnr": logsnr, "alpha_bar": alpha_bar, "alpha_mul": alpha_mul, "sigma": sigma_sq.sqrt(),
+    return {"logsnr": logsnr, "alpha_bar": alpha_bar, "alpha_mul": alpha_mul,
+            "sigma": sigma_sq.sqrt(),
             "step_sq": args.step_scale * c_sq * sigma_sq,
             "quad_coef": torch.where(top, 0.0, args.step_scale * c_sq / 2),
             "loss_weight": weight, "proposal_std": (posterior_var * alpha_mul ** 2).sqrt()}
@@ -516,19 +552,21 @@ def as_batch(per_example: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_example.view(-1, *[1] * (like.dim() - 1))
 
 
-# ===================================================================================================
+# ==================================================================================================
 # SAMPLER
-# ===================================================================================================
+# ==================================================================================================
 def guided(cond, uncond, guidance: float):
-    """Classifier-free guidance of a network output: (1+w) cond() - w uncond(); w = 0 calls cond() only."""
+    """Classifier-free guidance of a network output: (1+w) cond() - w uncond(); w = 0 calls cond()
+    only."""
     if guidance == 0:
         return cond()
     return (1 + guidance) * cond() - guidance * uncond()
 
 
 def energy_and_grad(model: CDRL, y, temb, guidance: float = 0.0, temb_null=None):
-    """The energy -f(y) (the network's output before the 1/s² scale, guided by w = guidance with the null
-    class's embedding temb_null) and its gradient in y, without touching parameter gradients."""
+    """The energy -f(y) (the network's output before the 1/s² scale, guided by w = guidance with the
+    null class's embedding temb_null) and its gradient in y, without touching parameter
+    gradients."""
     with torch.enable_grad():
         y = y.detach().requires_grad_(True)
         f = guided(lambda: model.ebm(y, temb), lambda: model.ebm(y, temb_null), guidance)
@@ -537,14 +575,15 @@ def energy_and_grad(model: CDRL, y, temb, guidance: float = 0.0, temb_null=None)
 
 
 def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guidance: float = 0.0):
-    """n_steps of Langevin on the recovery density f(y)/s² - ||y - x_noisy||²/(2σ²) (the marginal f(y)/s² at
-    the top level), step s²:  y <- y + ½∇f(y) - q (y - x_noisy) + s ε with q = step_scale c² / 2 (0 at the top).
-    The EBM should be in eval mode; nothing here syncs with the host."""
+    """n_steps of Langevin on the recovery density f(y)/s² - ||y - x_noisy||²/(2σ²) (the marginal
+    f(y)/s² at the top level), step s²:  y <- y + ½∇f(y) - q (y - x_noisy) + s ε with q = step_scale
+    c² / 2 (0 at the top). The EBM should be in eval mode; nothing here syncs with the host."""
     step = as_batch(model.step_sq[level], y).sqrt()
     quad = as_batch(model.quad_coef[level], y)
     with torch.no_grad():
         temb = model.ebm.embed(model.logsnr[level - 1], labels)
-        temb_null = model.ebm.embed(model.logsnr[level - 1], torch.zeros_like(labels)) if guidance else None
+        temb_null = (model.ebm.embed(model.logsnr[level - 1], torch.zeros_like(labels)) if guidance
+                     else None)
     y = y.detach()
     with parametrize.cached():  # spectral-normalised weights computed once for the whole run
         for _ in range(n_steps):
@@ -554,34 +593,36 @@ def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guid
 
 
 def tweedie_step(model: CDRL, x, labels, guidance: float, exact: bool):
-    """E[x_clean | x at level 0] = (x + (1-ᾱ_0) ∇ log p(x)) / sqrt(ᾱ_0) with log p(x) = f(α_mul x, 1) / s_1²;
-    the official code divides by s_1²/2 (docstring item 2), `exact` by s_1²."""
+    """E[x_clean | x at level 0] = (x + (1-ᾱ_0) ∇ log p(x)) / sqrt(ᾱ_0) with log p(x) = f(α_mul x,
+    1) / s_1²; the official code divides by s_1²/2 (docstring item 2), `exact` by s_1²."""
     one = torch.ones(len(x), dtype=torch.long, device=x.device)
     scale = model.step_sq[1] if exact else model.step_sq[1] / 2
     with torch.enable_grad():
         x_var = x.detach().requires_grad_(True)
         y = model.alpha_mul[1] * x_var
-        f = guided(lambda: model.f(y, one, labels), lambda: model.f(y, one, torch.zeros_like(labels)), guidance)
+        f = guided(lambda: model.f(y, one, labels),
+                   lambda: model.f(y, one, torch.zeros_like(labels)), guidance)
         (score,) = torch.autograd.grad(f.sum() / scale, x_var)
     return ((x + (1 - model.alpha_bar[0]) * score) / model.alpha_bar[0].sqrt()).detach()
 
 
 def generate(model: CDRL, n: int, args, device, step_multiplier: int = 1, labels=None,
              keep_levels: bool = False):
-    """The paper's sampler from x_L ~ N(0, I): for i = L..1, y = g(x_i) + proposal noise, Langevin on the
-    recovery density (step_multiplier x --sample-langevin-steps, --guidance), x_{i-1} = y / α_mul; then one
-    Tweedie step. Returns x_0 (and x_{L-1}..x_0 if keep_levels)."""
+    """The paper's sampler from x_L ~ N(0, I): for i = L..1, y = g(x_i) + proposal noise, Langevin
+    on the recovery density (step_multiplier x --sample-langevin-steps, --guidance), x_{i-1} = y /
+    α_mul; then one Tweedie step. Returns x_0 (and x_{L-1}..x_0 if keep_levels)."""
     x, per_level = torch.randn((n,) + sample_shape(args), device=device), []
     progress = common.Progress("sampler, levels", model.num_levels, interval=30, quiet=True)
     for i in range(model.num_levels, 0, -1):
         level = torch.full((len(x),), i, dtype=torch.long, device=x.device)
         with torch.no_grad():
             mean = guided(lambda: model.initializer(x, model.logsnr[level], labels),
-                          lambda: model.initializer(x, model.logsnr[level], torch.zeros_like(labels)),
+                          lambda: model.initializer(x, model.logsnr[level],
+                                                    torch.zeros_like(labels)),
                           args.guidance)
         y = mean + as_batch(model.proposal_std[level], x) * torch.randn_like(x)
-        y = recovery_langevin(model, y, x, level, labels, args.sample_langevin_steps * step_multiplier,
-                              args.guidance)
+        y = recovery_langevin(model, y, x, level, labels, args.sample_langevin_steps
+                              * step_multiplier, args.guidance)
         x = y / model.alpha_mul[i]
         if keep_levels:
             per_level.append(x)
@@ -590,16 +631,17 @@ def generate(model: CDRL, n: int, args, device, step_multiplier: int = 1, labels
     return (x, per_level) if keep_levels else x
 
 
-# ===================================================================================================
+# ==================================================================================================
 # LOSS
-# ===================================================================================================
+# ==================================================================================================
 def cdrl_step(model: CDRL, x0, labels, args, optimizers):
     """One cooperative update (official order): EBM positives in train mode (one spectral-norm power
-    iteration), proposals from the initializer (train mode, dropout on), K Langevin steps with the EBM in eval
-    mode, EBM negatives, EBM step; then the initializer regresses its proposal onto the refined samples.
+    iteration), proposals from the initializer (train mode, dropout on), K Langevin steps with the
+    EBM in eval mode, EBM negatives, EBM step; then the initializer regresses its proposal onto the
+    refined samples.
 
-    Returns detached (EBM loss, initializer loss, mean energy -f(pos), mean -f(neg) (the network's output
-    before the 1/s² scale), EBM grad norm, initializer grad norm).
+    Returns detached (EBM loss, initializer loss, mean energy -f(pos), mean -f(neg) (the network's
+    output before the 1/s² scale), EBM grad norm, initializer grad norm).
     """
     ebm_opt, init_opt = optimizers
     level = torch.randint(1, model.num_levels + 1, (len(x0),), device=x0.device)
@@ -615,7 +657,8 @@ def cdrl_step(model: CDRL, x0, labels, args, optimizers):
     proposal = model.initializer(x_noisy, model.logsnr[level], labels) + \
         as_batch(model.proposal_std[level], x0) * torch.randn_like(x0)
     model.ebm.eval()
-    refined = recovery_langevin(model, proposal.detach(), x_noisy, level, labels, args.langevin_steps)
+    refined = recovery_langevin(model, proposal.detach(), x_noisy, level, labels,
+                                args.langevin_steps)
     f_neg = model.f(refined, level, labels)
     (weight * f_neg).mean().backward()
     ebm_grad = torch.nn.utils.clip_grad_norm_(model.ebm.parameters(), args.grad_clip)
@@ -627,39 +670,45 @@ def cdrl_step(model: CDRL, x0, labels, args, optimizers):
     init_grad = torch.nn.utils.clip_grad_norm_(model.initializer.parameters(), args.grad_clip)
     init_opt.step()
     ebm_loss = (weight * (f_neg.detach() - f_pos.detach())).mean()
-    return ebm_loss, init_loss.detach(), -f_pos.detach().mean(), -f_neg.detach().mean(), ebm_grad, init_grad
+    return (ebm_loss, init_loss.detach(), -f_pos.detach().mean(), -f_neg.detach().mean(), ebm_grad,
+            init_grad)
 
 
 def warmup_factors(args):
-    """Official warm-ups over W = --warmup-steps: EBM lr x min(1, k / W) (so 0 at the first update, as official),
-    initializer lr x min(1, (k + 500) / W); W = 0 means no warm-up."""
+    """Official warm-ups over W = --warmup-steps: EBM lr x min(1, k / W) (so 0 at the first update,
+    as official), initializer lr x min(1, (k + 500) / W); W = 0 means no warm-up."""
     if args.warmup_steps == 0:
         return (lambda k: 1.0), (lambda k: 1.0)
     warm = args.warmup_steps
     return (lambda k: min(1.0, k / warm)), (lambda k: min(1.0, (k + 500) / warm))
 
 
-# ===================================================================================================
+# ==================================================================================================
 # PUBLIC API
-# ===================================================================================================
+# ==================================================================================================
 def sample_shape(args):
-    return (2,) if common.is_toy(args.dataset) else (args.image_channels, args.image_size, args.image_size)
+    return (2,) if common.is_toy(args.dataset) else (args.image_channels, args.image_size,
+                                                     args.image_size)
 
 
 def build_model(args) -> CDRL:
-    """EBM + initializer (PyTorch default init, zero-initialised residual outputs) + level tables."""
+    """EBM + initializer (PyTorch default init, zero-initialised residual outputs) + level
+    tables."""
     num_classes = args.num_classes if args.conditional else None
     if common.is_toy(args.dataset):
-        ebm = EnergyNet(2, args.ebm_channels, args.ebm_channel_mult, args.ebm_blocks, False, num_classes)
+        ebm = EnergyNet(2, args.ebm_channels, args.ebm_channel_mult, args.ebm_blocks, False,
+                        num_classes)
         initializer = MLPInitializer(args.init_channels, args.init_blocks, num_classes)
     else:
         factor = 2 ** (len(args.init_channel_mult) - 1)
         if args.image_size % factor:
-            raise common.UserError(f"image size {args.image_size} is not divisible by {factor}: the initializer "
-                                   "U-Net halves it once per --init-channel-mult entry after the first")
-        ebm = EnergyNet(args.image_channels, args.ebm_channels, args.ebm_channel_mult, args.ebm_blocks, True,
-                        num_classes)
-        initializer = UNetInitializer(args.image_channels, args.init_channels, args.init_channel_mult,
+            raise common.UserError(f"image size {args.image_size} is not divisible by {factor}: "
+                                   "the initializer U-Net halves it once per --init-channel-mult "
+                                   "entry after the first")
+        ebm = EnergyNet(args.image_channels, args.ebm_channels, args.ebm_channel_mult,
+                        args.ebm_blocks, True, num_classes)
+        initializer = UNetInitializer(args.image_channels, args.init_channels,
+                                      args.init_channel_mult,
                                       args.init_blocks, args.init_dropout, num_classes)
     return CDRL(ebm, initializer, level_tables(args))
 
@@ -673,8 +722,8 @@ def sample_labels(n: int, args, device):
 
 def sample(model: CDRL, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:
     """n samples by the paper's sampler (EMA weights when the caller loaded them), in batches of
-    --sample-batch, with step_multiplier x --sample-langevin-steps per level and --guidance for conditional
-    models."""
+    --sample-batch, with step_multiplier x --sample-langevin-steps per level and --guidance for
+    conditional models."""
     model.eval()
     out = []
     labels = sample_labels(n, args, device)
@@ -687,8 +736,9 @@ def sample(model: CDRL, n: int, args, device, step_multiplier: int = 1) -> torch
 
 
 def energy(model: CDRL, x: torch.Tensor, args) -> torch.Tensor:
-    """Energy of clean data at the lowest level, -f(α_mul,1 x) / s_1² (the recovery marginal's log-density up
-    to a constant, as the official toy plots it); conditional models use the null class."""
+    """Energy of clean data at the lowest level, -f(α_mul,1 x) / s_1² (the recovery marginal's
+    log-density up to a constant, as the official toy plots it); conditional models use the null
+    class."""
     model.eval()
     level = torch.ones(len(x), dtype=torch.long, device=x.device)
     labels = torch.zeros(len(x), dtype=torch.long, device=x.device) if args.conditional else None
@@ -696,17 +746,17 @@ def energy(model: CDRL, x: torch.Tensor, args) -> torch.Tensor:
         return -model.f(model.alpha_mul[1] * x, level, labels) / model.step_sq[1]
 
 
-# ===================================================================================================
+# ==================================================================================================
 # TRAINING
-# ===================================================================================================
+# ==================================================================================================
 # settings that may change on --resume besides common.RESUMABLE (sampling options)
 RESUMABLE = common.RESUMABLE | {"sample_langevin_steps", "sample_batch", "n_grid", "n_points",
                                 "exact_tweedie", "guidance", "num_classes"}
 
 
 def save_pictures(model: CDRL, args, tag, device, box):
-    """2D: the learned density of every level (exp(f(α_mul x, i)/s_i²) on a grid, i.e. the marginal of
-    x_{i-1}) and the sampler's points after each level. Images: a grid of samples."""
+    """2D: the learned density of every level (exp(f(α_mul x, i)/s_i²) on a grid, i.e. the marginal
+    of x_{i-1}) and the sampler's points after each level. Images: a grid of samples."""
     model.eval()
     if common.is_toy(args.dataset):
         lo, hi = box
@@ -727,7 +777,8 @@ def save_pictures(model: CDRL, args, tag, device, box):
     else:
         common.save_image_grid(sample(model, args.n_grid, args, device),
                                os.path.join(args.run_dir, f"samples_{tag}.png"),
-                               nrow=args.num_classes if args.conditional and args.num_classes <= 16 else None)
+                               nrow=args.num_classes if args.conditional and args.num_classes <= 16
+                               else None)
     model.train()
 
 
@@ -742,7 +793,8 @@ def main(args: Args):
     if args.conditional:
         all_labels = common.load_labels(args.dataset, args.data_dir, train=True).to(device)
         args.num_classes = args.num_classes or int(all_labels.max()) + 1
-    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size, args.seed)
+    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size,
+                                args.seed)
     train_data = train_data.to(device)
     common.prepare_run_dir(args, ckpt["step"] if ckpt else 0)
 
@@ -763,7 +815,8 @@ def main(args: Args):
         ebm_sched.load_state_dict(ckpt["scheduler"]["ebm"])
         init_sched.load_state_dict(ckpt["scheduler"]["initializer"])
     common.print_start(args, f"CDRL on {args.dataset}: EBM {common.count_parameters(model.ebm)}, "
-                             f"initializer {common.count_parameters(model.initializer)}, device {device}")
+                             f"initializer {common.count_parameters(model.initializer)}, device "
+                             f"{device}")
 
     def checkpoint(step, snapshot):
         state = common.checkpoint_state(
@@ -789,7 +842,8 @@ def main(args: Args):
                 model, x0, labels, args, (ebm_opt, init_opt))
             ebm_sched.step()
             init_sched.step()
-            with torch.no_grad():  # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
+            # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
+            with torch.no_grad():
                 decay = min(args.ema_decay, (2 + step) / (11 + step))
                 for p_ema, p in zip(ema.parameters(), model.parameters()):
                     p_ema.lerp_(p, 1 - decay)
@@ -816,9 +870,11 @@ def main(args: Args):
                 guard.saved()
                 guard.exit_if_stopped(args.run_dir, done, "cdrl.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")
-    if start_step >= args.steps:  # resumed a finished run: only draw samples (e.g. with new sampling options)
+    # resumed a finished run: only draw samples (e.g. with new sampling options)
+    if start_step >= args.steps:
         with common.own_rng(args.seed + args.steps):
-            save_pictures(ema, args, f"{args.steps:08d}_K{args.sample_langevin_steps}_w{args.guidance:g}",
+            save_pictures(ema, args,
+                          f"{args.steps:08d}_K{args.sample_langevin_steps}_w{args.guidance:g}",
                           device, box)
 
 

@@ -1,8 +1,8 @@
 """Method-agnostic plumbing shared by the method scripts and the evaluator.
 
-Datasets (2D toys and image sets), seeding and devices, the run folder and metric log, checkpoint I/O,
-image grids and 2D pictures. Nothing here knows about energies, noise schedules, samplers or losses:
-those live in each method script so that one script plus this file can be copied alone.
+Datasets (2D toys and image sets), seeding and devices, the run folder and metric log, checkpoint
+I/O, image grids and 2D pictures. Nothing here knows about energies, noise schedules, samplers or
+losses: those live in each method script so that one script plus this file can be copied alone.
 """
 import contextlib
 import dataclasses
@@ -24,11 +24,13 @@ CHECKPOINT_FORMAT = 1
 
 
 class UserError(Exception):
-    """Bad input from the user (dataset, flag, file). Scripts print it as one line and exit non-zero."""
+    """Bad input from the user (dataset, flag, file). Scripts print it as one line and exit
+    non-zero."""
 
 
 def run_cli(entry):
-    """Run `entry()` (argument parsing included), turning a UserError into one line on stderr and exit 2."""
+    """Run `entry()` (argument parsing included), turning a UserError into one line on stderr and
+    exit 2."""
     try:
         entry()
     except UserError as error:
@@ -36,15 +38,16 @@ def run_cli(entry):
         sys.exit(2)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2D toy data
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def toy_2d(name: str, n: int, seed: int) -> torch.Tensor:
     """Draw n points (n, 2) of the named 2D toy, reproducibly from `seed`.
 
-    rings: the DA-EBM paper's four concentric thin rings, radii 1, 2, 3, 4, radial sd 0.01, equal weight
-    per ring (the official `ToyDataset("rings", 4, 0.01, 1)`; its radius is a normal truncated at 0,
-    which at sd 0.01 never matters). The other five are the usual benchmark toys of the FFJORD family.
+    rings: the DA-EBM paper's four concentric thin rings, radii 1, 2, 3, 4, radial sd 0.01, equal
+    weight per ring (the official `ToyDataset("rings", 4, 0.01, 1)`; its radius is a normal
+    truncated at 0, which at sd 0.01 never matters). The other five are the usual benchmark toys of
+    the FFJORD family.
     """
     g = torch.Generator().manual_seed(seed)
     if name == "rings":
@@ -82,21 +85,25 @@ def toy_2d(name: str, n: int, seed: int) -> torch.Tensor:
 
 
 def toy_log_density(name: str, points: torch.Tensor):
-    """log p(x) of the toys whose density has a closed form (rings, 8gaussians, checkerboard), float64 (n,);
-    None for the others (swissroll, pinwheel, 2spirals: their density is an integral over the generator's
-    latent). Written from toy_2d's generators above; tests check both against each other."""
+    """log p(x) of the toys whose density has a closed form (rings, 8gaussians, checkerboard),
+    float64 (n,); None for the others (swissroll, pinwheel, 2spirals: their density is an integral
+    over the generator's latent). Written from toy_2d's generators above; tests check both against
+    each other."""
     x = points.double()
-    if name == "rings":  # radius ~ N(k, 0.01²) with k uniform on 1..4, angle uniform: p = p(r) / (2π r)
+    # radius ~ N(k, 0.01²) with k uniform on 1..4, angle uniform: p = p(r) / (2π r)
+    if name == "rings":
         r = x.norm(dim=1)
         radii = torch.arange(1, 5, dtype=torch.float64)
-        log_p_r = torch.logsumexp(torch.distributions.Normal(radii, 0.01).log_prob(r[:, None]), 1) - math.log(4)
+        log_p_r = torch.logsumexp(torch.distributions.Normal(radii, 0.01).log_prob(r[:, None]), 1)
+        log_p_r = log_p_r - math.log(4)
         return log_p_r - torch.log(2 * math.pi * r)
     if name == "8gaussians":  # equal mixture of N(4 (cos, sin)(2πk/8) / 1.414, (0.5 / 1.414)² I)
         angle = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
         centers = 4 * torch.stack([angle.cos(), angle.sin()], 1) / 1.414
         log_n = torch.distributions.Normal(centers, 0.5 / 1.414).log_prob(x[:, None, :]).sum(2)
         return torch.logsumexp(log_n, 1) - math.log(8)
-    if name == "checkerboard":  # uniform on the 8 black 2x2 squares of [-4, 4)²: 1/32 there, 0 elsewhere
+    # uniform on the 8 black 2x2 squares of [-4, 4)²: 1/32 there, 0 elsewhere
+    if name == "checkerboard":
         cell = torch.floor(x / 2)
         inside = (x.abs() < 4).all(1) & ((cell[:, 0] + cell[:, 1]) % 2 == 0)
         return torch.where(inside, -math.log(32), -math.inf)
@@ -122,18 +129,20 @@ def data_box(points: torch.Tensor, margin: float = 0.1):
 
 
 def grid_2d(lo: float, hi: float, resolution: int) -> torch.Tensor:
-    """Cell centres of a resolution x resolution grid over [lo, hi]^2, (resolution**2, 2), row = y."""
+    """Cell centres of a resolution x resolution grid over [lo, hi]^2, (resolution**2, 2), row =
+    y."""
     edge = (hi - lo) / resolution
     axis = lo + edge * (torch.arange(resolution, dtype=torch.float64) + 0.5)
     yy, xx = torch.meshgrid(axis, axis, indexing="ij")
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Image data
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def image_shape(dataset: str):
-    """(C, H, W) of a named image dataset without loading it (folder: datasets are known once loaded)."""
+    """(C, H, W) of a named image dataset without loading it (folder: datasets are known once
+    loaded)."""
     if dataset in ("mnist", "fashionmnist"):
         return (1, 28, 28)
     if dataset in ("cifar10", "cifar100", "svhn", "celeba"):
@@ -154,35 +163,38 @@ def _missing(dataset, where, files, how):
 
 
 def _mnist_file(dataset, data_dir, stem, train):
-    """Path of one raw IDX file of (Fashion)MNIST (plain or .gz), downloading the set when it is missing."""
+    """Path of one raw IDX file of (Fashion)MNIST (plain or .gz), downloading the set when it is
+    missing."""
     import torchvision
 
     raw = os.path.join(data_dir, "MNIST" if dataset == "mnist" else "FashionMNIST", "raw")
     candidates = (os.path.join(raw, stem), os.path.join(raw, stem + ".gz"))
     if not any(os.path.exists(p) for p in candidates):
-        cls = torchvision.datasets.MNIST if dataset == "mnist" else torchvision.datasets.FashionMNIST
+        cls = (torchvision.datasets.MNIST if dataset == "mnist"
+               else torchvision.datasets.FashionMNIST)
         try:
             cls(data_dir, train=train, download=True)
         except Exception as error:  # offline: urllib raises various errors
             raise _missing(dataset, raw, [stem + ".gz"],
-                           f"download failed ({type(error).__name__}); copy torchvision's raw files "
-                           "there or run once on a connected machine") from None
+                           f"download failed ({type(error).__name__}); copy torchvision's raw "
+                           "files there or run once on a connected machine") from None
     return next(p for p in candidates if os.path.exists(p))
 
 
 def load_images(dataset: str, data_dir: str, train: bool = True, image_size=None) -> torch.Tensor:
     """The whole split as a uint8 tensor (N, C, H, W). Convert batches with `to_unit_range`.
 
-    MNIST / FashionMNIST are read from torchvision's raw IDX files ({data_dir}/MNIST/raw/...), so the four
-    files are enough; other sets go through torchvision. Missing data is downloaded when the machine is
-    online; offline, a UserError names the missing files and where to put them.
+    MNIST / FashionMNIST are read from torchvision's raw IDX files ({data_dir}/MNIST/raw/...), so
+    the four files are enough; other sets go through torchvision. Missing data is downloaded when
+    the machine is online; offline, a UserError names the missing files and where to put them.
     """
     import torchvision
 
     if dataset.startswith("folder:"):
         return _load_folder(dataset[len("folder:"):], image_size)
     if dataset in ("mnist", "fashionmnist"):
-        path = _mnist_file(dataset, data_dir, f"{'train' if train else 't10k'}-images-idx3-ubyte", train)
+        path = _mnist_file(dataset, data_dir, f"{'train' if train else 't10k'}-images-idx3-ubyte",
+                           train)
         return torch.from_numpy(_read_idx(path).copy()).unsqueeze(1)
     if dataset not in IMAGE_SETS:
         check_dataset_name(dataset)
@@ -195,17 +207,19 @@ def load_images(dataset: str, data_dir: str, train: bool = True, image_size=None
             ds = torchvision.datasets.CIFAR100(data_dir, train=train, download=True)
             return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         if dataset == "svhn":
-            ds = torchvision.datasets.SVHN(os.path.join(data_dir, "svhn"), split="train" if train else "test",
-                                           download=True)
+            ds = torchvision.datasets.SVHN(os.path.join(data_dir, "svhn"), split="train" if train
+                                           else "test", download=True)
             return torch.from_numpy(ds.data)
-        ds = torchvision.datasets.CelebA(data_dir, split="train" if train else "test", download=True)
+        ds = torchvision.datasets.CelebA(data_dir, split="train" if train else "test",
+                                         download=True)
         return _resize_pil_list([ds[i][0] for i in range(len(ds))], 32)
     except UserError:
         raise
     except Exception as error:
         raise UserError(f"{dataset} data not found in {data_dir} and could not be downloaded "
-                        f"({type(error).__name__}: {str(error)[:120]}); run once on a connected machine "
-                        f"with --data-dir {data_dir}, or copy the torchvision files there") from None
+                        f"({type(error).__name__}: {str(error)[:120]}); run once on a connected "
+                        f"machine with --data-dir {data_dir}, or copy the torchvision files "
+                        "there") from None
 
 
 def _resize_pil_list(images, size):
@@ -226,7 +240,8 @@ def _resize_pil_list(images, size):
 
 
 def _folder_files(path):
-    """The image files under a folder, recursively, in sorted order (the order of images and labels)."""
+    """The image files under a folder, recursively, in sorted order (the order of images and
+    labels)."""
     if not os.path.isdir(path):
         raise UserError(f"folder:{path} is not a directory")
     exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -247,17 +262,18 @@ def _load_folder(path, image_size):
             with Image.open(f) as img:
                 mode = mode or ("L" if img.mode == "L" else "RGB")  # the first image decides
                 images.append(img.convert(mode))
-        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for truncated or foreign files
-            raise UserError(f"cannot read image {f} ({type(error).__name__}: {error}); remove or replace "
-                            "it") from None
+        # PIL's errors for truncated or foreign files
+        except (OSError, SyntaxError, ValueError) as error:
+            raise UserError(f"cannot read image {f} ({type(error).__name__}: {error}); remove or "
+                            "replace it") from None
     return _resize_pil_list(images, image_size)
 
 
 def load_labels(dataset: str, data_dir: str, train: bool = True) -> torch.Tensor:
     """Class labels 0..K-1 (int64) of the split, in the order of `load_images`.
 
-    folder:PATH takes each image's first-level subfolder as its class (classes numbered in sorted name order,
-    as torchvision's ImageFolder does). CelebA and the 2D toys have no classes.
+    folder:PATH takes each image's first-level subfolder as its class (classes numbered in sorted
+    name order, as torchvision's ImageFolder does). CelebA and the 2D toys have no classes.
     """
     import torchvision
 
@@ -266,27 +282,30 @@ def load_labels(dataset: str, data_dir: str, train: bool = True) -> torch.Tensor
         relative = [os.path.relpath(f, path) for f in _folder_files(path)]
         tops = [r.split(os.sep)[0] for r in relative]
         if any(os.sep not in r for r in relative):
-            raise UserError(f"folder:{path} has images outside class subfolders; class-conditional training "
-                            "needs one subfolder per class")
+            raise UserError(f"folder:{path} has images outside class subfolders; class-conditional "
+                            "training needs one subfolder per class")
         classes = sorted(set(tops))
         return torch.tensor([classes.index(t) for t in tops], dtype=torch.long)
     if dataset in ("mnist", "fashionmnist"):
-        path = _mnist_file(dataset, data_dir, f"{'train' if train else 't10k'}-labels-idx1-ubyte", train)
+        path = _mnist_file(dataset, data_dir, f"{'train' if train else 't10k'}-labels-idx1-ubyte",
+                           train)
         return torch.from_numpy(_read_idx(path).astype(np.int64))
     if dataset not in ("cifar10", "cifar100", "svhn"):
         raise UserError(f"{dataset} has no class labels; class-conditional training needs mnist, "
-                        "fashionmnist, cifar10, cifar100, svhn or folder:PATH with class subfolders")
+                        "fashionmnist, cifar10, cifar100, svhn or folder:PATH with class "
+                        "subfolders")
     try:
         if dataset == "svhn":
-            ds = torchvision.datasets.SVHN(os.path.join(data_dir, "svhn"), split="train" if train else "test",
-                                           download=True)
+            ds = torchvision.datasets.SVHN(os.path.join(data_dir, "svhn"), split="train" if train
+                                           else "test", download=True)
             return torch.from_numpy(ds.labels.astype(np.int64))
-        cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+        cls = (torchvision.datasets.CIFAR10 if dataset == "cifar10"
+               else torchvision.datasets.CIFAR100)
         return torch.tensor(cls(data_dir, train=train, download=True).targets, dtype=torch.long)
     except Exception as error:
         raise UserError(f"{dataset} labels not found in {data_dir} and could not be downloaded "
-                        f"({type(error).__name__}: {str(error)[:120]}); run once on a connected machine "
-                        f"with --data-dir {data_dir}") from None
+                        f"({type(error).__name__}: {str(error)[:120]}); run once on a connected "
+                        f"machine with --data-dir {data_dir}") from None
 
 
 def to_unit_range(batch_uint8: torch.Tensor) -> torch.Tensor:
@@ -295,7 +314,8 @@ def to_unit_range(batch_uint8: torch.Tensor) -> torch.Tensor:
 
 
 class EpochLoader:
-    """Shuffled epochs over an in-memory tensor, drawn with a torch generator; its state resumes exactly."""
+    """Shuffled epochs over an in-memory tensor, drawn with a torch generator; its state resumes
+    exactly."""
 
     def __init__(self, data: torch.Tensor, batch_size: int, seed: int):
         if len(data) < batch_size:
@@ -306,7 +326,8 @@ class EpochLoader:
         self.position = 0
 
     def next(self) -> torch.Tensor:
-        if self.position + self.batch_size > len(self.order):  # drop the ragged end, as drop_last does
+        # drop the ragged end, as drop_last does
+        if self.position + self.batch_size > len(self.order):
             self.order = torch.randperm(len(self.data), generator=self.generator)
             self.position = 0
         idx = self.order[self.position: self.position + self.batch_size]
@@ -314,7 +335,8 @@ class EpochLoader:
         return self.data[idx.to(self.data.device)]
 
     def state_dict(self):
-        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+        return {"generator": self.generator.get_state(), "order": self.order,
+                "position": self.position}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
@@ -322,8 +344,9 @@ class EpochLoader:
 
 
 def training_data(args):
-    """The training split as one tensor, and the 2D plot box (None for images): 50,000 toy points drawn
-    once from --seed, or the images as uint8, which also sets args.image_channels / image_size."""
+    """The training split as one tensor, and the 2D plot box (None for images): 50,000 toy points
+    drawn once from --seed, or the images as uint8, which also sets args.image_channels /
+    image_size."""
     if is_toy(args.dataset):
         points = toy_2d(args.dataset, 50_000, seed=args.seed)
         return points, data_box(points)
@@ -337,9 +360,9 @@ def to_model_space(batch: torch.Tensor) -> torch.Tensor:
     return to_unit_range(batch) if batch.dtype == torch.uint8 else batch
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Seeding, devices, run folder, logging
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def seed_everything(seed: int):
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -353,7 +376,8 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"--device {name} is not supported: use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for but CUDA is not available; use --device cpu")
+            raise UserError(f"--device {name} asked for but CUDA is not available; use --device "
+                            "cpu")
         try:
             device = torch.device(name)
         except RuntimeError:
@@ -369,9 +393,9 @@ def pick_device(name: str) -> torch.device:
 
 @contextlib.contextmanager
 def own_rng(seed: int):
-    """Run a block (pictures, evaluations during training) on its own random numbers: the global CPU and
-    CUDA generators are saved, seeded with `seed`, and restored afterwards, so that drawing pictures never
-    changes what training draws next."""
+    """Run a block (pictures, evaluations during training) on its own random numbers: the global CPU
+    and CUDA generators are saved, seeded with `seed`, and restored afterwards, so that drawing
+    pictures never changes what training draws next."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -379,16 +403,17 @@ def own_rng(seed: int):
 
 
 def every(done: int, interval: int, total: int) -> bool:
-    """True at iterations that are a multiple of `interval` and at the last one (done counts from 1)."""
+    """True at iterations that are a multiple of `interval` and at the last one (done counts from
+    1)."""
     return done % interval == 0 or done == total
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Settings: the command line, resuming from a checkpoint's settings, --help defaults
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def show_preset_defaults(args_class, presets: dict):
-    """Make --help print each preset field's per-dataset defaults instead of 'None' (the PRESETS table is the
-    one place those numbers live)."""
+    """Make --help print each preset field's per-dataset defaults instead of 'None' (the PRESETS
+    table is the one place those numbers live)."""
     import typing
 
     import tyro
@@ -399,13 +424,15 @@ def show_preset_defaults(args_class, presets: dict):
         values = ", ".join(f"{kind} {table[field.name]}" for kind, table in presets.items())
         inner = [t for t in typing.get_args(field.type) if t is not type(None)][0]
         metavar = {int: "INT", float: "FLOAT", bool: "{True,False}", str: "STR"}.get(inner, "VALUE")
-        field.type = typing.Annotated[field.type, tyro.conf.arg(help_behavior_hint=f"(default: {values})",
+        field.type = typing.Annotated[field.type,
+                                      tyro.conf.arg(help_behavior_hint=f"(default: {values})",
                                                                 metavar=metavar)]
         args_class.__annotations__[field.name] = field.type
 
 
 def given_on_command_line(args_class, argv) -> set:
-    """Names of the Args fields that argv sets (--run-dir / --run_dir, --flag / --no-flag, --key=value)."""
+    """Names of the Args fields that argv sets (--run-dir / --run_dir, --flag / --no-flag,
+    --key=value)."""
     names = {field.name for field in dataclasses.fields(args_class)}
     given = set()
     for token in argv:
@@ -420,25 +447,26 @@ def given_on_command_line(args_class, argv) -> set:
 
 
 def args_from_checkpoint(args_class, saved: dict, path: str, overrides=None):
-    """Rebuild Args from a checkpoint's saved settings (lists back to tuples), with `overrides` on top.
+    """Rebuild Args from a checkpoint's saved settings (lists back to tuples), with `overrides` on
+    top.
 
-    Settings that today's Args does not know, or that the checkpoint lacks, are named in one UserError:
-    the checkpoint comes from an older or edited version of the script."""
+    Settings that today's Args does not know, or that the checkpoint lacks, are named in one
+    UserError: the checkpoint comes from an older or edited version of the script."""
     names = [field.name for field in dataclasses.fields(args_class)]
     unknown = sorted(set(saved) - set(names))
     missing = [name for name in names if name not in saved]
     if unknown or missing:
         parts = ([f"unknown settings {', '.join(unknown)}"] if unknown else []) + \
                 ([f"missing settings {', '.join(missing)}"] if missing else [])
-        raise UserError(f"checkpoint {path} does not fit this version of the script ({'; '.join(parts)}); "
-                        "use the script version that wrote it")
+        raise UserError(f"checkpoint {path} does not fit this version of the script "
+                        f"({'; '.join(parts)}); use the script version that wrote it")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
     return args_class(**{**values, **(overrides or {})})
 
 
 def parse_args(args_class, method: str, argv=None):
-    """tyro.cli(Args). With --resume, every setting comes from {run_dir}/ckpt.pt and the flags given on the
-    command line are laid over it (main then refuses the ones that may not change)."""
+    """tyro.cli(Args). With --resume, every setting comes from {run_dir}/ckpt.pt and the flags given
+    on the command line are laid over it (main then refuses the ones that may not change)."""
     import tyro
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -462,13 +490,14 @@ def check_resume_args(args, saved: dict, resumable: set, path: str):
         if key not in resumable and mine != value:
             mismatches.append(f"{key} is {mine!r}, the checkpoint has {value!r}")
     if mismatches:
-        raise UserError(f"--resume of {path}: {'; '.join(mismatches)}. Only run length, logging, sampling, "
-                        "device and data-dir settings may change; drop the others to take the run's own")
+        raise UserError(f"--resume of {path}: {'; '.join(mismatches)}. Only run length, logging, "
+                        "sampling, device and data-dir settings may change; drop the others to "
+                        "take the run's own")
 
 
 def apply_presets(args, presets: dict):
-    """Fill the Args fields left at None from the script's PRESETS table ("2d" for the toys, "images" for
-    every image set), then check the shared fields."""
+    """Fill the Args fields left at None from the script's PRESETS table ("2d" for the toys,
+    "images" for every image set), then check the shared fields."""
     for key, value in presets["2d" if is_toy(args.dataset) else "images"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -488,28 +517,33 @@ def check_positive(args, names):
 
 
 def flips_by_default(dataset: str) -> bool:
-    """Random horizontal flips suit natural images (CIFAR, CelebA, folders), not digits or house numbers."""
+    """Random horizontal flips suit natural images (CIFAR, CelebA, folders), not digits or house
+    numbers."""
     return dataset in ("cifar10", "cifar100", "celeba") or dataset.startswith("folder:")
 
 
 def set_image_shape(args):
-    """Named image sets have a known shape; folder: sets learn theirs when loaded (training_data)."""
-    if not is_toy(args.dataset) and not args.dataset.startswith("folder:") and args.image_channels is None:
+    """Named image sets have a known shape; folder: sets learn theirs when loaded
+    (training_data)."""
+    named_set = not is_toy(args.dataset) and not args.dataset.startswith("folder:")
+    if named_set and args.image_channels is None:
         args.image_channels, args.image_size, _ = image_shape(args.dataset)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The run folder: refusal of a used folder, checks before training, metrics, signals
-# ---------------------------------------------------------------------------------------------------
-# Args fields that may change on --resume in every script: run length, logging, saving, device, where the
-# data are (their shape is re-read from the data); each script adds its sampling options.
-RESUMABLE = {"exp_name", "data_dir", "run_dir", "steps", "device", "log_every", "sample_every", "save_every",
+# --------------------------------------------------------------------------------------------------
+# Args fields that may change on --resume in every script: run length, logging, saving, device,
+# where the data are (their shape is re-read from the data); each script adds its sampling options.
+RESUMABLE = {"exp_name", "data_dir", "run_dir", "steps", "device", "log_every", "sample_every",
+             "save_every",
              "resume", "save_minutes", "image_size", "image_channels"}
 
 
 def run_dir_of(args) -> str:
     return args.run_dir or os.path.join(
-        "runs", f"{args.exp_name}__{args.dataset.replace('/', '_').replace(':', '_')}__{args.seed}__"
+        "runs",
+        f"{args.exp_name}__{args.dataset.replace('/', '_').replace(':', '_')}__{args.seed}__"
                 f"{int(time.time())}")
 
 
@@ -525,26 +559,28 @@ def open_run(args, method: str, resumable: set):
         ckpt = load_checkpoint(path, method)
         check_resume_args(args, ckpt["args"], resumable, path)
     elif os.path.exists(path):
-        raise UserError(f"{args.run_dir} already holds a run (ckpt.pt); continue it with --resume --run-dir "
-                        f"{args.run_dir}, or choose another --run-dir")
+        raise UserError(f"{args.run_dir} already holds a run (ckpt.pt); continue it with --resume "
+                        f"--run-dir {args.run_dir}, or choose another --run-dir")
     probe_dir = args.run_dir
     while not os.path.isdir(probe_dir):
         parent = os.path.dirname(os.path.abspath(probe_dir))
         if os.path.exists(probe_dir) or parent == probe_dir:
-            raise UserError(f"cannot create run folder {args.run_dir}: {probe_dir} is not a directory")
+            raise UserError(f"cannot create run folder {args.run_dir}: {probe_dir} is not a "
+                            "directory")
         probe_dir = parent
     try:
         with tempfile.TemporaryFile(dir=probe_dir):
             pass
     except OSError as error:
-        raise UserError(f"cannot write to run folder {args.run_dir} ({error.strerror}); choose another "
-                        "--run-dir") from None
+        raise UserError(f"cannot write to run folder {args.run_dir} ({error.strerror}); choose "
+                        "another --run-dir") from None
     return ckpt
 
 
 def prepare_run_dir(args, step: int):
-    """Create the run folder, remove temp files left by a killed save, cut metrics.jsonl back to `step` (the
-    checkpoint's, so a resumed run has no duplicate records) and write args.json (the resolved settings)."""
+    """Create the run folder, remove temp files left by a killed save, cut metrics.jsonl back to
+    `step` (the checkpoint's, so a resumed run has no duplicate records) and write args.json (the
+    resolved settings)."""
     os.makedirs(args.run_dir, exist_ok=True)
     for name in os.listdir(args.run_dir):
         if name.endswith(".tmp"):
@@ -564,7 +600,8 @@ def prepare_run_dir(args, step: int):
 
 
 def args_to_dict(args) -> dict:
-    """Dataclass -> dict of primitives (tuples become lists), safe for weights_only loading and JSON."""
+    """Dataclass -> dict of primitives (tuples become lists), safe for weights_only loading and
+    JSON."""
     out = {}
     for field in dataclasses.fields(args):
         value = getattr(args, field.name)
@@ -577,19 +614,21 @@ def print_start(args, description: str):
     print("args: " + ", ".join(f"{k}={v}" for k, v in args_to_dict(args).items()))
 
 
-def stop_if_diverged(step: int, loss: torch.Tensor, energy_pos, energy_neg, run_dir: str, advice: str,
-                     also_finite=None):
-    """Stop (exit 1) on a non-finite or exploding loss (|loss| > 1e8, the DA-EBM official test), or a
-    non-finite `also_finite` tensor (persistent chains), before it is logged or saved, saying whether a good
-    checkpoint exists."""
+def stop_if_diverged(step: int, loss: torch.Tensor, energy_pos, energy_neg, run_dir: str,
+                     advice: str, also_finite=None):
+    """Stop (exit 1) on a non-finite or exploding loss (|loss| > 1e8, the DA-EBM official test), or
+    a non-finite `also_finite` tensor (persistent chains), before it is logged or saved, saying
+    whether a good checkpoint exists."""
     state_ok = also_finite is None or torch.isfinite(also_finite).all().item()
     if state_ok and torch.isfinite(loss).item() and loss.abs().item() <= 1e8:
         return
     path = os.path.join(run_dir, "ckpt.pt")
-    kept = (f"the last good checkpoint {path} (step {torch.load(path, weights_only=True)['step']}) is kept"
+    kept = (f"the last good checkpoint {path} (step {torch.load(path, weights_only=True)['step']}) "
+            "is kept"
             if os.path.exists(path) else "no checkpoint was written before it")
-    print(f"error: training diverged by step {step} (loss {loss.item():.4g}, mean energy of positives "
-          f"{float(energy_pos):.4g}, negatives {float(energy_neg):.4g}); {kept}. {advice}", file=sys.stderr)
+    print(f"error: training diverged by step {step} (loss {loss.item():.4g}, mean energy of "
+          f"positives {float(energy_pos):.4g}, negatives {float(energy_neg):.4g}); {kept}. "
+          f"{advice}", file=sys.stderr)
     sys.exit(1)
 
 
@@ -620,7 +659,8 @@ class MetricLog:
                     self.tb.add_scalar(key, value, step)
         if echo:
             eta = (self.total - step) / max(rate, 1e-9)
-            parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+            parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k,
+                     v in metrics.items()]
             print(f"step {step}/{self.total} | " + " | ".join(parts) +
                   f" | {rate:.2f} it/s | ETA {format_seconds(eta)}", flush=True)
 
@@ -631,9 +671,10 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """A progress line (done/total, rate, ETA) at most every `interval` seconds and at the end, for every long
-    phase that is not the training loop (sampling, evaluation, statistics). `quiet`: no closing line for a
-    phase too short to have printed one before (samplers called once per batch)."""
+    """A progress line (done/total, rate, ETA) at most every `interval` seconds and at the end, for
+    every long phase that is not the training loop (sampling, evaluation, statistics). `quiet`: no
+    closing line for a phase too short to have printed one before (samplers called once per
+    batch)."""
 
     def __init__(self, label: str, total: int, interval: float = 10.0, quiet: bool = False):
         self.label, self.total, self.done, self.interval = label, total, 0, interval
@@ -652,8 +693,9 @@ class Progress:
 
 
 class StopGuard:
-    """While training: SIGINT / SIGTERM (Ctrl-C, cluster preemption) ask the loop to finish the iteration, save
-    and exit; a second signal stops at once. `save_due()` is also true every `save_minutes` of wall clock."""
+    """While training: SIGINT / SIGTERM (Ctrl-C, cluster preemption) ask the loop to finish the
+    iteration, save and exit; a second signal stops at once. `save_due()` is also true every
+    `save_minutes` of wall clock."""
 
     def __init__(self, save_minutes: float):
         self.signal_name, self.interval = None, save_minutes * 60
@@ -674,17 +716,20 @@ class StopGuard:
         if self.signal_name is not None:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name}: finishing this iteration, then saving (again to stop at once)",
+        print(f"\n{self.signal_name}: finishing this iteration, then saving (again to stop at "
+              "once)",
               file=sys.stderr, flush=True)
 
     def save_due(self) -> bool:
-        return self.signal_name is not None or (self.interval > 0 and time.time() - self.last_save >= self.interval)
+        return self.signal_name is not None or (self.interval > 0 and time.time()
+                                                - self.last_save >= self.interval)
 
     def saved(self):
         self.last_save = time.time()
 
     def exit_if_stopped(self, run_dir: str, step: int, script: str):
-        """After the save: tell how to resume and exit non-zero (130 for SIGINT, 143 for SIGTERM)."""
+        """After the save: tell how to resume and exit non-zero (130 for SIGINT, 143 for
+        SIGTERM)."""
         if self.signal_name is None:
             return
         print(f"stopped by {self.signal_name} at step {step}; checkpoint saved. Continue with:\n"
@@ -692,9 +737,9 @@ class StopGuard:
         sys.exit(130 if self.signal_name == "SIGINT" else 143)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -709,16 +754,17 @@ def set_rng_state(state: dict):
 
 
 def checkpoint_state(method: str, args, step: int, model, ema, **method_state) -> dict:
-    """The checkpoint dict: the part every method has, then the method's own entries (optimizer, scheduler,
-    loader, chains, ...)."""
+    """The checkpoint dict: the part every method has, then the method's own entries (optimizer,
+    scheduler, loader, chains, ...)."""
     return {"method": method, "format": CHECKPOINT_FORMAT, "args": args_to_dict(args), "step": step,
             "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "rng": rng_state(), **method_state}
 
 
 def restore(ckpt: dict, model, ema, loader) -> int:
-    """Load the part of a checkpoint every method has (weights, EMA, data order, random state); returns its
-    step. The script loads its own entries (optimizers, schedulers, chains) after this."""
+    """Load the part of a checkpoint every method has (weights, EMA, data order, random state);
+    returns its step. The script loads its own entries (optimizers, schedulers, chains) after
+    this."""
     model.load_state_dict(ckpt["model"])
     if ema is not None:
         ema.load_state_dict(ckpt["ema"])
@@ -740,21 +786,23 @@ def _atomic_save(state: dict, path: str):
     except OSError as error:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not write {path} ({error.strerror or error}); the previous checkpoint is "
-                        "kept. Free space or choose another --run-dir, then --resume") from None
+        raise UserError(f"could not write {path} ({error.strerror or error}); the previous "
+                        "checkpoint is kept. Free space or choose another --run-dir, then "
+                        "--resume") from None
 
 
 def save_checkpoint(state: dict, run_dir: str, snapshot_step=None):
-    """Write {run_dir}/ckpt.pt atomically (temp file + os.replace); optionally also ckpt_{step}.pt. A failed
-    write (full disk, ...) removes its temp file and leaves the previous checkpoint as it was."""
+    """Write {run_dir}/ckpt.pt atomically (temp file + os.replace); optionally also ckpt_{step}.pt.
+    A failed write (full disk, ...) removes its temp file and leaves the previous checkpoint as it
+    was."""
     _atomic_save(state, os.path.join(run_dir, "ckpt.pt"))
     if snapshot_step is not None:
         _atomic_save(state, os.path.join(run_dir, f"ckpt_{snapshot_step:08d}.pt"))
 
 
 def load_checkpoint(path: str, method=None) -> dict:
-    """torch.load(weights_only=True) with one clear UserError for missing, corrupt or foreign files. A run
-    folder stands for its ckpt.pt."""
+    """torch.load(weights_only=True) with one clear UserError for missing, corrupt or foreign files.
+    A run folder stands for its ckpt.pt."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
@@ -765,24 +813,27 @@ def load_checkpoint(path: str, method=None) -> dict:
         raise UserError(f"checkpoint {path} is corrupt or not a torch checkpoint "
                         f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or "method" not in ckpt or "format" not in ckpt:
-        raise UserError(f"checkpoint {path} is not one of this project's checkpoints (no method/format keys)")
+        raise UserError(f"checkpoint {path} is not one of this project's checkpoints (no "
+                        "method/format keys)")
     if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} has format {ckpt['format']}, this code reads {CHECKPOINT_FORMAT}")
+        raise UserError(f"checkpoint {path} has format {ckpt['format']}, this code reads "
+                        f"{CHECKPOINT_FORMAT}")
     if method is not None and ckpt["method"] != method:
-        raise UserError(f"checkpoint {path} was written by method {ckpt['method']!r}, not {method!r}")
+        raise UserError(f"checkpoint {path} was written by method {ckpt['method']!r}, not "
+                        f"{method!r}")
     return ckpt
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pictures (no matplotlib: PNGs written through torchvision)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def save_image_grid(images: torch.Tensor, path: str, nrow=None):
     """Images in [-1, 1] (N, C, H, W) -> one PNG grid."""
     import torchvision
 
     nrow = nrow or max(1, int(math.sqrt(len(images))))
-    torchvision.utils.save_image((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=nrow,
-                                 padding=1)
+    torchvision.utils.save_image((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, path,
+                                 nrow=nrow, padding=1)
 
 
 _MAGMA = torch.tensor([[0, 0, 4], [59, 15, 112], [140, 41, 129], [222, 73, 104], [254, 159, 109],
@@ -790,7 +841,8 @@ _MAGMA = torch.tensor([[0, 0, 4], [59, 15, 112], [140, 41, 129], [222, 73, 104],
 
 
 def colorize(values: torch.Tensor) -> torch.Tensor:
-    """A 2D array -> RGB image (3, H, W) through a magma-like colour map, scaled to its own min/max."""
+    """A 2D array -> RGB image (3, H, W) through a magma-like colour map, scaled to its own
+    min/max."""
     v = values.float()
     v = (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12)
     pos = v * (len(_MAGMA) - 1)
@@ -801,12 +853,14 @@ def colorize(values: torch.Tensor) -> torch.Tensor:
 
 
 def histogram_2d(points: torch.Tensor, lo: float, hi: float, resolution: int) -> torch.Tensor:
-    """Counts of 2D points on a resolution^2 grid over [lo, hi]^2, row = y (same layout as grid_2d)."""
+    """Counts of 2D points on a resolution^2 grid over [lo, hi]^2, row = y (same layout as
+    grid_2d)."""
     idx = ((points.double() - lo) / (hi - lo) * resolution).floor().long()
     inside = ((idx >= 0) & (idx < resolution)).all(1)
     idx = idx[inside]
     counts = torch.zeros(resolution * resolution, dtype=torch.float64)
-    counts.index_add_(0, idx[:, 1] * resolution + idx[:, 0], torch.ones(len(idx), dtype=torch.float64))
+    counts.index_add_(0, idx[:, 1] * resolution + idx[:, 0],
+                      torch.ones(len(idx), dtype=torch.float64))
     return counts.view(resolution, resolution)
 
 
@@ -815,4 +869,5 @@ def save_panels(panels, path: str):
     import torchvision
 
     images = [colorize(p.flip(0)) for p in panels]
-    torchvision.utils.save_image(torch.stack(images), path, nrow=len(images), padding=2, pad_value=1.0)
+    torchvision.utils.save_image(torch.stack(images), path, nrow=len(images), padding=2,
+                                 pad_value=1.0)

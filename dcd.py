@@ -1,63 +1,73 @@
-"""DCD: Training Energy-Based Models with Diffusion Contrastive Divergences (Luo, Jiang, Hu, Sun, Li, Zhang 2023,
-arXiv 2307.01668), with classic short-run contrastive divergence (CD) beside it as the baseline.
+"""DCD: Training Energy-Based Models with Diffusion Contrastive Divergences (Luo, Jiang, Hu, Sun,
+Li, Zhang 2023, arXiv 2307.01668), with classic short-run contrastive divergence (CD) beside it as
+the baseline.
 
 What the paper states (its abstract; the body and any official code were not available to us):
-  - CD is one member of a family, DCD: replace the Langevin dynamics inside CD, a kernel that depends on the
-    EBM, by an EBM-parameter-free diffusion process. DCD is cheaper than CD and has no "non-negligible extra
-    gradient term" that short-run CD neglects.
-  - Experiments: 2D synthetic data and image denoising, where DCD beats CD "by a large margin", and CelebA
-    32x32 generation "comparable to existing EBMs"; third-party summaries also name a one-step estimator
-    "DCD-VE" and time-dependent EBMs trained with DCD.
+  - CD is one member of a family, DCD: replace the Langevin dynamics inside CD, a kernel that
+    depends on the EBM, by an EBM-parameter-free diffusion process. DCD is cheaper than CD and has
+    no "non-negligible extra gradient term" that short-run CD neglects.
+  - Experiments: 2D synthetic data and image denoising, where DCD beats CD "by a large margin", and
+    CelebA 32x32 generation "comparable to existing EBMs"; third-party summaries also name a
+    one-step estimator "DCD-VE" and time-dependent EBMs trained with DCD.
 
-The mathematics that definition implies (our derivation, `../shared/methods/dcd.md`): for a Markov kernel Q,
+The mathematics that definition implies (our derivation, `../shared/methods/dcd.md`): for a Markov
+kernel Q,
     DCD_Q(θ) = KL(p_data || p_θ) - KL(Q p_data || Q p_θ) >= 0,
-and for a θ-free Gaussian kernel (VE: y = x + σ ε; VP: y = sqrt(1 - σ²) x + σ ε) the chain rule of KL gives
-DCD_Q = E_y KL(p_data(x | y) || p_θ(x | y)): the expected KL between the posteriors of diffused data, i.e. the
-negative recovery likelihood of Gao et al. (2021) up to a constant. Its exact gradient (log Z cancels) is
+and for a θ-free Gaussian kernel (VE: y = x + σ ε; VP: y = sqrt(1 - σ²) x + σ ε) the chain rule of
+KL gives DCD_Q = E_y KL(p_data(x | y) || p_θ(x | y)): the expected KL between the posteriors of
+diffused data, i.e. the negative recovery likelihood of Gao et al. (2021) up to a constant. Its
+exact gradient (log Z cancels) is
     ∇DCD = E_{x ~ data} ∇E_θ(x) - E_{x ~ data, y ~ q(y|x)} E_{x̃ ~ p_θ(x̃ | y)} ∇E_θ(x̃),
-    p_θ(x̃ | y) ∝ exp(-E_θ(x̃) - ||y - a x̃||² / (2 b²))      (VE: a = 1, b = σ; VP: a = sqrt(1 - σ²), b = σ):
-the negatives are "recoveries" of diffused data, never unconditional model samples. As σ -> 0, DCD / σ² tends
-to half the Fisher divergence (score matching); as σ grows, DCD tends to maximum likelihood. With a single
-kernel, VP at σ equals VE at σ / sqrt(1 - σ²) (the same posterior of y / a), so the two differ only in the
-time-dependent ladder below, where the EBM sees y at its own scale.
+    p_θ(x̃ | y) ∝ exp(-E_θ(x̃) - ||y - a x̃||² / (2 b²)),
+with VE: a = 1, b = σ and VP: a = sqrt(1 - σ²), b = σ:
+the negatives are "recoveries" of diffused data, never unconditional model samples. As σ -> 0, DCD /
+σ² tends to half the Fisher divergence (score matching); as σ grows, DCD tends to maximum
+likelihood. With a single kernel, VP at σ equals VE at σ / sqrt(1 - σ²) (the same posterior of y /
+a), so the two differ only in the time-dependent ladder below, where the EBM sees y at its own
+scale.
 
-Our choices (the abstract states none of them; each is a deliberate decision, listed so it can be changed):
-1. Estimators of the negative term: `langevin` = K unadjusted Langevin steps on the posterior from y / a with
-   step η = step_ratio · (b / a)² (K = 1 is our one-step variant; the paper's "DCD-VE" one-step estimator may
-   differ); `importance` = M proposals x̃_j ~ N(y / a, (b / a)² I), the Gaussian factor of the posterior, with
-   self-normalised weights ∝ exp(-E(x̃_j)): loss = mean E(x) + mean log (1/M) Σ_j exp(-E(x̃_j)), no chain (biased
-   for finite M: by Jensen it under-estimates the posterior's log normaliser).
-2. `--kernel cd` = classic CD: K unadjusted Langevin steps on p_θ itself from data, step --cd-step-size,
-   loss = mean E(x) - mean E(x̃) with x̃ detached (this drops the gradient through the θ-dependent kernel,
-   the term the abstract says CD neglects).
-3. 2D and `--task denoise`: one time-independent EBM (one level). Denoising trains on clean images (the last
-   --holdout images of the training split are never trained on), corrupts those with y = x + σ_d ε and
-   estimates x by the posterior mean under p_θ(x | y) (average over the second half of a Langevin chain on the
-   posterior, --denoise-steps) and by one posterior sample; PSNR against the clean images, logged during
-   training.
-4. Generation: a time-dependent EBM E_θ(x, t) over a ladder x_0 .. x_L (L = --num-levels, default 6) of
-   diffused data, CDRL's cosine log-SNR schedule clipped to [-5.1, 9.8]; level t is trained by DCD with the
-   kernel x_t -> x_{t+1} (VP: x_{t+1} = a_t x_t + b_t ε, a_t = sqrt(ᾱ_{t+1} / ᾱ_t), b_t² = 1 - a_t²; VE: the same
-   levels divided by sqrt(ᾱ_t), a_t = 1, b_t² = σ_{t+1}² - σ_t²), one random level per example. Sampling
-   starts from N(0, (σ_L² + s_L²) I) (s = signal scale: VP 1, VE sqrt(1 + σ_L²)) and draws each lower level
-   from the posterior p_θ(x_t | x_{t+1}) by K Langevin steps (--sample-langevin-steps), then divides by the
-   signal scale of level 0. On the ladder the energy is the network output divided by b_t² (DRL's step-size
-   normalisation: the posterior's quadratic term and the energy then have comparable gradients at every
-   level) and VE inputs are divided by sqrt(1 + σ_t²); with one level the energy is the network output.
-5. Networks: 2D MLP 2-128-128-128-1 with SiLU (the spec's width range); images a ResNet with a learned
-   per-level embedding (DA-EBM's block: SiLU, conv, per-channel level bias, conv; --ebm-blocks per
-   resolution, average pooling, output <sum-pool SiLU(h), Linear(SiLU(emb))>), no normalisation layers.
-6. Training: Adam (β = 0.9, 0.999), gradient-norm clip --grad-clip, EMA of the weights with torch_ema's decay
-   warm-up min(decay, (1 + k) / (10 + k)); shuffled epochs of an in-memory tensor, random horizontal flips on
-   CIFAR, CelebA and folder sets. An energy-magnitude penalty --energy-reg α (mean E(pos)² + mean E(neg)²)
-   (Du & Mordatch 2019), on for images (1e-2): without it our brief MNIST denoising runs diverged
-   (docs/RESULTS.md). The image defaults (PRESETS["images"]) are ours and were not tuned: no image-generation
-   run has been made.
+Our choices (the abstract states none of them; each is a deliberate decision, listed so it can be
+changed):
+1. Estimators of the negative term: `langevin` = K unadjusted Langevin steps on the posterior from y
+   / a with step η = step_ratio · (b / a)² (K = 1 is our one-step variant; the paper's "DCD-VE"
+   one-step estimator may differ); `importance` = M proposals x̃_j ~ N(y / a, (b / a)² I), the
+   Gaussian factor of the posterior, with self-normalised weights ∝ exp(-E(x̃_j)): loss = mean E(x)
+   + mean log (1/M) Σ_j exp(-E(x̃_j)), no chain (biased for finite M: by Jensen it under-estimates
+   the posterior's log normaliser).
+2. `--kernel cd` = classic CD: K unadjusted Langevin steps on p_θ itself from data, step
+   --cd-step-size, loss = mean E(x) - mean E(x̃) with x̃ detached (this drops the gradient through
+   the θ-dependent kernel, the term the abstract says CD neglects).
+3. 2D and `--task denoise`: one time-independent EBM (one level). Denoising trains on clean images
+   (the last --holdout images of the training split are never trained on), corrupts those with y = x
+   + σ_d ε and estimates x by the posterior mean under p_θ(x | y) (average over the second half of a
+   Langevin chain on the posterior, --denoise-steps) and by one posterior sample; PSNR against the
+   clean images, logged during training.
+4. Generation: a time-dependent EBM E_θ(x, t) over a ladder x_0 .. x_L (L = --num-levels, default 6)
+   of diffused data, CDRL's cosine log-SNR schedule clipped to [-5.1, 9.8]; level t is trained by
+   DCD with the kernel x_t -> x_{t+1} (VP: x_{t+1} = a_t x_t + b_t ε, a_t = sqrt(ᾱ_{t+1} / ᾱ_t),
+   b_t² = 1 - a_t²; VE: the same levels divided by sqrt(ᾱ_t), a_t = 1, b_t² = σ_{t+1}² - σ_t²), one
+   random level per example. Sampling starts from N(0, (σ_L² + s_L²) I) (s = signal scale: VP 1, VE
+   sqrt(1 + σ_L²)) and draws each lower level from the posterior p_θ(x_t | x_{t+1}) by K Langevin
+   steps (--sample-langevin-steps), then divides by the signal scale of level 0. On the ladder the
+   energy is the network output divided by b_t² (DRL's step-size normalisation: the posterior's
+   quadratic term and the energy then have comparable gradients at every level) and VE inputs are
+   divided by sqrt(1 + σ_t²); with one level the energy is the network output.
+5. Networks: 2D MLP 2-128-128-128-1 with SiLU (the spec's width range); images a ResNet with a
+   learned per-level embedding (DA-EBM's block: SiLU, conv, per-channel level bias, conv;
+   --ebm-blocks per resolution, average pooling, output <sum-pool SiLU(h), Linear(SiLU(emb))>), no
+   normalisation layers.
+6. Training: Adam (β = 0.9, 0.999), gradient-norm clip --grad-clip, EMA of the weights with
+   torch_ema's decay warm-up min(decay, (1 + k) / (10 + k)); shuffled epochs of an in-memory tensor,
+   random horizontal flips on CIFAR, CelebA and folder sets. An energy-magnitude penalty
+   --energy-reg α (mean E(pos)² + mean E(neg)²) (Du & Mordatch 2019), on for images (1e-2): without
+   it our brief MNIST denoising runs diverged (docs/RESULTS.md). The image defaults
+   (PRESETS["images"]) are ours and were not tuned: no image-generation run has been made.
 7. Post-training sampling of a one-level model (2D, denoising checkpoints): --sample-langevin-steps
-   unadjusted Langevin steps on p_θ from N(0, I) with --cd-step-size (DCD comes with no unconditional
-   sampler; 2D quality is measured by the exact grid density instead).
-8. 2D defaults (PRESETS["2d"]: importance, σ = 0.1, M = 6; for langevin K = 5, step ratio 0.3; CD step 0.03)
-   were chosen by the DCD-vs-CD measurement in docs/RESULTS.md, which also says where DCD lost to CD.
+   unadjusted Langevin steps on p_θ from N(0, I) with --cd-step-size (DCD comes with no
+   unconditional sampler; 2D quality is measured by the exact grid density instead).
+8. 2D defaults (PRESETS["2d"]: importance, σ = 0.1, M = 6; for langevin K = 5, step ratio 0.3; CD
+   step 0.03) were chosen by the DCD-vs-CD measurement in docs/RESULTS.md, which also says where DCD
+   lost to CD.
 """
 import copy
 import math
@@ -72,9 +82,9 @@ import torch.nn.functional as F
 
 import common
 
-# Per-dataset defaults of the fields left at None: "2d" for the toys, "images" for every image set. The
-# abstract fixes none of them, so every value is ours (docstring items 6 and 8; how the 2D ones were chosen:
-# docs/RESULTS.md, DCD).
+# Per-dataset defaults of the fields left at None: "2d" for the toys, "images" for every image set.
+# The abstract fixes none of them, so every value is ours (docstring items 6 and 8; how the 2D ones
+# were chosen: docs/RESULTS.md, DCD).
 PRESETS = {
     "2d": {
         "steps": 3000,  # ours
@@ -99,7 +109,7 @@ PRESETS = {
         "sample_every": 5000,  # ours
         "save_every": 20_000,  # ours
         "estimator": "langevin",  # ours
-        "sigma": 0.3,  # ours; used by one-level models (--task denoise), a ladder takes its own noise
+        "sigma": 0.3,  # ours; one-level models (--task denoise) only
         "langevin_steps": 15,  # ours
         "step_ratio": 0.2,  # ours
         "cd_step_size": 1e-4,  # ours
@@ -116,8 +126,8 @@ class Args:
     seed: int = 1
     """random seed (weights, data order, noise)"""
     dataset: str = "checkerboard"
-    """checkerboard | rings | 8gaussians | swissroll | pinwheel | 2spirals | celeba (the paper's image
-    set) | cifar10 | cifar100 | svhn | mnist | fashionmnist | folder:PATH"""
+    """checkerboard | rings | 8gaussians | swissroll | pinwheel | 2spirals | celeba (the paper's
+    image set) | cifar10 | cifar100 | svhn | mnist | fashionmnist | folder:PATH"""
     data_dir: str = "data"
     """where image datasets are read from (and downloaded to when online)"""
     run_dir: Optional[str] = None
@@ -148,7 +158,8 @@ class Args:
     """images: 'generate' = time-dependent EBM over a noise ladder; 'denoise' = one clean-data EBM,
     scored by denoising PSNR on held-out images (2D always trains one time-independent EBM)"""
     kernel: Literal["ve", "vp", "cd"] = "ve"
-    """ve / vp: DCD with that Gaussian diffusion kernel; cd: classic short-run CD (one-level models)"""
+    """ve / vp: DCD with that Gaussian diffusion kernel; cd: classic short-run CD (one-level
+    models)"""
     estimator: Optional[Literal["langevin", "importance"]] = None
     """DCD negatives: 'langevin' (K posterior Langevin steps from y) or 'importance' (M proposals
     around y)"""
@@ -161,7 +172,8 @@ class Args:
     num_proposals: int = 6
     """M: proposals per example of the importance estimator (6: the cost of CD with K = 5)"""
     cd_step_size: Optional[float] = None
-    """CD Langevin step η (x ← x - η/2 ∇E + sqrt(η) ξ), also the one-level post-training sampler's"""
+    """CD Langevin step η (x ← x - η/2 ∇E + sqrt(η) ξ), also the one-level post-training
+    sampler's"""
     num_levels: Optional[int] = None
     """levels of the time-dependent ladder (1 = a time-independent EBM: 2D and --task denoise)"""
     logsnr_min: float = -5.1
@@ -189,8 +201,8 @@ class Args:
     """denoise: posterior Langevin steps (step --step-ratio · σ_d²); the estimate is the mean of the
     second half"""
     sample_langevin_steps: Optional[int] = None
-    """sampling: posterior steps per ladder level (default --langevin-steps); one-level models: steps
-    of the unconditional chain (default 500)"""
+    """sampling: posterior steps per ladder level (default --langevin-steps); one-level models:
+    steps of the unconditional chain (default 500)"""
     hflip: Optional[bool] = None
     """random horizontal flips of training images (default on for cifar10/cifar100/celeba/folder)"""
     image_size: Optional[int] = None
@@ -223,21 +235,23 @@ class Args:
                                      "sample_langevin_steps", "sample_batch", "n_grid", "n_points"])
         if not (self.step_ratio > 0 and self.cd_step_size > 0 and self.grad_clip >= 0
                 and self.energy_reg >= 0):
-            raise common.UserError("--step-ratio and --cd-step-size must be positive, --grad-clip and "
-                                   "--energy-reg >= 0")
+            raise common.UserError("--step-ratio and --cd-step-size must be positive, --grad-clip "
+                                   "and --energy-reg >= 0")
         if toy and self.task == "denoise":
-            raise common.UserError("--task denoise needs an image dataset; 2D toys train one EBM already")
+            raise common.UserError("--task denoise needs an image dataset; 2D toys train one EBM "
+                                   "already")
         if toy and self.num_levels != 1:
             raise common.UserError("2D toys train a time-independent EBM: --num-levels must be 1")
         if self.task == "denoise" and self.num_levels != 1:
-            raise common.UserError("--task denoise trains a one-level (clean-data) EBM: --num-levels "
-                                   "must be 1")
+            raise common.UserError("--task denoise trains a one-level (clean-data) EBM: "
+                                   "--num-levels must be 1")
         if self.num_levels == 1:
             if not self.sigma > 0 or (self.kernel == "vp" and self.sigma >= 1):
-                raise common.UserError(f"--sigma must be positive (and below 1 for --kernel vp), got "
-                                       f"{self.sigma}")
+                raise common.UserError("--sigma must be positive (and below 1 for --kernel vp), "
+                                       f"got {self.sigma}")
         elif self.kernel == "cd":
-            raise common.UserError("--kernel cd is the one-level baseline: use it with --num-levels 1")
+            raise common.UserError("--kernel cd is the one-level baseline: use it with "
+                                   "--num-levels 1")
         if self.task == "denoise" and not self.denoise_sigma > 0:
             raise common.UserError(f"--denoise-sigma must be positive, got {self.denoise_sigma}")
         if self.logsnr_min >= self.logsnr_max:
@@ -247,9 +261,9 @@ class Args:
 common.show_preset_defaults(Args, PRESETS)
 
 
-# ===================================================================================================
+# ==================================================================================================
 # NETWORK
-# ===================================================================================================
+# ==================================================================================================
 class MLPEnergy(nn.Module):
     """2D: E(x) = MLP 2-w-w-w-1 with SiLU (time-independent; the level argument must be 0)."""
 
@@ -263,7 +277,8 @@ class MLPEnergy(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """SiLU -> conv -> + per-channel level bias -> SiLU -> conv; 3x3 conv shortcut when the width changes."""
+    """SiLU -> conv -> + per-channel level bias -> SiLU -> conv; 3x3 conv shortcut when the width
+    changes."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int):
         super().__init__()
@@ -278,18 +293,21 @@ class ResBlock(nn.Module):
 
 
 class ResNetEnergy(nn.Module):
-    """Images: network output n(x, t) = <sum-pool SiLU(h), Linear(SiLU(emb_t))>, emb_t a learned embedding of
-    the level; `blocks` ResBlocks per resolution, average-pool between resolutions."""
+    """Images: network output n(x, t) = <sum-pool SiLU(h), Linear(SiLU(emb_t))>, emb_t a learned
+    embedding of the level; `blocks` ResBlocks per resolution, average-pool between resolutions."""
 
-    def __init__(self, in_channels: int, ch: int, ch_mult: Tuple[int, ...], blocks: int, num_levels: int):
+    def __init__(self, in_channels: int, ch: int, ch_mult: Tuple[int, ...], blocks: int,
+                 num_levels: int):
         super().__init__()
         emb_dim = 4 * ch
-        self.level_emb = nn.Sequential(nn.Embedding(num_levels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.level_emb = nn.Sequential(nn.Embedding(num_levels, emb_dim), nn.SiLU(),
+                                       nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.stages = nn.ModuleList()
         width = ch
         for mult in ch_mult:
-            self.stages.append(nn.ModuleList(ResBlock(width if b == 0 else ch * mult, ch * mult, emb_dim)
+            self.stages.append(nn.ModuleList(ResBlock(width if b == 0 else ch * mult, ch * mult,
+                                                      emb_dim)
                                              for b in range(blocks)))
             width = ch * mult
         self.head = nn.Linear(emb_dim, width)
@@ -306,8 +324,8 @@ class ResNetEnergy(nn.Module):
 
 
 class DCD(nn.Module):
-    """The network plus the ladder tables (buffers): level t = 0..L has x_t = signal_t x_0 + noise_t ε; the
-    kernel of level t < L is x_{t+1} = kernel_a_t x_t + kernel_b_t ε."""
+    """The network plus the ladder tables (buffers): level t = 0..L has x_t = signal_t x_0 + noise_t
+    ε; the kernel of level t < L is x_{t+1} = kernel_a_t x_t + kernel_b_t ε."""
 
     def __init__(self, net: nn.Module, tables: dict):
         super().__init__()
@@ -321,29 +339,32 @@ class DCD(nn.Module):
         return self.net(x * as_batch(self.input_scale[level], x), level) * self.energy_scale[level]
 
 
-# ===================================================================================================
+# ==================================================================================================
 # NOISE SCHEDULE
-# ===================================================================================================
+# ==================================================================================================
 def logsnr_schedule(t: torch.Tensor, logsnr_min: float, logsnr_max: float) -> torch.Tensor:
-    """Cosine schedule in log-SNR clipped to [logsnr_min, logsnr_max]: -2 log tan(a t + b) (DRL / CDRL)."""
+    """Cosine schedule in log-SNR clipped to [logsnr_min, logsnr_max]: -2 log tan(a t + b) (DRL /
+    CDRL)."""
     b = math.atan(math.exp(-0.5 * logsnr_max))
     a = math.atan(math.exp(-0.5 * logsnr_min)) - b
     return -2.0 * torch.log(torch.tan(a * t + b))
 
 
 def level_tables(args) -> dict:
-    """Ladder constants in float64. One level (2D, denoise): x_0 = data, x_1 = the kernel's y (VE: signal 1,
-    noise σ; VP: signal sqrt(1 - σ²), noise σ; CD: the same numbers, unused by its loss). L levels: log-SNR λ_t
-    from the cosine schedule, VP signal sqrt(sigmoid λ), noise sqrt(sigmoid -λ); VE signal 1, noise
-    exp(-λ / 2). Kernel t -> t+1: a_t = signal_{t+1} / signal_t, b_t² = noise_{t+1}² - a_t² noise_t².
-    Energy scale 1 / b_t² and input scale 1 / sqrt(signal_t² + noise_t²) on a ladder; 1 and 1 with one level.
+    """Ladder constants in float64. One level (2D, denoise): x_0 = data, x_1 = the kernel's y (VE:
+    signal 1, noise σ; VP: signal sqrt(1 - σ²), noise σ; CD: the same numbers, unused by its loss).
+    L levels: log-SNR λ_t from the cosine schedule, VP signal sqrt(sigmoid λ), noise sqrt(sigmoid
+    -λ); VE signal 1, noise exp(-λ / 2). Kernel t -> t+1: a_t = signal_{t+1} / signal_t, b_t² =
+    noise_{t+1}² - a_t² noise_t². Energy scale 1 / b_t² and input scale 1 / sqrt(signal_t² +
+    noise_t²) on a ladder; 1 and 1 with one level.
     """
     if args.num_levels == 1:
-        signal = torch.tensor([1.0, math.sqrt(1 - args.sigma ** 2) if args.kernel == "vp" else 1.0], dtype=torch.float64)
+        signal = torch.tensor([1.0, math.sqrt(1 - args.sigma ** 2) if args.kernel == "vp" else 1.0],
+                              dtype=torch.float64)
         noise = torch.tensor([0.0, args.sigma], dtype=torch.float64)
     else:
-        logsnr = logsnr_schedule(torch.arange(args.num_levels + 1, dtype=torch.float64) / args.num_levels,
-                                 args.logsnr_min, args.logsnr_max)
+        levels = torch.arange(args.num_levels + 1, dtype=torch.float64)
+        logsnr = logsnr_schedule(levels / args.num_levels, args.logsnr_min, args.logsnr_max)
         if args.kernel == "vp":
             signal, noise = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
         else:
@@ -353,7 +374,8 @@ def level_tables(args) -> dict:
     ladder = args.num_levels > 1
     return {"signal": signal, "noise": noise, "kernel_a": kernel_a, "kernel_b": kernel_b,
             "energy_scale": kernel_b ** -2 if ladder else torch.ones_like(kernel_b),
-            "input_scale": (signal[:-1] ** 2 + noise[:-1] ** 2).rsqrt() if ladder else torch.ones_like(kernel_b)}
+            "input_scale": (signal[:-1] ** 2 + noise[:-1] ** 2).rsqrt() if ladder
+            else torch.ones_like(kernel_b)}
 
 
 def as_batch(per_example: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -365,9 +387,9 @@ def diffuse(model: DCD, x0, level, noise):
     return as_batch(model.signal[level], x0) * x0 + as_batch(model.noise[level], x0) * noise
 
 
-# ===================================================================================================
+# ==================================================================================================
 # SAMPLER
-# ===================================================================================================
+# ==================================================================================================
 def energy_and_grad(model: DCD, x, level):
     """E_θ(x, t) and its gradient in x, without touching parameter gradients."""
     with torch.enable_grad():
@@ -378,9 +400,9 @@ def energy_and_grad(model: DCD, x, level):
 
 
 def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: float):
-    """n_steps of unadjusted Langevin on p_θ(x | y) ∝ exp(-E(x, t) - ||y - a x||² / (2 b²)) from x = y / a, step
-    η = step_ratio (b / a)²: x ← x + η/2 ∇log p + sqrt(η) ξ (a, b: numbers or per-row tensors).
-    Returns (the last state, the mean of the states of the chain's second half)."""
+    """n_steps of unadjusted Langevin on p_θ(x | y) ∝ exp(-E(x, t) - ||y - a x||² / (2 b²)) from x =
+    y / a, step η = step_ratio (b / a)²: x ← x + η/2 ∇log p + sqrt(η) ξ (a, b: numbers or per-row
+    tensors). Returns (the last state, the mean of the states of the chain's second half)."""
     step = step_ratio * (b / a) ** 2
     x, total = y / a, torch.zeros_like(y)
     for k in range(n_steps):
@@ -393,7 +415,8 @@ def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: flo
 
 
 def model_langevin(model: DCD, x, level, n_steps: int, step: float):
-    """n_steps of unadjusted Langevin on p_θ(x, t) itself: x ← x - η/2 ∇E + sqrt(η) ξ (CD's kernel)."""
+    """n_steps of unadjusted Langevin on p_θ(x, t) itself: x ← x - η/2 ∇E + sqrt(η) ξ (CD's
+    kernel)."""
     for _ in range(n_steps):
         _, grad = energy_and_grad(model, x, level)
         x = x - 0.5 * step * grad + math.sqrt(step) * torch.randn_like(x)
@@ -401,28 +424,30 @@ def model_langevin(model: DCD, x, level, n_steps: int, step: float):
 
 
 def generate(model: DCD, n: int, args, device, step_multiplier: int = 1):
-    """One-level model: step_multiplier x --sample-langevin-steps Langevin steps on p_θ from N(0, I). Ladder:
-    x_L from the wide Gaussian, then each level t = L-1 .. 0 from the posterior given x_{t+1} (that many
-    steps each); returns x_0 / signal_0."""
+    """One-level model: step_multiplier x --sample-langevin-steps Langevin steps on p_θ from N(0,
+    I). Ladder: x_L from the wide Gaussian, then each level t = L-1 .. 0 from the posterior given
+    x_{t+1} (that many steps each); returns x_0 / signal_0."""
     shape, langevin_steps = sample_shape(args), args.sample_langevin_steps * step_multiplier
     if model.num_levels == 1:
         level = torch.zeros(n, dtype=torch.long, device=device)
-        return model_langevin(model, torch.randn((n,) + shape, device=device), level, langevin_steps,
-                              args.cd_step_size)
+        return model_langevin(model, torch.randn((n,) + shape, device=device), level,
+                              langevin_steps, args.cd_step_size)
     top = model.num_levels
-    x = torch.randn((n,) + shape, device=device) * (model.noise[top] ** 2 + model.signal[top] ** 2).sqrt()
+    scale = (model.noise[top] ** 2 + model.signal[top] ** 2).sqrt()
+    x = torch.randn((n,) + shape, device=device) * scale
     progress = common.Progress("sampler, levels", top, interval=30, quiet=True)
     for t in reversed(range(top)):
         level = torch.full((n,), t, dtype=torch.long, device=device)
-        x, _ = posterior_langevin(model, x, level, model.kernel_a[t], model.kernel_b[t], langevin_steps,
-                                  args.step_ratio)
+        x, _ = posterior_langevin(model, x, level, model.kernel_a[t], model.kernel_b[t],
+                                  langevin_steps, args.step_ratio)
         progress.update(1)
     return x / model.signal[0]
 
 
 def denoise(model: DCD, y, sigma: float, n_steps: int, step_ratio: float):
-    """Posterior p_θ(x | y) ∝ exp(-E(x) - ||y - x||² / (2 σ²)) of a one-level model, n_steps Langevin steps from y
-    (step step_ratio σ²) -> (posterior-mean estimate: the mean of the chain's second half, the last state)."""
+    """Posterior p_θ(x | y) ∝ exp(-E(x) - ||y - x||² / (2 σ²)) of a one-level model, n_steps
+    Langevin steps from y (step step_ratio σ²) -> (posterior-mean estimate: the mean of the chain's
+    second half, the last state)."""
     level = torch.zeros(len(y), dtype=torch.long, device=y.device)
     last, mean = posterior_langevin(model, y, level, 1.0, sigma, n_steps, step_ratio)
     return mean, last
@@ -434,18 +459,19 @@ def psnr(estimate, clean):
     return -10 * torch.log10(mse)
 
 
-# ===================================================================================================
+# ==================================================================================================
 # LOSS
-# ===================================================================================================
+# ==================================================================================================
 def dcd_loss(model: DCD, x0, args):
-    """The estimator's loss on a batch of clean data; its parameter gradient estimates ∇DCD (∇ of CD's
-    objective without the kernel term for --kernel cd). Level t per example (always 0 with one level);
-    positives x_t; negatives: CD = K Langevin steps on p_θ from x_t; DCD = draws of p_θ(x̃ | y),
-    y = a_t x_t + b_t ε (langevin), or self-normalised importance weights over M Gaussian proposals around y / a
-    (importance).
+    """The estimator's loss on a batch of clean data; its parameter gradient estimates ∇DCD (∇ of
+    CD's objective without the kernel term for --kernel cd). Level t per example (always 0 with one
+    level); positives x_t; negatives: CD = K Langevin steps on p_θ from x_t; DCD = draws of p_θ(x̃ |
+    y), y = a_t x_t + b_t ε (langevin), or self-normalised importance weights over M Gaussian
+    proposals around y / a (importance).
 
-    Returns (loss, mean E(pos), mean E(neg), diagnostic), all but the loss detached: the diagnostic is the
-    importance weights' effective sample size / M, or the mean distance of the negatives from their start.
+    Returns (loss, mean E(pos), mean E(neg), diagnostic), all but the loss detached: the diagnostic
+    is the importance weights' effective sample size / M, or the mean distance of the negatives from
+    their start.
     """
     level = torch.randint(0, model.num_levels, (len(x0),), device=x0.device)
     x_pos = diffuse(model, x0, level, torch.randn_like(x0))
@@ -460,9 +486,11 @@ def dcd_loss(model: DCD, x0, args):
         if args.estimator == "importance":
             m = args.num_proposals
             proposals = start.repeat(m, *[1] * (x0.dim() - 1))
-            proposals = proposals + (b / a).repeat(m, *[1] * (x0.dim() - 1)) * torch.randn_like(proposals)
+            proposal_std = (b / a).repeat(m, *[1] * (x0.dim() - 1))
+            proposals = proposals + proposal_std * torch.randn_like(proposals)
             log_w = -model.energy(proposals, level.repeat(m)).view(m, len(x0))
-            # mean E(x) + mean_i log (1/M) Σ_j exp(-E(x̃_ij)): its gradient is ∇E(x) - Σ_j w_ij ∇E(x̃_ij)
+            # mean E(x) + mean_i log (1/M) Σ_j exp(-E(x̃_ij)): its gradient is ∇E(x) - Σ_j w_ij
+            # ∇E(x̃_ij)
             loss = e_pos.mean() + (torch.logsumexp(log_w, 0) - math.log(m)).mean() + \
                 args.energy_reg * (e_pos.pow(2).mean() + log_w.pow(2).mean())
             weights = torch.softmax(log_w.detach(), 0)
@@ -471,7 +499,8 @@ def dcd_loss(model: DCD, x0, args):
             return loss, e_pos.detach().mean(), e_neg.mean(), ess_fraction
         x_neg, _ = posterior_langevin(model, y, level, a, b, args.langevin_steps, args.step_ratio)
     e_neg = model.energy(x_neg.detach(), level)
-    loss = e_pos.mean() - e_neg.mean() + args.energy_reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+    loss = e_pos.mean() - e_neg.mean() + args.energy_reg * (e_pos.pow(2).mean()
+                                                            + e_neg.pow(2).mean())
     neg_move = (x_neg - start).flatten(1).norm(dim=1).mean()
     return loss, e_pos.detach().mean(), e_neg.detach().mean(), neg_move.detach()
 
@@ -482,16 +511,18 @@ def dcd_step(model: DCD, x0, args, optimizer):
     optimizer.zero_grad(set_to_none=True)
     loss, e_pos, e_neg, diagnostic = dcd_loss(model, x0, args)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip
+                                               if args.grad_clip > 0 else math.inf)
     optimizer.step()
     return loss.detach(), e_pos, e_neg, grad_norm, diagnostic
 
 
-# ===================================================================================================
+# ==================================================================================================
 # PUBLIC API
-# ===================================================================================================
+# ==================================================================================================
 def sample_shape(args):
-    return (2,) if common.is_toy(args.dataset) else (args.image_channels, args.image_size, args.image_size)
+    return (2,) if common.is_toy(args.dataset) else (args.image_channels, args.image_size,
+                                                     args.image_size)
 
 
 def build_model(args) -> DCD:
@@ -499,15 +530,15 @@ def build_model(args) -> DCD:
     if common.is_toy(args.dataset):
         net = MLPEnergy(args.mlp_width)
     else:
-        net = ResNetEnergy(args.image_channels, args.ebm_channels, args.ebm_channel_mult, args.ebm_blocks,
-                           args.num_levels)
+        net = ResNetEnergy(args.image_channels, args.ebm_channels, args.ebm_channel_mult,
+                           args.ebm_blocks, args.num_levels)
     return DCD(net, level_tables(args))
 
 
 def sample(model: DCD, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:
-    """n samples (EMA weights when the caller loaded them) in batches of --sample-batch: the ladder's
-    progressive posterior sampler, or the unconditional Langevin chain of a one-level model, with
-    step_multiplier x --sample-langevin-steps per level."""
+    """n samples (EMA weights when the caller loaded them) in batches of --sample-batch: the
+    ladder's progressive posterior sampler, or the unconditional Langevin chain of a one-level
+    model, with step_multiplier x --sample-langevin-steps per level."""
     model.eval()
     out = []
     for first in range(0, n, args.sample_batch):
@@ -523,9 +554,9 @@ def energy(model: DCD, x: torch.Tensor, args) -> torch.Tensor:
         return model.energy(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
 
 
-# ===================================================================================================
+# ==================================================================================================
 # TRAINING
-# ===================================================================================================
+# ==================================================================================================
 # settings that may change on --resume besides common.RESUMABLE (sampling and denoising options)
 RESUMABLE = common.RESUMABLE | {"sample_langevin_steps", "sample_batch", "n_grid", "n_points",
                                 "denoise_sigma", "denoise_steps"}
@@ -579,7 +610,8 @@ def main(args: Args):
             raise common.UserError(f"--holdout {args.holdout} leaves no training images of "
                                    f"{len(train_data)}")
         train_data, heldout = train_data[:-args.holdout], train_data[-args.holdout:]
-    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size, args.seed)
+    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size,
+                                args.seed)
     train_data = train_data.to(device)
     common.prepare_run_dir(args, ckpt["step"] if ckpt else 0)
 
@@ -597,7 +629,8 @@ def main(args: Args):
 
     def checkpoint(step, snapshot):
         state = common.checkpoint_state("dcd", args, step, model, ema, box=box,
-                                        optimizer=optimizer.state_dict(), loader=loader.state_dict())
+                                        optimizer=optimizer.state_dict(),
+                                        loader=loader.state_dict())
         common.save_checkpoint(state, args.run_dir, snapshot_step=step if snapshot else None)
 
     log = common.MetricLog(args.run_dir, args.steps, start_step)
@@ -608,8 +641,10 @@ def main(args: Args):
             x0 = common.to_model_space(train_data[loader.next()])
             if args.hflip:
                 x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)
-            loss, energy_pos, energy_neg, grad_norm, diagnostic = dcd_step(model, x0, args, optimizer)
-            with torch.no_grad():  # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
+            loss, energy_pos, energy_neg, grad_norm, diagnostic = dcd_step(model, x0, args,
+                                                                           optimizer)
+            # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
+            with torch.no_grad():
                 decay = min(args.ema_decay, (2 + step) / (11 + step))
                 for p_ema, p in zip(ema.parameters(), model.parameters()):
                     p_ema.lerp_(p, 1 - decay)
@@ -630,12 +665,12 @@ def main(args: Args):
                         common.save_image_grid(torch.cat(rows), os.path.join(
                             args.run_dir, f"denoise_{done:08d}.png"), nrow=8)
             if log_now or scores:
-                diagnostic_name = "ess_fraction" if args.kernel != "cd" and args.estimator == "importance" \
-                    else "neg_move"
+                importance = args.kernel != "cd" and args.estimator == "importance"
+                diagnostic_name = "ess_fraction" if importance else "neg_move"
                 log.log(done, {"loss": loss.item(), "energy_pos": energy_pos.item(),
                                "energy_neg": energy_neg.item(), "grad_norm": grad_norm.item(),
-                               "lr": optimizer.param_groups[0]["lr"], diagnostic_name: diagnostic.item(),
-                               **scores})
+                               "lr": optimizer.param_groups[0]["lr"],
+                               diagnostic_name: diagnostic.item(), **scores})
             if save_now:
                 checkpoint(done, snapshot=done % args.save_every == 0)
                 guard.saved()

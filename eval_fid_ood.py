@@ -3,38 +3,41 @@
     python eval_fid_ood.py --ckpt runs/<run>/ckpt.pt [--device cpu] [--inception-weights PATH]
                            [--ood svhn cifar100 uniform] [--long-run 100]
 
-The checkpoint names its method; the evaluator imports that script, rebuilds its Args and model (EMA weights
-when the checkpoint has them) and calls only `sample(model, n, args, device, step_multiplier)` and
-`energy(model, x, args)`. Results go to a JSON file (default eval.json next to the checkpoint, pictures beside
-it) and a table on stdout. What each number means:
+The checkpoint names its method; the evaluator imports that script, rebuilds its Args and model (EMA
+weights when the checkpoint has them) and calls only `sample(model, n, args, device,
+step_multiplier)` and `energy(model, x, args)`. Results go to a JSON file (default eval.json next to
+the checkpoint, pictures beside it) and a table on stdout. What each number means:
 
 Images
-- fid: Frechet Inception distance between --fid-samples samples of the method's post-training sampler and
-  the whole training split, with torch-fidelity's InceptionV3 ("inception-v3-compat", its port of the
-  TensorFlow 2015 Inception graph of the original FID code): 2048-d pool features of uint8 RGB images (grey images
-  repeated to 3 channels, resized to 299 inside the network), their mean and unbiased covariance
-  (torch_fidelity.metric_fid.fid_features_to_statistics) and torch-fidelity's Frechet formula. The network
-  runs in full fp32 (TF32 off) on every device. The training split's statistics are computed once per dataset,
-  image size and weights file and cached in --stats-dir.
+- fid: Frechet Inception distance between --fid-samples samples of the method's post-training
+  sampler and the whole training split, with torch-fidelity's InceptionV3 ("inception-v3-compat",
+  its port of the TensorFlow 2015 Inception graph of the original FID code): 2048-d pool features of
+  uint8 RGB images (grey images repeated to 3 channels, resized to 299 inside the network), their
+  mean and unbiased covariance (torch_fidelity.metric_fid.fid_features_to_statistics) and
+  torch-fidelity's Frechet formula. The network runs in full fp32 (TF32 off) on every device. The
+  training split's statistics are computed once per dataset, image size and weights file and cached
+  in --stats-dir.
 - ood: AUROC of the score -energy(x) at the clean level for telling the in-distribution test split
-  (positives) from each OOD set; 0.5 = chance, 1 = every in-distribution image scores higher. Ties count one
-  half (the Mann-Whitney statistic). Sets: any image dataset name or folder:PATH (converted to the model's
-  channels and size), interp (the pixel mean of two random in-distribution test images), uniform (i.i.d.
-  uniform pixels), constant (one random colour per image). ood_mean is the average AUROC over the sets.
+  (positives) from each OOD set; 0.5 = chance, 1 = every in-distribution image scores higher. Ties
+  count one half (the Mann-Whitney statistic). Sets: any image dataset name or folder:PATH
+  (converted to the model's channels and size), interp (the pixel mean of two random in-distribution
+  test images), uniform (i.i.d. uniform pixels), constant (one random colour per image). ood_mean is
+  the average AUROC over the sets.
 2D
-- nll: mean -log p_θ of --n-test fresh points of the toy, with p_θ = exp(-energy) normalised exactly on a
-  --grid-resolution² grid over the data box (logsumexp over the cells); true_nll: the same points under the
-  toy's own density where it has a closed form (rings, 8gaussians, checkerboard); eval_density.png: the model
-  density beside a histogram of 200,000 fresh points.
+- nll: mean -log p_θ of --n-test fresh points of the toy, with p_θ = exp(-energy) normalised exactly
+  on a --grid-resolution² grid over the data box (logsumexp over the cells); true_nll: the same
+  points under the toy's own density where it has a closed form (rings, 8gaussians, checkerboard);
+  eval_density.png: the model density beside a histogram of 200,000 fresh points.
 Long run (--long-run N)
-- The method's sampler run with 1, 10, 100, ... and N times its configured steps (each method's `sample`
-  says what one step is). Images: FID of --long-run-samples samples (fewer than --fid-samples, so not
-  comparable with `fid`) and their mean energy. 2D: the samples' total-variation distance to fresh data and
-  to the model's own exact grid density, on a 40x40 histogram over the data box (plus one bin for points
-  outside it), with the distance that the same number of exact draws has (the noise floor).
+- The method's sampler run with 1, 10, 100, ... and N times its configured steps (each method's
+  `sample` says what one step is). Images: FID of --long-run-samples samples (fewer than
+  --fid-samples, so not comparable with `fid`) and their mean energy. 2D: the samples'
+  total-variation distance to fresh data and to the model's own exact grid density, on a 40x40
+  histogram over the data box (plus one bin for points outside it), with the distance that the same
+  number of exact draws has (the noise floor).
 
-Any failure (bad input, missing data, a sampler that gives up, Ctrl-C) still writes the results computed so
-far, with an "error" entry, before the one-line message and non-zero exit.
+Any failure (bad input, missing data, a sampler that gives up, Ctrl-C) still writes the results
+computed so far, with an "error" entry, before the one-line message and non-zero exit.
 """
 import hashlib
 import importlib
@@ -50,14 +53,17 @@ import torch
 import torch.nn.functional as F
 import torch_fidelity
 import tyro
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.feature_extractor_inceptionv3 import (URL_INCEPTION_V3,
+                                                          FeatureExtractorInceptionV3)
+from torch_fidelity.metric_fid import (KEY_METRIC_FID, fid_features_to_statistics,
+                                      fid_statistics_to_metric)
 
 import common
 
 SCRIPTS = {"daebm": "pcd_diffusion_ebm", "cdrl": "cdrl", "dcd": "dcd"}
 SYNTHETIC_OOD = ("interp", "uniform", "constant")
-DRIFT_BINS = 40  # histogram bins per side for the 2D long-run distances (their noise floor is reported too)
+# histogram bins per side for the 2D long-run distances (their noise floor is reported too)
+DRIFT_BINS = 40
 
 
 @dataclass
@@ -67,7 +73,8 @@ class EvalArgs:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     out: Optional[str] = None
-    """JSON output path (default: eval.json next to the checkpoint); pictures go to the same folder"""
+    """JSON output path (default: eval.json next to the checkpoint); pictures go to the same
+    folder"""
     seed: int = 12345
     """seed of the samples, fresh test points and OOD subsets (distinct from training seeds)"""
     data_dir: Optional[str] = None
@@ -77,13 +84,13 @@ class EvalArgs:
     fid_samples: int = 50_000
     """images: samples for the FID; 0 = no FID"""
     inception_weights: Optional[str] = None
-    """torch-fidelity's weights-inception-2015-12-05-6726825d.pth for machines without internet (default:
-    torch-fidelity downloads it into the torch hub cache)"""
+    """torch-fidelity's weights-inception-2015-12-05-6726825d.pth for machines without internet
+    (default: torch-fidelity downloads it into the torch hub cache)"""
     stats_dir: Optional[str] = None
     """cache of the training sets' Inception statistics (default: {data_dir}/fid_stats)"""
     ood: Tuple[str, ...] = ("svhn", "cifar100", "celeba", "interp", "uniform", "constant")
-    """images: OOD sets (a dataset name, folder:PATH, interp, uniform, constant; the training set itself is
-    skipped); 'none' = no OOD detection"""
+    """images: OOD sets (a dataset name, folder:PATH, interp, uniform, constant; the training set
+    itself is skipped); 'none' = no OOD detection"""
     n_ood: int = 10_000
     """images: at most this many images of the in-distribution test split and of each OOD set"""
     n_test: int = 20_000
@@ -91,7 +98,8 @@ class EvalArgs:
     grid_resolution: int = 1000
     """2D: cells per side of the density grid"""
     long_run: int = 0
-    """N > 0: also run the sampler with 1, 10, 100, ..., N times its steps (FID or 2D drift against steps)"""
+    """N > 0: also run the sampler with 1, 10, 100, ..., N times its steps (FID or 2D drift against
+    steps)"""
     long_run_samples: int = 10_000
     """samples per step count of the long-run check"""
     save_samples: int = 0
@@ -101,25 +109,31 @@ class EvalArgs:
     def __post_init__(self):
         for key in ("batch_size", "n_ood", "n_test", "grid_resolution", "long_run_samples"):
             if getattr(self, key) <= 0:
-                raise common.UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+                raise common.UserError(f"--{key.replace('_', '-')} must be positive, got "
+                                       f"{getattr(self, key)}")
         if self.fid_samples < 0 or self.long_run < 0 or self.save_samples < 0:
             raise common.UserError("--fid-samples, --long-run and --save-samples must be >= 0")
         if self.fid_samples == 1 or self.long_run_samples == 1:
-            raise common.UserError("a covariance needs at least 2 samples: --fid-samples / --long-run-samples >= 2")
+            raise common.UserError("a covariance needs at least 2 samples: --fid-samples / "
+                                   "--long-run-samples >= 2")
         self.ood = () if tuple(self.ood) == ("none",) else tuple(self.ood)
         for name in self.ood:
-            if name not in SYNTHETIC_OOD and name not in common.IMAGE_SETS and not name.startswith("folder:"):
-                raise common.UserError(f"unknown OOD set {name!r}; choose from {', '.join(common.IMAGE_SETS)}, "
-                                       f"folder:PATH, {', '.join(SYNTHETIC_OOD)} (or 'none')")
+            known = name in SYNTHETIC_OOD or name in common.IMAGE_SETS or name.startswith("folder:")
+            if not known:
+                raise common.UserError(f"unknown OOD set {name!r}; choose from "
+                                       f"{', '.join(common.IMAGE_SETS)}, folder:PATH, "
+                                       f"{', '.join(SYNTHETIC_OOD)} (or 'none')")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading a checkpoint through the public API
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def load_method(ckpt: dict, device, ckpt_path: str = "the checkpoint"):
-    """Import the script named by the checkpoint, rebuild Args and the model (EMA weights when present)."""
+    """Import the script named by the checkpoint, rebuild Args and the model (EMA weights when
+    present)."""
     if ckpt["method"] not in SCRIPTS:
-        raise common.UserError(f"checkpoint method {ckpt['method']!r} is unknown; known: {', '.join(SCRIPTS)}")
+        raise common.UserError(f"checkpoint method {ckpt['method']!r} is unknown; known: "
+                               f"{', '.join(SCRIPTS)}")
     module = importlib.import_module(SCRIPTS[ckpt["method"]])
     args = common.args_from_checkpoint(module.Args, ckpt["args"], ckpt_path)
     model = module.build_model(args)
@@ -127,7 +141,8 @@ def load_method(ckpt: dict, device, ckpt_path: str = "the checkpoint"):
     return module, args, model.to(device).eval()
 
 
-def sample_batches(module, model, args, n: int, batch_size: int, device, step_multiplier: int, label: str):
+def sample_batches(module, model, args, n: int, batch_size: int, device, step_multiplier: int,
+                   label: str):
     """Yield the method's samples in batches of batch_size (n in all)."""
     progress = common.Progress(label, n)
     for first in range(0, n, batch_size):
@@ -147,12 +162,13 @@ def energies(module, model, args, images_uint8: torch.Tensor, batch_size: int, d
     return torch.cat(out)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # FID (torch-fidelity's Inception, statistics and Frechet formula)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @contextmanager
 def full_fp32():
-    """TF32 off inside (common.pick_device turns it on for training): Inception features in full fp32."""
+    """TF32 off inside (common.pick_device turns it on for training): Inception features in full
+    fp32."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -162,44 +178,49 @@ def full_fp32():
 
 
 def load_inception(weights_path: Optional[str], device):
-    """torch-fidelity's InceptionV3 giving 2048-d features -> (network, weights tag for cache names: the first 8
-    hex digits of the weights file's sha256, which torch-fidelity's own file name carries)."""
+    """torch-fidelity's InceptionV3 giving 2048-d features -> (network, weights tag for cache names:
+    the first 8 hex digits of the weights file's sha256, which torch-fidelity's own file name
+    carries)."""
     if weights_path is None:
         tag = URL_INCEPTION_V3.rsplit("-", 1)[1].split(".")[0]
         try:
             network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
         except Exception as error:
-            raise common.UserError(f"could not download torch-fidelity's Inception weights ({type(error).__name__}); "
-                                   f"fetch {URL_INCEPTION_V3} on a connected machine and pass "
-                                   "--inception-weights PATH") from None
+            raise common.UserError("could not download torch-fidelity's Inception weights "
+                                   f"({type(error).__name__}); fetch {URL_INCEPTION_V3} on a "
+                                   "connected machine and pass --inception-weights PATH") from None
         return network.to(device), tag
     if not os.path.isfile(weights_path):
         raise common.UserError(f"--inception-weights {weights_path} does not exist")
-    # torch-fidelity opens the file with weights_only=False: refuse anything that needs more than tensors first
+    # torch-fidelity opens the file with weights_only=False: refuse anything that needs more than
+    # tensors first
     try:
         torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise common.UserError(f"--inception-weights {weights_path} is not a state dict of tensors "
-                               f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
+                               f"({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+                               ) from None
     try:
         network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                               feature_extractor_weights_path=weights_path)
     except RuntimeError as error:
-        raise common.UserError(f"--inception-weights {weights_path} does not hold torch-fidelity's InceptionV3 "
-                               f"({str(error).splitlines()[0][:120]})") from None
+        raise common.UserError(f"--inception-weights {weights_path} does not hold torch-fidelity's "
+                               f"InceptionV3 ({str(error).splitlines()[0][:120]})") from None
     with open(weights_path, "rb") as f:
         tag = hashlib.sha256(f.read()).hexdigest()[:8]
     return network.to(device), tag
 
 
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 with 3 channels (the exact inverse of common.to_unit_range on uint8 data)."""
+    """Images in [-1, 1] -> uint8 with 3 channels (the exact inverse of common.to_unit_range on
+    uint8 data)."""
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def inception_features(network, uint8_batches, device) -> torch.Tensor:
-    """2048-d features of an iterable of uint8 (n, 3, H, W) batches -> float32 (N, 2048) on the CPU."""
+    """2048-d features of an iterable of uint8 (n, 3, H, W) batches -> float32 (N, 2048) on the
+    CPU."""
     out = []
     with torch.no_grad(), full_fp32():
         for batch in uint8_batches:
@@ -213,7 +234,8 @@ def feature_statistics(features: torch.Tensor) -> dict:
 
 
 def frechet_distance(stats_a: dict, stats_b: dict) -> float:
-    """||μa - μb||² + tr(Σa + Σb - 2 (Σa Σb)^½), torch-fidelity's formula (tr sqrt from eigvals of Σa Σb)."""
+    """||μa - μb||² + tr(Σa + Σb - 2 (Σa Σb)^½), torch-fidelity's formula (tr sqrt from eigvals of
+    Σa Σb)."""
     return fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID]
 
 
@@ -224,38 +246,44 @@ def dataset_tag(dataset: str) -> str:
     return dataset
 
 
-def reference_statistics(args, data_dir: str, network, weights_tag: str, stats_dir: str, batch_size: int, device):
+def reference_statistics(args, data_dir: str, network, weights_tag: str, stats_dir: str,
+                         batch_size: int, device):
     """Inception statistics of the whole training split, cached -> (stats, cache path)."""
-    path = os.path.join(stats_dir, f"{dataset_tag(args.dataset)}-train-{args.image_size}x{args.image_size}-"
+    path = os.path.join(stats_dir,
+                        f"{dataset_tag(args.dataset)}-train-{args.image_size}x{args.image_size}-"
                                    f"inception-{weights_tag}-pool2048.pt")
     if os.path.isfile(path):
         cached = torch.load(path, map_location="cpu", weights_only=True)
         return {"mu": cached["mu"].numpy(), "sigma": cached["sigma"].numpy()}, path
     images = common.load_images(args.dataset, data_dir, train=True, image_size=args.image_size)
-    progress = common.Progress(f"Inception statistics of the {args.dataset} training split", len(images))
+    progress = common.Progress(f"Inception statistics of the {args.dataset} training split",
+                               len(images))
 
     def batches():
         for first in range(0, len(images), batch_size):
             batch = images[first:first + batch_size]
             progress.update(len(batch))
-            yield to_uint8_rgb(common.to_unit_range(batch))  # the samples' conversion (exact on uint8 data)
+            # the samples' conversion (exact on uint8 data)
+            yield to_uint8_rgb(common.to_unit_range(batch))
     stats = feature_statistics(inception_features(network, batches(), device))
     os.makedirs(stats_dir, exist_ok=True)
     tmp = path + ".tmp"
-    torch.save({"mu": torch.from_numpy(np.asarray(stats["mu"])), "sigma": torch.from_numpy(stats["sigma"]),
+    torch.save({"mu": torch.from_numpy(np.asarray(stats["mu"])),
+                "sigma": torch.from_numpy(stats["sigma"]),
                 "n": len(images)}, tmp)
     os.replace(tmp, path)
     return stats, path
 
 
-def fid_of_samples(module, model, args, ea: EvalArgs, network, reference: dict, n: int, device, step_multiplier,
-                   label: str):
-    """FID of n fresh samples against the reference statistics -> (FID, mean energy of the samples, the first
-    samples for a picture)."""
+def fid_of_samples(module, model, args, ea: EvalArgs, network, reference: dict, n: int, device,
+                   step_multiplier, label: str):
+    """FID of n fresh samples against the reference statistics -> (FID, mean energy of the samples,
+    the first samples for a picture)."""
     sample_energies, first = [], []
 
     def batches():
-        for batch in sample_batches(module, model, args, n, ea.batch_size, device, step_multiplier, label):
+        for batch in sample_batches(module, model, args, n, ea.batch_size, device, step_multiplier,
+                                    label):
             sample_energies.append(module.energy(model, batch, args).double().cpu())
             if not first:
                 first.append(batch[:64].cpu())
@@ -264,12 +292,12 @@ def fid_of_samples(module, model, args, ea: EvalArgs, network, reference: dict, 
     return frechet_distance(stats, reference), torch.cat(sample_energies).mean().item(), first[0]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # OOD detection
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
-    """P(score_in > score_out) + P(tie) / 2 over all (in, out) pairs: the Mann-Whitney U statistic / (n_in
-    n_out), from average ranks (tied scores share the mean of their ranks)."""
+    """P(score_in > score_out) + P(tie) / 2 over all (in, out) pairs: the Mann-Whitney U statistic /
+    (n_in n_out), from average ranks (tied scores share the mean of their ranks)."""
     scores = torch.cat([scores_in, scores_out]).double()
     if not torch.isfinite(scores).all():
         raise common.UserError("the model gave non-finite energies; AUROC is undefined")
@@ -281,20 +309,23 @@ def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
 
 
 def match_shape(images_uint8: torch.Tensor, shape) -> torch.Tensor:
-    """uint8 images -> the model's (C, H, W): grey from RGB by the channel mean, RGB from grey by repetition,
-    bilinear (antialiased) resizing."""
+    """uint8 images -> the model's (C, H, W): grey from RGB by the channel mean, RGB from grey by
+    repetition, bilinear (antialiased) resizing."""
     channels, height, width = shape
     x = images_uint8.float()
     if x.shape[1] != channels:
         if {x.shape[1], channels} != {1, 3}:
-            raise common.UserError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+            raise common.UserError(f"cannot convert {x.shape[1]}-channel images to {channels} "
+                                   "channels")
         x = x.mean(1, keepdim=True).expand(-1, channels, -1, -1)
     if x.shape[2:] != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True,
+                          align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def ood_images(name: str, in_test: torch.Tensor, shape, data_dir: str, n: int, generator) -> torch.Tensor:
+def ood_images(name: str, in_test: torch.Tensor, shape, data_dir: str, n: int,
+               generator) -> torch.Tensor:
     """At most n uint8 images of the named OOD set in the model's shape."""
     if name == "interp":
         i, j = torch.randint(len(in_test), (2, n), generator=generator)
@@ -314,17 +345,20 @@ def evaluate_ood(module, model, args, ea: EvalArgs, data_dir: str, device, resul
     generator = torch.Generator().manual_seed(ea.seed)
     in_test = common.load_images(args.dataset, data_dir, train=False, image_size=args.image_size)
     in_test = in_test[torch.randperm(len(in_test), generator=generator)[:ea.n_ood]]
-    scores_in = -energies(module, model, args, in_test, ea.batch_size, device, "energies, test split")
+    scores_in = -energies(module, model, args, in_test, ea.batch_size, device,
+                          "energies, test split")
     results["ood_in_distribution"] = {
         "set": args.dataset, "n": len(in_test), "mean_score": scores_in.mean().item(),
-        "split": "training images (folder datasets have no test split)" if args.dataset.startswith("folder:")
+        "split": "training images (folder datasets have no test split)"
+        if args.dataset.startswith("folder:")
         else "test"}
     results["ood"] = {}
     for name in ea.ood:
         if name == args.dataset:
             continue
         images = ood_images(name, in_test, shape, data_dir, ea.n_ood, generator)
-        scores_out = -energies(module, model, args, images, ea.batch_size, device, f"energies, {name}")
+        scores_out = -energies(module, model, args, images, ea.batch_size, device,
+                               f"energies, {name}")
         results["ood"][name] = {"auroc": auroc(scores_in, scores_out), "n": len(images),
                                 "mean_score": scores_out.mean().item()}
         print(f"  OOD {name}: AUROC {results['ood'][name]['auroc']:.4f}", flush=True)
@@ -333,12 +367,13 @@ def evaluate_ood(module, model, args, ea: EvalArgs, data_dir: str, device, resul
         results["ood_mean"] = sum(r["auroc"] for r in results["ood"].values()) / len(results["ood"])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2D: exact density on a grid, and the long-run drift
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def grid_log_density(energy_fn, lo: float, hi: float, resolution: int, chunk: int = 65536):
-    """log p on the cell centres of a resolution^2 grid over [lo, hi]^2 (row = y, as common.grid_2d),
-    normalised so that Σ p Δ = 1 with Δ the cell area. energy_fn maps (n, 2) float32 -> (n,) energies."""
+    """log p on the cell centres of a resolution^2 grid over [lo, hi]^2 (row = y, as
+    common.grid_2d), normalised so that Σ p Δ = 1 with Δ the cell area. energy_fn maps (n, 2)
+    float32 -> (n,) energies."""
     points = common.grid_2d(lo, hi, resolution)
     with torch.no_grad():
         energies_ = torch.cat([energy_fn(points[i: i + chunk].float()).double().cpu()
@@ -357,25 +392,32 @@ def grid_nll(log_p_grid: torch.Tensor, lo: float, hi: float, points: torch.Tenso
 
 
 def bin_mass(points: torch.Tensor, lo: float, hi: float, bins: int = DRIFT_BINS) -> torch.Tensor:
-    """Fraction of the points in each of bins² cells over the box, plus a last entry for those outside it."""
+    """Fraction of the points in each of bins² cells over the box, plus a last entry for those
+    outside it."""
     counts = common.histogram_2d(points, lo, hi, bins).reshape(-1)
     return torch.cat([counts, (len(points) - counts.sum()).reshape(1)]) / len(points)
 
 
-def grid_bin_mass(log_p_grid: torch.Tensor, lo: float, hi: float, bins: int = DRIFT_BINS) -> torch.Tensor:
-    """The grid density's mass in the same cells as bin_mass (each fine cell goes to the cell of its centre)."""
+def grid_bin_mass(log_p_grid: torch.Tensor, lo: float, hi: float,
+                  bins: int = DRIFT_BINS) -> torch.Tensor:
+    """The grid density's mass in the same cells as bin_mass (each fine cell goes to the cell of its
+    centre)."""
     resolution = log_p_grid.shape[0]
     weights = (log_p_grid.reshape(-1) - torch.logsumexp(log_p_grid.reshape(-1), 0)).exp()
-    idx = ((common.grid_2d(lo, hi, resolution) - lo) / (hi - lo) * bins).floor().long().clamp(0, bins - 1)
+    idx = ((common.grid_2d(lo, hi, resolution) - lo) / (hi - lo) * bins).floor().long().clamp(0,
+                                                                                              bins
+                                                                                              - 1)
     mass = torch.zeros(bins * bins + 1, dtype=torch.float64)
     mass.index_add_(0, idx[:, 1] * bins + idx[:, 0], weights)
     return mass
 
 
 def grid_draws(log_p_grid: torch.Tensor, lo: float, hi: float, n: int, generator) -> torch.Tensor:
-    """n exact draws from the piecewise-constant grid density: a cell by its mass, then uniform inside it."""
+    """n exact draws from the piecewise-constant grid density: a cell by its mass, then uniform
+    inside it."""
     resolution = log_p_grid.shape[0]
-    cells = torch.multinomial(log_p_grid.reshape(-1).exp(), n, replacement=True, generator=generator)
+    cells = torch.multinomial(log_p_grid.reshape(-1).exp(), n, replacement=True,
+                              generator=generator)
     edge = (hi - lo) / resolution
     corner = torch.stack([cells % resolution, cells // resolution], 1).double() * edge + lo
     return corner + edge * torch.rand(n, 2, generator=generator, dtype=torch.float64)
@@ -386,9 +428,11 @@ def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
 
 
 def save_samples(module, model, args, ea: EvalArgs, device, results: dict, out_dir: str, box):
-    """The sample-only path: --save-samples N samples -> samples.npz (key 'samples') and a picture."""
+    """The sample-only path: --save-samples N samples -> samples.npz (key 'samples') and a
+    picture."""
     torch.manual_seed(ea.seed)
-    samples = torch.cat(list(sample_batches(module, model, args, ea.save_samples, ea.batch_size, device, 1,
+    samples = torch.cat(list(sample_batches(module, model, args, ea.save_samples, ea.batch_size,
+                                            device, 1,
                                             "samples"))).cpu()
     path = os.path.join(out_dir, "samples.npz")
     np.savez(path + ".tmp.npz", samples=samples.numpy())
@@ -406,14 +450,16 @@ def evaluate_2d(module, model, args, ea: EvalArgs, device, results: dict, out_di
     energy_fn = lambda x: module.energy(model, x.to(device), args)  # noqa: E731
     log_p = grid_log_density(energy_fn, lo, hi, ea.grid_resolution)
     test = common.toy_2d(args.dataset, ea.n_test, seed=ea.seed)
-    results.update({"nll": grid_nll(log_p, lo, hi, test), "box": [lo, hi], "grid_resolution": ea.grid_resolution,
+    results.update({"nll": grid_nll(log_p, lo, hi, test), "box": [lo, hi],
+                    "grid_resolution": ea.grid_resolution,
                     "n_test": ea.n_test})
     true_log_p = common.toy_log_density(args.dataset, test)
     if true_log_p is not None:
         results["true_nll"] = -true_log_p.mean().item()
     save()
     common.save_panels([grid_log_density(energy_fn, lo, hi, 200).exp(),
-                        common.histogram_2d(common.toy_2d(args.dataset, 200_000, seed=ea.seed + 1), lo, hi, 200)],
+                        common.histogram_2d(common.toy_2d(args.dataset, 200_000, seed=ea.seed + 1),
+                                            lo, hi, 200)],
                        os.path.join(out_dir, "eval_density.png"))
 
     if ea.long_run:
@@ -423,14 +469,16 @@ def evaluate_2d(module, model, args, ea: EvalArgs, device, results: dict, out_di
         model_mass = grid_bin_mass(log_p, lo, hi)
         results["long_run"] = {
             "n_samples": n, "bins": DRIFT_BINS,
-            "tv_floor_data": total_variation(bin_mass(common.toy_2d(args.dataset, n, seed=ea.seed + 3), lo, hi),
-                                             data_mass),
-            "tv_floor_model": total_variation(bin_mass(grid_draws(log_p, lo, hi, n, generator), lo, hi), model_mass),
+            "tv_floor_data": total_variation(
+                bin_mass(common.toy_2d(args.dataset, n, seed=ea.seed + 3), lo, hi), data_mass),
+            "tv_floor_model": total_variation(
+                bin_mass(grid_draws(log_p, lo, hi, n, generator), lo, hi), model_mass),
             "records": []}
         panels = []
         for multiplier in long_run_multipliers(ea.long_run):
             torch.manual_seed(ea.seed)
-            x = torch.cat(list(sample_batches(module, model, args, n, ea.batch_size, device, multiplier,
+            x = torch.cat(list(sample_batches(module, model, args, n, ea.batch_size, device,
+                                              multiplier,
                                               f"long run x{multiplier}"))).cpu()
             mass = bin_mass(x, lo, hi)
             results["long_run"]["records"].append({
@@ -450,9 +498,9 @@ def long_run_multipliers(n: int):
     return marks + ([n] if n > 1 else [])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Images: OOD, FID, long run
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def evaluate_images(module, model, args, ea: EvalArgs, device, results: dict, out_dir: str, save):
     data_dir = ea.data_dir or args.data_dir
     if ea.ood:
@@ -462,17 +510,20 @@ def evaluate_images(module, model, args, ea: EvalArgs, device, results: dict, ou
         return
     network, weights_tag = load_inception(ea.inception_weights, device)
     reference, stats_path = reference_statistics(args, data_dir, network, weights_tag,
-                                                 ea.stats_dir or os.path.join(data_dir, "fid_stats"),
+                                                 ea.stats_dir
+                                                 or os.path.join(data_dir, "fid_stats"),
                                                  ea.batch_size, device)
     results["fid_protocol"] = {"library": f"torch-fidelity {torch_fidelity.__version__}",
                                "features": "inception-v3-compat pool3 2048",
                                "inception_weights_sha256_prefix": weights_tag,
-                               "reference": f"{args.dataset} training split", "reference_stats": stats_path}
+                               "reference": f"{args.dataset} training split",
+                               "reference_stats": stats_path}
     if ea.fid_samples:
         torch.manual_seed(ea.seed)
-        fid, mean_energy, first = fid_of_samples(module, model, args, ea, network, reference, ea.fid_samples, device,
-                                                 1, "FID samples")
-        results.update({"fid": fid, "fid_samples": ea.fid_samples, "sample_mean_energy": mean_energy})
+        fid, mean_energy, first = fid_of_samples(module, model, args, ea, network, reference,
+                                                 ea.fid_samples, device, 1, "FID samples")
+        results.update({"fid": fid, "fid_samples": ea.fid_samples,
+                        "sample_mean_energy": mean_energy})
         common.save_image_grid(first, os.path.join(out_dir, "eval_samples.png"))
         save()
     if ea.long_run:
@@ -488,9 +539,9 @@ def evaluate_images(module, model, args, ea: EvalArgs, device, results: dict, ou
             save()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Entry point
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def print_table(results: dict):
     for key, value in results.items():
         if key == "ood":
@@ -498,7 +549,8 @@ def print_table(results: dict):
                 print(f"{'ood ' + name:>24}: AUROC {row['auroc']:.4f} (n {row['n']}, "
                       f"mean score {row['mean_score']:.4g})")
         elif key == "long_run":
-            print(f"{'long run':>24}: " + ", ".join(f"{k} {v:.4g}" for k, v in value.items() if k != "records"))
+            print(f"{'long run':>24}: "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in value.items() if k != "records"))
             for row in value["records"]:
                 print(f"{'long run x' + str(row['step_multiplier']):>24}: " +
                       ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step_multiplier"))
@@ -514,7 +566,8 @@ def evaluate(ea: EvalArgs) -> dict:
     out = ea.out or os.path.join(run_dir, "eval.json")
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
-    results = {"ckpt": ea.ckpt, "method": ckpt["method"], "dataset": args.dataset, "step": ckpt["step"],
+    results = {"ckpt": ea.ckpt, "method": ckpt["method"], "dataset": args.dataset,
+               "step": ckpt["step"],
                "weights": "ema" if ckpt.get("ema") is not None else "model"}
 
     def save():

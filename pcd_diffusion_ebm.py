@@ -1,41 +1,44 @@
-"""DA-EBM: Persistently Trained, Diffusion-assisted Energy-based Models (Zhang, Ou, Tan 2023, arXiv 2304.10707).
+"""DA-EBM: Persistently Trained, Diffusion-assisted Energy-based Models (Zhang, Ou, Tan 2023, arXiv
+2304.10707).
 
 One network f(x, t) defines a joint EBM over data and diffusion step, p(x, t) ∝ exp(-U(x, t)) with
 U = -f and t ∈ {0..T}. The positive samples are "diffusion data": t ~ Uniform{0..T} and
-x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (t = 0 is clean data). The negatives come from persistent chains over
-(x, t) that are never re-initialised; each training step draws a batch of chains and moves them by one MGMS
-transition: K Langevin steps on x at fixed t (Metropolis-adjusted once switched on, per-level step sizes
-adapted toward 0.6-0.8 acceptance), then one exact Gibbs draw of t from softmax_t f(x, t) over all levels.
-The loss is mean U(positives) - mean U(negatives) (persistent contrastive divergence on the joint model).
-The high-noise levels mix fast and carry the chains between modes, which keeps persistent training stable
-where plain persistent EBMs diverge. After training, samples are chains started from noise at t = T and kept
-at their M-th visit to t = 0; the energy at t = 0 scores OOD inputs.
+x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (t = 0 is clean data). The negatives come from persistent
+chains over (x, t) that are never re-initialised; each training step draws a batch of chains and
+moves them by one MGMS transition: K Langevin steps on x at fixed t (Metropolis-adjusted once
+switched on, per-level step sizes adapted toward 0.6-0.8 acceptance), then one exact Gibbs draw of t
+from softmax_t f(x, t) over all levels. The loss is mean U(positives) - mean U(negatives)
+(persistent contrastive divergence on the joint model). The high-noise levels mix fast and carry the
+chains between modes, which keeps persistent training stable where plain persistent EBMs diverge.
+After training, samples are chains started from noise at t = T and kept at their M-th visit to t =
+0; the energy at t = 0 scores OOD inputs.
 
 Deliberate differences from the official code (github.com/XinweiZhang/DAEBM):
-1. MALA acceptance is correct: the reverse-proposal term is -ξ + (s/2)(∇U(x) + ∇U(x')). The official code
-   uses s²/2 instead of s/2, which is not the Metropolis-Hastings ratio of its own proposal.
+1. MALA acceptance is correct: the reverse-proposal term is -ξ + (s/2)(∇U(x) + ∇U(x')). The official
+   code uses s²/2 instead of s/2, which is not the Metropolis-Hastings ratio of its own proposal.
    `--official-mh-ratio` reproduces it.
-2. Acceptance statistics for step-size adaptation are averaged over the chains actually at each level in the
-   window (sum / count, and the MH acceptance probability rather than the 0/1 outcome, same expectation).
-   The official code averages per-iteration level means with empty levels counted as 0, which biases the
-   rate down at levels few chains visit.
-3. The learning-rate schedule is a per-iteration function of the step (warm-up, then the paper's decay
-   expressed as fractions of --steps); the official code steps its decay once per epoch. With --steps at
-   the paper's value the two differ only by the within-epoch granularity.
-4. The 2D step-size adaptation runs every 500 iterations (one official epoch of 50k points at batch 100);
-   the official toy script adapts once per epoch, which is the same number.
-5. Data batches come from shuffled epochs of an in-memory tensor (`common.EpochLoader`), not a DataLoader;
-   the 2D training set is 50,000 fixed points drawn once, as in the official toy script.
-6. Optional EMA of the weights (`--ema-decay`, off by default as in the official code): when on, the EMA
-   model is what the checkpoint's "ema" holds for post-training sampling and evaluation; the persistent
-   chains always use the trained weights.
-7. The long-run stability check reports numbers (mean energy at t = 0 and RMS drift from the start, against
-   MALA steps) besides the image grid; the official check is visual only.
-8. CIFAR-10, CIFAR-100, SVHN, CelebA and folder datasets use the MNIST configuration with 3 channels; the
-   paper has no configuration for them.
-9. 2D default run length: `python pcd_diffusion_ebm.py` trains the paper's rings configuration for 20,000
-   iterations instead of the paper's 100,000 so that the quick start takes minutes, not hours, on a CPU; the
-   learning-rate milestones are fractions of --steps, so `--steps 100000` is the paper's run.
+2. Acceptance statistics for step-size adaptation are averaged over the chains actually at each
+   level in the window (sum / count, and the MH acceptance probability rather than the 0/1 outcome,
+   same expectation). The official code averages per-iteration level means with empty levels counted
+   as 0, which biases the rate down at levels few chains visit.
+3. The learning-rate schedule is a per-iteration function of the step (warm-up, then the paper's
+   decay expressed as fractions of --steps); the official code steps its decay once per epoch. With
+   --steps at the paper's value the two differ only by the within-epoch granularity.
+4. The 2D step-size adaptation runs every 500 iterations (one official epoch of 50k points at batch
+   100); the official toy script adapts once per epoch, which is the same number.
+5. Data batches come from shuffled epochs of an in-memory tensor (`common.EpochLoader`), not a
+   DataLoader; the 2D training set is 50,000 fixed points drawn once, as in the official toy script.
+6. Optional EMA of the weights (`--ema-decay`, off by default as in the official code): when on, the
+   EMA model is what the checkpoint's "ema" holds for post-training sampling and evaluation; the
+   persistent chains always use the trained weights.
+7. The long-run stability check reports numbers (mean energy at t = 0 and RMS drift from the start,
+   against MALA steps) besides the image grid; the official check is visual only.
+8. CIFAR-10, CIFAR-100, SVHN, CelebA and folder datasets use the MNIST configuration with 3
+   channels; the paper has no configuration for them.
+9. 2D default run length: `python pcd_diffusion_ebm.py` trains the paper's rings configuration for
+   20,000 iterations instead of the paper's 100,000 so that the quick start takes minutes, not
+   hours, on a CPU; the learning-rate milestones are fractions of --steps, so `--steps 100000` is
+   the paper's run.
 """
 import copy
 import math
@@ -51,9 +54,9 @@ import torch.nn.functional as F
 
 import common
 
-# Per-dataset defaults of the fields left at None: "2d" for the toys (the paper's rings configuration),
-# "images" for every image set (the paper's MNIST configuration, docstring item 8). paper = arXiv
-# 2304.10707; official = github.com/XinweiZhang/DAEBM.
+# Per-dataset defaults of the fields left at None: "2d" for the toys (the paper's rings
+# configuration), "images" for every image set (the paper's MNIST configuration, docstring item 8).
+# paper = arXiv 2304.10707; official = github.com/XinweiZhang/DAEBM.
 PRESETS = {
     "2d": {
         "steps": 20_000,  # ours, a quick start (paper 100,000; docstring item 9)
@@ -113,7 +116,8 @@ class Args:
     lr: Optional[float] = None
     """Adam learning rate"""
     ema_decay: float = 0.0
-    """EMA decay of the weights for sampling and evaluation; 0 = no EMA (the official code has none)"""
+    """EMA decay of the weights for sampling and evaluation; 0 = no EMA (the official code has
+    none)"""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     log_every: int = 100
@@ -199,19 +203,21 @@ class Args:
 common.show_preset_defaults(Args, PRESETS)
 
 
-# ===================================================================================================
+# ==================================================================================================
 # NETWORK
-# ===================================================================================================
+# ==================================================================================================
 def sinusoidal_embedding(time: torch.Tensor, dim: int) -> torch.Tensor:
     """DDPM / tensor2tensor sinusoidal embedding of the (integer) diffusion step."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=time.device, dtype=torch.float32) / (half - 1))
+    freqs = torch.exp(-math.log(10000)
+                      * torch.arange(half, device=time.device, dtype=torch.float32) / (half - 1))
     angles = time.float()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], 1)
 
 
 class ResBlock(nn.Module):
-    """act -> conv -> + Linear(act(temb)) as a per-channel bias -> act -> conv; 3x3 conv shortcut."""
+    """act -> conv -> + Linear(act(temb)) as a per-channel bias -> act -> conv; 3x3 conv
+    shortcut."""
 
     def __init__(self, c_in: int, c_out: int, temb_dim: int):
         super().__init__()
@@ -227,21 +233,26 @@ class ResBlock(nn.Module):
 
 
 class ResNetTemb(nn.Module):
-    """The official image net: one ResBlock per resolution, average-pool down, SiLU, no normalisation.
+    """The official image net: one ResBlock per resolution, average-pool down, SiLU, no
+    normalisation.
 
-    Output f(x, t) = <sum-pool(act(h)), Linear(act(temb))>. A 28x28 input is padded to 32 by the first conv
-    (padding 3), as in the official code. Everything that depends on t alone is computed once per level
-    (`level_table`) and indexed per row, which gives the same numbers as computing it per row.
+    Output f(x, t) = <sum-pool(act(h)), Linear(act(temb))>. A 28x28 input is padded to 32 by the
+    first conv (padding 3), as in the official code. Everything that depends on t alone is computed
+    once per level (`level_table`) and indexed per row, which gives the same numbers as computing it
+    per row.
     """
 
-    def __init__(self, in_channels: int, image_size: int, ch: int, ch_mult: Tuple[int, ...], num_levels: int):
+    def __init__(self, in_channels: int, image_size: int, ch: int, ch_mult: Tuple[int, ...],
+                 num_levels: int):
         super().__init__()
         self.ch, self.num_levels = ch, num_levels
         temb_dim = 4 * ch
-        self.temb_dense = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.temb_dense = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(),
+                                        nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=3 if image_size == 28 else 1)
         widths = [ch] + [ch * m for m in ch_mult]
-        self.blocks = nn.ModuleList(ResBlock(widths[i], widths[i + 1], temb_dim) for i in range(len(ch_mult)))
+        self.blocks = nn.ModuleList(ResBlock(widths[i], widths[i + 1], temb_dim)
+                                    for i in range(len(ch_mult)))
         self.temb_final = nn.Linear(temb_dim, widths[-1])
 
     def level_table(self):
@@ -262,13 +273,16 @@ class ResNetTemb(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """The official 2D net (ToyTembModel): 3 hidden layers, Softplus, each gated by a projection of temb."""
+    """The official 2D net (ToyTembModel): 3 hidden layers, Softplus, each gated by a projection of
+    temb."""
 
     def __init__(self, width: int, num_levels: int):
         super().__init__()
         self.width, self.num_levels = width, num_levels
-        self.temb_dense = nn.Sequential(nn.Linear(width, width), nn.Softplus(), nn.Linear(width, width))
-        self.lin1, self.lin2, self.lin3 = nn.Linear(2, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.temb_dense = nn.Sequential(nn.Linear(width, width), nn.Softplus(),
+                                        nn.Linear(width, width))
+        self.lin1 = nn.Linear(2, width)
+        self.lin2, self.lin3 = nn.Linear(width, width), nn.Linear(width, width)
         self.gate1, self.gate2, self.gate3 = (nn.Linear(width, width) for _ in range(3))
         self.out = nn.Linear(width, 1)
 
@@ -296,9 +310,11 @@ def kaiming_init(net: nn.Module):
 
 
 class DAEBM(nn.Module):
-    """The net f(x, t) plus everything the samplers need as buffers: the schedule and adapted step sizes."""
+    """The net f(x, t) plus everything the samplers need as buffers: the schedule and adapted step
+    sizes."""
 
-    def __init__(self, net: nn.Module, num_levels: int, beta_start: float, beta_end: float, step_size):
+    def __init__(self, net: nn.Module, num_levels: int, beta_start: float, beta_end: float,
+                 step_size):
         super().__init__()
         self.net = net
         self.num_levels = num_levels
@@ -309,35 +325,40 @@ class DAEBM(nn.Module):
         self.register_buffer("step_size", step_size.float())
 
     def energy(self, x, t, table=None):
-        """U(x, t) = -f(x, t), one value per row; `table` = net.level_table() when the caller has it."""
+        """U(x, t) = -f(x, t), one value per row; `table` = net.level_table() when the caller has
+        it."""
         return -self.net(x, t, table)
 
     def all_levels_logits(self, x, table=None, max_rows=2048):
-        """f(x, t) for every t = 0..T, (B, T+1): the levels batched together, at most max_rows rows per
-        forward pass (all 51 MNIST levels of a 200-chain batch in one pass need far more GPU memory:
-        docs/RESULTS.md)."""
+        """f(x, t) for every t = 0..T, (B, T+1): the levels batched together, at most max_rows rows
+        per forward pass (all 51 MNIST levels of a 200-chain batch in one pass need far more GPU
+        memory: docs/RESULTS.md)."""
         levels_per_pass = max(1, max_rows // len(x))
         logits = []
         for first in range(0, self.num_levels + 1, levels_per_pass):
-            levels = torch.arange(first, min(first + levels_per_pass, self.num_levels + 1), device=x.device)
+            levels = torch.arange(first, min(first + levels_per_pass, self.num_levels + 1),
+                                  device=x.device)
             t = levels.repeat_interleave(len(x))
             out = self.net(x.repeat(len(levels), *[1] * (x.dim() - 1)), t, table)
             logits.append(out.view(len(levels), len(x)))
         return torch.cat(logits).t()
 
 
-# ===================================================================================================
+# ==================================================================================================
 # NOISE SCHEDULE
-# ===================================================================================================
+# ==================================================================================================
 def sqrtcumlinear_schedule(num_levels: int, beta_start: float, beta_end: float):
-    """β_1..T = (cumsum(linspace(b1, b2, T)))², β_0 = 0; returns (β_0..T, sqrt(ᾱ_0..T)) in float64."""
-    betas = torch.cumsum(torch.linspace(beta_start, beta_end, num_levels, dtype=torch.float64), 0) ** 2
+    """β_1..T = (cumsum(linspace(b1, b2, T)))², β_0 = 0; returns (β_0..T, sqrt(ᾱ_0..T)) in
+    float64."""
+    linear = torch.linspace(beta_start, beta_end, num_levels, dtype=torch.float64)
+    betas = torch.cumsum(linear, 0) ** 2
     betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas.clamp(0, 1)])
     return betas, torch.cumprod(torch.sqrt(1 - betas), 0)
 
 
 def initial_step_sizes(args, betas: torch.Tensor) -> torch.Tensor:
-    """Images: s_t = init_step_size at every level. 2D: s_t = init_step_size * sqrt(β_t), s_0 = s_1."""
+    """Images: s_t = init_step_size at every level. 2D: s_t = init_step_size * sqrt(β_t), s_0 =
+    s_1."""
     if not common.is_toy(args.dataset):
         return torch.full_like(betas, args.init_step_size)
     sizes = args.init_step_size * betas.sqrt()
@@ -347,16 +368,17 @@ def initial_step_sizes(args, betas: torch.Tensor) -> torch.Tensor:
 
 def diffuse(model: DAEBM, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (eq. of the forward process; t = 0 returns x_0)."""
-    return as_batch(model.sqrt_alpha_bar[t], x0) * x0 + as_batch(model.sqrt_one_minus_alpha_bar[t], x0) * noise
+    return (as_batch(model.sqrt_alpha_bar[t], x0) * x0
+            + as_batch(model.sqrt_one_minus_alpha_bar[t], x0) * noise)
 
 
 def as_batch(per_example: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_example.view(-1, *[1] * (like.dim() - 1))
 
 
-# ===================================================================================================
+# ==================================================================================================
 # SAMPLER
-# ===================================================================================================
+# ==================================================================================================
 def energy_and_grad(model: DAEBM, x: torch.Tensor, t: torch.Tensor, table):
     """U(x, t) and its gradient in x, without touching parameter gradients."""
     with torch.enable_grad():
@@ -366,12 +388,15 @@ def energy_and_grad(model: DAEBM, x: torch.Tensor, t: torch.Tensor, table):
     return u.detach(), grad
 
 
-def langevin(model: DAEBM, x, t, n_steps: int, metropolis: bool, official_ratio: bool = False, stats=None):
-    """n_steps of Langevin on x at fixed t, x' = x - (s_t²/2)∇U + s_t ξ, MALA-corrected when `metropolis`.
+def langevin(model: DAEBM, x, t, n_steps: int, metropolis: bool, official_ratio: bool = False,
+             stats=None):
+    """n_steps of Langevin on x at fixed t, x' = x - (s_t²/2)∇U + s_t ξ, MALA-corrected when
+    `metropolis`.
 
-    The MH log-ratio is U(x) - U(x') - |ξ_rev|²/2 + |ξ|²/2 with ξ_rev = -ξ + (s/2)(∇U(x) + ∇U(x')), the
-    standard-normal draw that the reverse proposal x' -> x would need. `stats` = (sum, count) tensors of size
-    T+1 that accumulate the acceptance probability per level, on the device (no host sync in the loop).
+    The MH log-ratio is U(x) - U(x') - |ξ_rev|²/2 + |ξ|²/2 with ξ_rev = -ξ + (s/2)(∇U(x) + ∇U(x')),
+    the standard-normal draw that the reverse proposal x' -> x would need. `stats` = (sum, count)
+    tensors of size T+1 that accumulate the acceptance probability per level, on the device (no host
+    sync in the loop).
     """
     s = as_batch(model.step_size[t], x)
     reverse_coef = s * s / 2 if official_ratio else s / 2
@@ -384,7 +409,8 @@ def langevin(model: DAEBM, x, t, n_steps: int, metropolis: bool, official_ratio:
         x_prop = x - 0.5 * s * s * grad + s * noise
         u_prop, grad_prop = energy_and_grad(model, x_prop, t, table)
         reverse_noise = -noise + reverse_coef * (grad + grad_prop)
-        log_ratio = u - u_prop - 0.5 * reverse_noise.flatten(1).pow(2).sum(1) + 0.5 * noise.flatten(1).pow(2).sum(1)
+        log_ratio = (u - u_prop - 0.5 * reverse_noise.flatten(1).pow(2).sum(1)
+                     + 0.5 * noise.flatten(1).pow(2).sum(1))
         accept_prob = log_ratio.clamp(max=0).exp()
         if stats is not None:
             stats[0].index_add_(0, t, accept_prob)
@@ -401,8 +427,9 @@ def langevin(model: DAEBM, x, t, n_steps: int, metropolis: bool, official_ratio:
 
 @torch.no_grad()
 def gibbs_level(model: DAEBM, x):
-    """Exact Gibbs draw of t | x from softmax over t of f(x, t), all T+1 levels, by the Gumbel-max trick
-    (argmax of logits + Gumbel noise is a softmax draw; unlike Categorical/multinomial it never syncs)."""
+    """Exact Gibbs draw of t | x from softmax over t of f(x, t), all T+1 levels, by the Gumbel-max
+    trick (argmax of logits + Gumbel noise is a softmax draw; unlike Categorical/multinomial it
+    never syncs)."""
     logits = model.all_levels_logits(x)
     gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_(1e-20, 1.0)))
     return (logits + gumbel).argmax(1)
@@ -415,13 +442,14 @@ def mgms_transition(model: DAEBM, x, t, args, metropolis: bool, stats=None):
 
 
 def generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1, max_transitions=None):
-    """The paper's post-training sampler: chains start at N(0, I) with t = T and run MGMS transitions
-    (MALA on); a chain's x is kept at its M-th visit to t = 0, and that chain restarts from noise at t = T.
-    step_multiplier m keeps it at the (m M)-th visit instead (about m times the transitions), the
-    evaluator's long-run check. It stops after max_transitions (default m x --max-transitions) and prints
-    progress every 30 s.
+    """The paper's post-training sampler: chains start at N(0, I) with t = T and run MGMS
+    transitions (MALA on); a chain's x is kept at its M-th visit to t = 0, and that chain restarts
+    from noise at t = T. step_multiplier m keeps it at the (m M)-th visit instead (about m times the
+    transitions), the evaluator's long-run check. It stops after max_transitions (default m x
+    --max-transitions) and prints progress every 30 s.
 
-    Returns (samples (k, ...), Langevin steps each kept chain took (k,)), k = n unless the budget ran out.
+    Returns (samples (k, ...), Langevin steps each kept chain took (k,)), k = n unless the budget
+    ran out.
     """
     shape = sample_shape(args)
     pool = min(n, args.sample_chains)
@@ -439,7 +467,8 @@ def generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1, max_t
         steps_taken += args.langevin_steps
         visits += t == 0
         done = visits == visits_to_keep
-        n_done = int(done.sum())  # one sync per transition (40 Langevin steps), outside the Langevin loop
+        # one sync per transition (40 Langevin steps), outside the Langevin loop
+        n_done = int(done.sum())
         progress.update(min(n_done, n - n_kept))
         if n_done:
             kept.append(x[done])
@@ -455,10 +484,11 @@ def generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1, max_t
 
 
 def annealed_generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1):
-    """K MALA steps (m K with step_multiplier m) at each level from t = T down to t = 0, starting from N(0, I)
-    (the official p_sample_langevin_progressive). Returns samples (n, ...)."""
+    """K MALA steps (m K with step_multiplier m) at each level from t = T down to t = 0, starting
+    from N(0, I) (the official p_sample_langevin_progressive). Returns samples (n, ...)."""
     x = torch.randn((n,) + sample_shape(args), device=device)
-    progress = common.Progress("annealed sampler, levels", args.num_levels + 1, interval=30, quiet=True)
+    progress = common.Progress("annealed sampler, levels", args.num_levels + 1, interval=30,
+                               quiet=True)
     for level in range(args.num_levels, -1, -1):
         t = torch.full((n,), level, device=device, dtype=torch.long)
         x = langevin(model, x, t, args.langevin_steps * step_multiplier, metropolis=True,
@@ -468,10 +498,10 @@ def annealed_generate(model: DAEBM, n: int, args, device, step_multiplier: int =
 
 
 def long_run(model: DAEBM, x0, n_steps: int, checkpoints, official_ratio=False):
-    """MALA at t = 0 from real data for n_steps; at each step count in `checkpoints` record the mean energy
-    and the RMS drift from the start (per coordinate). Runs in pieces of at most 1,000 steps (the same
-    numbers as one run: a piece starts from the state and random stream where the last ended) so that it
-    can print progress. Returns (records, final x)."""
+    """MALA at t = 0 from real data for n_steps; at each step count in `checkpoints` record the mean
+    energy and the RMS drift from the start (per coordinate). Runs in pieces of at most 1,000 steps
+    (the same numbers as one run: a piece starts from the state and random stream where the last
+    ended) so that it can print progress. Returns (records, final x)."""
     t = torch.zeros(len(x0), dtype=torch.long, device=x0.device)
     x, done, records = x0, 0, []
     progress = common.Progress("long-run MALA steps", n_steps, interval=30, quiet=True)
@@ -487,19 +517,20 @@ def long_run(model: DAEBM, x0, n_steps: int, checkpoints, official_ratio=False):
     return records, x
 
 
-# ===================================================================================================
+# ==================================================================================================
 # LOSS
-# ===================================================================================================
+# ==================================================================================================
 def daebm_loss(model: DAEBM, x_pos, t_pos, x_neg, t_neg):
-    """PCD on the joint model: mean U(positives) - mean U(negatives); its gradient is the maximum-likelihood
-    gradient of p(x, t) with the negatives standing in for model samples."""
+    """PCD on the joint model: mean U(positives) - mean U(negatives); its gradient is the
+    maximum-likelihood gradient of p(x, t) with the negatives standing in for model samples."""
     u_pos = model.energy(x_pos, t_pos)
     u_neg = model.energy(x_neg, t_neg)
     return u_pos.mean() - u_neg.mean(), u_pos.detach(), u_neg.detach()
 
 
 def lr_factor(step: int, args) -> float:
-    """Multiplier of the base learning rate at iteration `step` (0-based): linear warm-up, then the decay."""
+    """Multiplier of the base learning rate at iteration `step` (0-based): linear warm-up, then the
+    decay."""
     warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0
     frac = step / args.steps
     if args.lr_schedule == "multistep":
@@ -509,32 +540,35 @@ def lr_factor(step: int, args) -> float:
     return warm * decay
 
 
-# ===================================================================================================
+# ==================================================================================================
 # PUBLIC API
-# ===================================================================================================
+# ==================================================================================================
 def sample_shape(args):
-    return (2,) if common.is_toy(args.dataset) else (args.image_channels, args.image_size, args.image_size)
+    return (2,) if common.is_toy(args.dataset) else (args.image_channels, args.image_size,
+                                                     args.image_size)
 
 
 def build_model(args) -> DAEBM:
-    """The DA-EBM with its schedule and (initial) step sizes as buffers; the net Kaiming-initialised."""
+    """The DA-EBM with its schedule and (initial) step sizes as buffers; the net
+    Kaiming-initialised."""
     if common.is_toy(args.dataset):
         net = GatedMLP(args.mlp_width, args.num_levels)
     else:
         if args.image_size != 28 and args.image_size % 2 ** (len(args.channel_mult) - 1):
             raise common.UserError(f"image size {args.image_size} is not divisible by "
-                                   f"{2 ** (len(args.channel_mult) - 1)} (one halving per --channel-mult entry)")
-        net = ResNetTemb(args.image_channels, args.image_size, args.channels, tuple(args.channel_mult),
-                         args.num_levels)
+                                   f"{2 ** (len(args.channel_mult) - 1)} (one halving per "
+                                   "--channel-mult entry)")
+        net = ResNetTemb(args.image_channels, args.image_size, args.channels,
+                         tuple(args.channel_mult), args.num_levels)
     betas, _ = sqrtcumlinear_schedule(args.num_levels, args.beta_start, args.beta_end)
     return DAEBM(kaiming_init(net), args.num_levels, args.beta_start, args.beta_end,
                  initial_step_sizes(args, betas))
 
 
 def sample(model: DAEBM, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:
-    """n samples by the post-training sampler named in args.sampler ('mgms' is the paper's), images clamped
-    to [-1, 1]; step_multiplier m runs it m times longer (kept at the (m M)-th visit to t = 0, or m K
-    steps per level when annealed)."""
+    """n samples by the post-training sampler named in args.sampler ('mgms' is the paper's), images
+    clamped to [-1, 1]; step_multiplier m runs it m times longer (kept at the (m M)-th visit to t =
+    0, or m K steps per level when annealed)."""
     model.eval()
     if args.sampler == "annealed":
         samples = annealed_generate(model, n, args, device, step_multiplier).detach()
@@ -553,17 +587,18 @@ def energy(model: DAEBM, x: torch.Tensor, args) -> torch.Tensor:
         return model.energy(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
 
 
-# ===================================================================================================
+# ==================================================================================================
 # TRAINING
-# ===================================================================================================
+# ==================================================================================================
 # settings that may change on --resume besides common.RESUMABLE (post-training options)
-RESUMABLE = common.RESUMABLE | {"long_run_steps", "n_grid", "sampler", "visits_to_keep", "sample_chains",
+RESUMABLE = common.RESUMABLE | {"long_run_steps", "n_grid", "sampler", "visits_to_keep",
+                                "sample_chains",
                                 "max_transitions", "final_samples"}
 
 
 def save_pictures(model: DAEBM, args, tag, device, box, chains_x, chains_t):
-    """2D: learned density exp(-U(x, t)) per level on a grid and the chains per level. Images: chains at
-    t = 0 and an annealed T -> 0 sweep."""
+    """2D: learned density exp(-U(x, t)) per level on a grid and the chains per level. Images:
+    chains at t = 0 and an annealed T -> 0 sweep."""
     model.eval()
     if common.is_toy(args.dataset):
         lo, hi = box
@@ -571,7 +606,8 @@ def save_pictures(model: DAEBM, args, tag, device, box, chains_x, chains_t):
         densities, scatters = [], []
         with torch.no_grad():
             for level in range(args.num_levels + 1):
-                u = model.energy(grid, torch.full((len(grid),), level, device=device, dtype=torch.long))
+                u = model.energy(grid,
+                                 torch.full((len(grid),), level, device=device, dtype=torch.long))
                 densities.append(torch.softmax(-u, 0).view(200, 200).cpu())
                 scatters.append(common.histogram_2d(chains_x[chains_t == level].cpu(), lo, hi, 200))
         common.save_panels(densities, os.path.join(args.run_dir, f"density_per_t_{tag}.png"))
@@ -586,12 +622,14 @@ def save_pictures(model: DAEBM, args, tag, device, box, chains_x, chains_t):
 
 
 def after_training(model: DAEBM, args, device, box, train_data, log):
-    """The paper's MGMS samples (bounded by --steps transitions) and the long-run stability check."""
+    """The paper's MGMS samples (bounded by --steps transitions) and the long-run stability
+    check."""
     model.eval()
     if args.final_samples:
         n = args.sample_chains if common.is_toy(args.dataset) else args.n_grid
         generated, steps_taken = generate(model, n, args, device,
-                                               max_transitions=min(args.max_transitions, args.steps))
+                                               max_transitions=min(args.max_transitions,
+                                                                   args.steps))
         if len(generated) < n:
             print(f"warning: the MGMS sampler kept {len(generated)} of {n} chains within "
                   f"{min(args.max_transitions, args.steps)} transitions (bounded by --steps)",
@@ -602,10 +640,12 @@ def after_training(model: DAEBM, args, device, box, train_data, log):
                 common.save_panels([common.histogram_2d(generated.cpu(), *box, 200)], path)
             else:
                 common.save_image_grid(generated, path)
-            log.log(args.steps, {"post_sampling_mean_langevin_steps": steps_taken.float().mean().item()})
+            log.log(args.steps,
+                    {"post_sampling_mean_langevin_steps": steps_taken.float().mean().item()})
     if args.long_run_steps > 0:
         start = (common.toy_2d(args.dataset, args.sample_chains, seed=args.seed + 1)
-                 if common.is_toy(args.dataset) else common.to_model_space(train_data[: args.n_grid]))
+                 if common.is_toy(args.dataset)
+                 else common.to_model_space(train_data[: args.n_grid]))
         marks = sorted({m for m in (10, 100, 1000, 10_000, 100_000, args.long_run_steps)
                         if m <= args.long_run_steps})
         records, x_end = long_run(model, start.to(device), args.long_run_steps, marks,
@@ -626,14 +666,16 @@ def main(args: Args):
 
     # ---- data ----
     train_data, box = common.training_data(args)
-    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size, args.seed)
+    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size,
+                                args.seed)
     train_data = train_data.to(device)
     common.prepare_run_dir(args, ckpt["step"] if ckpt else 0)
 
     # ---- model, optimiser, EMA, chains ----
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema_decay > 0 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr,
+                                 betas=(args.adam_beta1, args.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
     levels = args.num_levels + 1
     chains_x = torch.randn((args.n_chains,) + sample_shape(args), device=device)
@@ -647,7 +689,9 @@ def main(args: Args):
         scheduler.load_state_dict(ckpt["scheduler"])
         chains_x, chains_t = ckpt["chains_x"].to(device), ckpt["chains_t"].to(device)
         accept_stats = (ckpt["accept_sum"].to(device), ckpt["accept_count"].to(device))
-    common.print_start(args, f"DA-EBM on {args.dataset}: {common.count_parameters(model)}, device {device}")
+    common.print_start(args,
+                       f"DA-EBM on {args.dataset}: {common.count_parameters(model)}, device "
+                       f"{device}")
 
     def checkpoint(step, snapshot):
         state = common.checkpoint_state(
@@ -662,8 +706,8 @@ def main(args: Args):
     with common.StopGuard(args.save_minutes) as guard:
         for step in range(start_step, args.steps):
             metropolis = step >= args.mh_start
-            # negatives: one MGMS transition of a batch of persistent chains (drawn with replacement, as
-            # official)
+            # negatives: one MGMS transition of a batch of persistent chains (drawn with
+            # replacement, as official)
             idx = torch.randint(0, args.n_chains, (args.batch_size,), device=device)
             x_neg, t_neg = mgms_transition(model, chains_x[idx], chains_t[idx], args, metropolis,
                                            accept_stats)
@@ -703,7 +747,8 @@ def main(args: Args):
             sample_now = common.every(done, args.sample_every, args.steps)
             save_now = common.every(done, args.save_every, args.steps) or guard.save_due()
             if log_now or sample_now or save_now:
-                common.stop_if_diverged(done, loss, energy_pos.mean(), energy_neg.mean(), args.run_dir,
+                common.stop_if_diverged(done, loss, energy_pos.mean(), energy_neg.mean(),
+                                        args.run_dir,
                                         "Lower --lr or --init-step-size.", also_finite=chains_x)
             if log_now:
                 metrics = {"loss": loss.item(), "energy_pos": energy_pos.mean().item(),
@@ -717,7 +762,8 @@ def main(args: Args):
                 log.log(done, metrics)
             if sample_now:
                 with common.own_rng(args.seed + done):
-                    save_pictures(ema or model, args, f"{done:08d}", device, box, chains_x, chains_t)
+                    save_pictures(ema or model, args, f"{done:08d}", device, box, chains_x,
+                                  chains_t)
             if save_now:
                 checkpoint(done, snapshot=done % args.save_every == 0)
                 guard.saved()

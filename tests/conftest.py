@@ -1,5 +1,6 @@
-"""Shared test helpers: the three method scripts, tiny configurations of each, generated image folders,
-command lines, checkpoint comparison. Test modules import these from here, never from each other."""
+"""Shared test helpers: the three method scripts, tiny configurations of each, generated image
+folders, command lines, checkpoint comparison. Test modules import these from here, never from each
+other."""
 import os
 import subprocess
 import sys
@@ -18,25 +19,30 @@ import pcd_diffusion_ebm as daebm  # noqa: E402
 METHODS = {"daebm": daebm, "cdrl": cdrl, "dcd": dcd}
 SCRIPTS = {"daebm": "pcd_diffusion_ebm.py", "cdrl": "cdrl.py", "dcd": "dcd.py"}
 
-# Tiny configurations (seconds on a CPU) with every lifecycle setting in reach: logs, pictures, saves.
+# Tiny configurations (seconds on a CPU) with every lifecycle setting in reach: logs, pictures,
+# saves.
 TINY_2D = {
     "daebm": dict(dataset="8gaussians", device="cpu", steps=20, batch_size=32, n_chains=64,
-                  langevin_steps=3, mlp_width=16, log_every=5, sample_every=10, save_every=10, mh_start=5,
-                  adapt_every=5, warmup_steps=5, long_run_steps=5, visits_to_keep=1, sample_chains=16),
+                  langevin_steps=3, mlp_width=16, log_every=5, sample_every=10, save_every=10,
+                  mh_start=5,
+                  adapt_every=5, warmup_steps=5, long_run_steps=5, visits_to_keep=1,
+                  sample_chains=16),
     "cdrl": dict(dataset="8gaussians", device="cpu", steps=20, batch_size=32, langevin_steps=3,
                  ebm_channels=8, init_channels=8, warmup_steps=4, log_every=5, sample_every=10,
                  save_every=10, n_points=64),
-    "dcd": dict(dataset="8gaussians", device="cpu", steps=20, batch_size=32, mlp_width=16, log_every=5,
-                sample_every=10, save_every=10, n_points=64, sample_langevin_steps=5),
+    "dcd": dict(dataset="8gaussians", device="cpu", steps=20, batch_size=32, mlp_width=16,
+                log_every=5, sample_every=10, save_every=10, n_points=64, sample_langevin_steps=5),
 }
 TINY_IMAGES = {
     "daebm": dict(device="cpu", steps=6, batch_size=8, n_chains=16, num_levels=3, langevin_steps=2,
-                  channels=8, channel_mult=(1, 2), log_every=2, sample_every=3, save_every=3, mh_start=2,
-                  adapt_every=2, warmup_steps=2, long_run_steps=3, visits_to_keep=1, sample_chains=4,
-                  n_grid=4),
+                  channels=8, channel_mult=(1, 2), log_every=2, sample_every=3, save_every=3,
+                  mh_start=2,
+                  adapt_every=2, warmup_steps=2, long_run_steps=3, visits_to_keep=1,
+                  sample_chains=4, n_grid=4),
     "cdrl": dict(device="cpu", steps=6, batch_size=8, langevin_steps=2, ebm_channels=8,
                  ebm_channel_mult=(1, 2), ebm_blocks=1, init_channels=8, init_channel_mult=(1, 1),
-                 init_blocks=1, warmup_steps=2, log_every=2, sample_every=3, save_every=3, n_grid=4),
+                 init_blocks=1, warmup_steps=2, log_every=2, sample_every=3, save_every=3,
+                 n_grid=4),
     "dcd": dict(device="cpu", steps=6, batch_size=8, langevin_steps=2, num_levels=2, ebm_channels=8,
                 ebm_channel_mult=(1, 2), ebm_blocks=1, log_every=2, sample_every=3, save_every=3,
                 n_grid=4),
@@ -45,7 +51,10 @@ TINY_IMAGES = {
 
 def tiny_fields(method: str, run_dir, folder=None, **overrides) -> dict:
     """The tiny 2D configuration of a method (or the tiny image one on `folder`), with overrides."""
-    fields = dict(TINY_IMAGES[method], dataset=f"folder:{folder}") if folder else dict(TINY_2D[method])
+    if folder:
+        fields = dict(TINY_IMAGES[method], dataset=f"folder:{folder}")
+    else:
+        fields = dict(TINY_2D[method])
     fields.update(run_dir=str(run_dir), **overrides)
     return fields
 
@@ -94,7 +103,10 @@ def assert_same_state(a: dict, b: dict, keys):
         flat_a, flat_b = flatten(a[key]), flatten(b[key])
         assert flat_a.keys() == flat_b.keys(), key
         for name, value in flat_a.items():
-            same = torch.equal(value, flat_b[name]) if torch.is_tensor(value) else value == flat_b[name]
+            if torch.is_tensor(value):
+                same = torch.equal(value, flat_b[name])
+            else:
+                same = value == flat_b[name]
             assert same, (key, name)
 
 
@@ -122,7 +134,8 @@ def image_folder(tmp_path):
 
 @pytest.fixture
 def class_folder(tmp_path):
-    """Two classes of 8x8 RGB PNGs in subfolders: a bright square top-left (class a) or bottom-right (b)."""
+    """Two classes of 8x8 RGB PNGs in subfolders: a bright square top-left (class a) or bottom-right
+    (b)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)

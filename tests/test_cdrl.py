@@ -1,5 +1,5 @@
-"""CDRL (cdrl.py): schedule constants, network sizes, recovery Langevin, Tweedie, guidance, the cooperative
-update's gradients, smoke runs, resume and failures."""
+"""CDRL (cdrl.py): schedule constants, network sizes, recovery Langevin, Tweedie, guidance, the
+cooperative update's gradients, smoke runs, resume and failures."""
 import copy
 import math
 import os
@@ -16,22 +16,24 @@ import eval_fid_ood
 from conftest import ROOT
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # helpers
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def tiny_2d_args(run_dir, **overrides):
     fields = dict(dataset="8gaussians", run_dir=str(run_dir), device="cpu", steps=8, batch_size=32,
-                  langevin_steps=3, ebm_channels=8, init_channels=8, warmup_steps=4, log_every=2, sample_every=4,
-                  save_every=4, n_points=64)
+                  langevin_steps=3, ebm_channels=8, init_channels=8, warmup_steps=4, log_every=2,
+                  sample_every=4, save_every=4, n_points=64)
     fields.update(overrides)
     return cdrl.Args(**fields)
 
 
 def tiny_image_args(run_dir, folder, **overrides):
-    fields = dict(dataset=f"folder:{folder}", run_dir=str(run_dir), device="cpu", steps=6, batch_size=8,
-                  langevin_steps=2, ebm_channels=8, ebm_channel_mult=(1, 2), ebm_blocks=1, init_channels=8,
-                  init_channel_mult=(1, 1), init_blocks=1, warmup_steps=2, log_every=2, sample_every=3,
-                  save_every=3, n_grid=4)
+    fields = dict(dataset=f"folder:{folder}", run_dir=str(run_dir), device="cpu", steps=6,
+                  batch_size=8,
+                  langevin_steps=2, ebm_channels=8, ebm_channel_mult=(1, 2), ebm_blocks=1,
+                  init_channels=8,
+                  init_channel_mult=(1, 1), init_blocks=1, warmup_steps=2, log_every=2,
+                  sample_every=3, save_every=3, n_grid=4)
     fields.update(overrides)
     return cdrl.Args(**fields)
 
@@ -56,9 +58,9 @@ def quadratic_model(a, m, **arg_overrides):
     return cdrl.CDRL(QuadraticEBM(a, m), nn.Identity(), cdrl.level_tables(args)), args
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # schedule (constants of ../shared/methods/cdrl.md)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_schedule_constants():
     tables = cdrl.level_tables(cdrl.Args(dataset="cifar10"))
     logsnr = [9.8, 2.689, 1.197, 0.141, -0.876, -2.172, -5.1]
@@ -66,9 +68,11 @@ def test_schedule_constants():
     sigma = [.252, .424, .551, .671, .808, .970]
     weight = [1, .595, .458, .376, .312, .260]
     assert torch.allclose(tables["logsnr"], torch.tensor(logsnr, dtype=torch.float64), atol=5e-4)
-    assert torch.allclose(tables["alpha_bar"].sqrt(), torch.tensor(sqrt_alpha_bar, dtype=torch.float64), atol=5e-4)
+    assert torch.allclose(tables["alpha_bar"].sqrt(),
+                          torch.tensor(sqrt_alpha_bar, dtype=torch.float64), atol=5e-4)
     assert torch.allclose(tables["sigma"][1:], torch.tensor(sigma, dtype=torch.float64), atol=5e-4)
-    assert torch.allclose(tables["loss_weight"][1:], torch.tensor(weight, dtype=torch.float64), atol=5e-4)
+    assert torch.allclose(tables["loss_weight"][1:], torch.tensor(weight, dtype=torch.float64),
+                          atol=5e-4)
 
 
 def test_step_sizes_and_multipliers():
@@ -78,16 +82,20 @@ def test_step_sizes_and_multipliers():
         c_sq = math.sqrt(1 - ab[i - 1]) / math.sqrt(1 - ab[0])
         sigma_sq = 1 - ab[i] / ab[i - 1]
         assert tables["step_sq"][i].item() == pytest.approx(4e-4 * c_sq * sigma_sq, rel=1e-9)
-        assert tables["quad_coef"][i].item() == pytest.approx(0.0 if i == 6 else 2e-4 * c_sq, rel=1e-9, abs=0)
-        assert tables["alpha_mul"][i].item() == pytest.approx(1.0 if i == 6 else math.sqrt(ab[i] / ab[i - 1]))
+        assert tables["quad_coef"][i].item() == pytest.approx(0.0 if i == 6 else 2e-4 * c_sq,
+                                                              rel=1e-9, abs=0)
+        assert tables["alpha_mul"][i].item() == pytest.approx(1.0 if i == 6
+                                                              else math.sqrt(ab[i] / ab[i - 1]))
         beta_tilde = (1 - ab[i - 1]) / (1 - ab[i]) * sigma_sq
-        assert tables["proposal_std"][i].item() == pytest.approx(math.sqrt(beta_tilde) * tables["alpha_mul"][i].item())
+        assert tables["proposal_std"][i].item() == pytest.approx(math.sqrt(beta_tilde)
+                                                                 * tables["alpha_mul"][i].item())
     # level 1: c_1 = 1, so s_1² = 4e-4 σ_1²
     assert tables["step_sq"][1].item() == pytest.approx(4e-4 * 0.2522 ** 2, rel=1e-3)
     # 2D (official toy): c² is the constant 1 / sqrt(1 - ᾱ_0) and the step scale 2e-3
     toy = cdrl.level_tables(cdrl.Args(dataset="checkerboard"))
     c_sq = 1 / math.sqrt(1 - toy["alpha_bar"][0].item())
-    assert toy["step_sq"][4].item() == pytest.approx(2e-3 * c_sq * toy["sigma"][4].item() ** 2, rel=1e-9)
+    assert toy["step_sq"][4].item() == pytest.approx(2e-3 * c_sq * toy["sigma"][4].item() ** 2,
+                                                     rel=1e-9)
 
 
 def test_warmups_match_official():
@@ -98,9 +106,9 @@ def test_warmups_match_official():
     assert ebm(0) == init(0) == 1
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # networks
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_cifar10_network_sizes():
     model = cdrl.build_model(cdrl.Args(dataset="cifar10"))
     n_ebm = sum(p.numel() for p in model.ebm.parameters())
@@ -122,7 +130,8 @@ def test_initializer_starts_as_identity():
 
 
 def test_energy_net_is_spectrally_normalised_and_per_row():
-    args = cdrl.Args(dataset="cifar10", image_size=8, ebm_channels=8, ebm_blocks=2, ebm_channel_mult=(1, 2))
+    args = cdrl.Args(dataset="cifar10", image_size=8, ebm_channels=8, ebm_blocks=2,
+                     ebm_channel_mult=(1, 2))
     model = cdrl.build_model(args).eval()
     conv = model.ebm.stages[0][0].conv1
     sigma_max = torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2)
@@ -134,14 +143,15 @@ def test_energy_net_is_spectrally_normalised_and_per_row():
     assert torch.allclose(batched, single, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # sampler
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("level_index", [3, 6])
 def test_recovery_langevin_samples_the_gaussian_posterior(level_index):
-    """f(y) = -a||y - m||²/2: the recovery density f/s² - ||y - x||²/(2σ²) is Gaussian with precision
-    P = a/s² + 1/σ² (a/s² at the top level) and mean (a m/s² + x/σ²)/P. Langevin with step h = s² is exact in
-    the mean; its stationary variance is h / (1 - (1 - hP/2)²) = (1/P) / (1 - hP/4), tested to 4 SE."""
+    """f(y) = -a||y - m||²/2: the recovery density f/s² - ||y - x||²/(2σ²) is Gaussian with
+    precision P = a/s² + 1/σ² (a/s² at the top level) and mean (a m/s² + x/σ²)/P. Langevin with step
+    h = s² is exact in the mean; its stationary variance is h / (1 - (1 - hP/2)²) = (1/P) / (1 -
+    hP/4), tested to 4 SE."""
     torch.manual_seed(0)
     a, m, x = 0.05, torch.tensor([-1.0, 2.0]), torch.tensor([1.0, -0.5])
     model, _ = quadratic_model(a, m)
@@ -157,7 +167,8 @@ def test_recovery_langevin_samples_the_gaussian_posterior(level_index):
     assert torch.allclose(y.mean(0), mean, atol=4 * math.sqrt(var_ula / n))
     var_se = var_ula * math.sqrt(2 / (n - 1))
     assert torch.allclose(y.var(0), torch.full((2,), var_ula, dtype=torch.float64), atol=4 * var_se)
-    if level_index == 3:  # the quadratic term matters here: the posterior mean is far from the EBM's own mean m
+    # the quadratic term matters here: the posterior mean is far from the EBM's own mean m
+    if level_index == 3:
         assert (mean - m.double()).abs().min() > 0.5
 
 
@@ -174,10 +185,13 @@ def test_tweedie_step_official_half_scale_and_exact():
 
 def tiny_conditional_model(seed=0):
     torch.manual_seed(seed)
-    args = cdrl.Args(dataset="cifar10", conditional=True, image_size=8, ebm_channels=8, ebm_blocks=1,
-                     ebm_channel_mult=(1, 2), init_channels=8, init_blocks=1, init_channel_mult=(1, 1), langevin_steps=3)
+    args = cdrl.Args(dataset="cifar10", conditional=True, image_size=8, ebm_channels=8,
+                     ebm_blocks=1,
+                     ebm_channel_mult=(1, 2), init_channels=8, init_blocks=1,
+                     init_channel_mult=(1, 1), langevin_steps=3)
     model = cdrl.build_model(args).eval()
-    with torch.no_grad():  # give the initializer's residual some weight so that its guidance matters too
+    # give the initializer's residual some weight so that its guidance matters too
+    with torch.no_grad():
         model.initializer.conv_out.weight.normal_(0, 0.1)
     return model, args
 
@@ -217,7 +231,8 @@ def test_guided_langevin_drift():
 
     drift = 0.5 * ((1 + w) * grad_f(labels) - w * grad_f(torch.zeros_like(labels)))
     torch.manual_seed(3)
-    expected = y + drift - model.quad_coef[level_index] * (y - x) + model.step_sq[level_index].sqrt() * torch.randn_like(y)
+    noise = model.step_sq[level_index].sqrt() * torch.randn_like(y)
+    expected = y + drift - model.quad_coef[level_index] * (y - x) + noise
     torch.manual_seed(3)
     out = cdrl.recovery_langevin(model, y, x, level, labels, 1, guidance=w)
     assert torch.allclose(out, expected, atol=1e-5)
@@ -232,17 +247,19 @@ def test_sample_uses_sample_langevin_steps():
             return super().forward(y, temb)
 
     args = cdrl.Args(dataset="checkerboard", langevin_steps=15, sample_langevin_steps=4)
-    model = cdrl.CDRL(CountingEBM(0.1, torch.zeros(2)), cdrl.MLPInitializer(8, 1, None), cdrl.level_tables(args))
+    model = cdrl.CDRL(CountingEBM(0.1, torch.zeros(2)), cdrl.MLPInitializer(8, 1, None),
+                      cdrl.level_tables(args))
     out = cdrl.sample(model, 7, args, "cpu")
     assert out.shape == (7, 2) and torch.isfinite(out).all()
     assert CountingEBM.calls == 6 * 4 + 1  # 4 steps at each of 6 levels + the Tweedie step
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the cooperative update
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class LinearEBM(nn.Module):
-    """f(y) = θ · y; records every input it sees (positives first, then Langevin, then negatives)."""
+    """f(y) = θ · y; records every input it sees (positives first, then Langevin, then
+    negatives)."""
 
     def __init__(self):
         super().__init__()
@@ -269,13 +286,14 @@ class ShiftInitializer(nn.Module):
 
 
 def test_cdrl_step_gradients_closed_form():
-    """EBM: ∇_θ mean_b w_b (f(neg_b) - f(pos_b)) = mean_b w_b (neg_b - pos_b) for f = θ·y; initializer:
-    ∇_b mean_b ||refined_b - proposal_b||² = -2 mean_b (refined_b - proposal_b). With SGD at lr 1 and no
-    clipping the update is minus these gradients."""
+    """EBM: ∇_θ mean_b w_b (f(neg_b) - f(pos_b)) = mean_b w_b (neg_b - pos_b) for f = θ·y;
+    initializer: ∇_b mean_b ||refined_b - proposal_b||² = -2 mean_b (refined_b - proposal_b). With
+    SGD at lr 1 and no clipping the update is minus these gradients."""
     args = cdrl.Args(dataset="checkerboard", langevin_steps=4, grad_clip=1e9)
     model = cdrl.CDRL(LinearEBM(), ShiftInitializer(), cdrl.level_tables(args))
     theta0, b0 = model.ebm.theta.detach().clone(), model.initializer.b.detach().clone()
-    opts = (torch.optim.SGD(model.ebm.parameters(), lr=1.0), torch.optim.SGD(model.initializer.parameters(), lr=1.0))
+    opts = (torch.optim.SGD(model.ebm.parameters(), lr=1.0),
+            torch.optim.SGD(model.initializer.parameters(), lr=1.0))
     torch.manual_seed(5)
     x0 = torch.randn(64, 2)
     torch.manual_seed(6)
@@ -288,16 +306,17 @@ def test_cdrl_step_gradients_closed_form():
     weight = model.loss_weight[level][:, None]
     ebm_grad = (weight * (neg - pos)).mean(0)
     assert torch.allclose(model.ebm.theta.detach(), theta0 - ebm_grad, atol=1e-5)
-    assert ebm_loss.item() == pytest.approx((weight[:, 0] * ((neg - pos) @ theta0)).mean().item(), abs=1e-5)
+    assert ebm_loss.item() == pytest.approx((weight[:, 0] * ((neg - pos) @ theta0)).mean().item(),
+                                            abs=1e-5)
     init_grad = -2 * (neg - proposal).mean(0)
     assert torch.allclose(model.initializer.b.detach(), b0 - init_grad, atol=1e-5)
     assert init_loss.item() == pytest.approx((neg - proposal).pow(2).sum(1).mean().item(), rel=1e-5)
     assert energy_pos.item() == pytest.approx(-(pos @ theta0).mean().item(), abs=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # smoke, resume, failures
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_smoke_conditional_and_guided_resample(tmp_path, class_folder):
     run = tmp_path / "run"
     cdrl.main(tiny_image_args(run, class_folder, conditional=True))
@@ -315,7 +334,8 @@ def test_folder_labels_follow_subfolders(class_folder):
     labels = common.load_labels(f"folder:{class_folder}", "unused")
     images = common.load_images(f"folder:{class_folder}", "unused")
     assert labels.tolist() == [0] * 12 + [1] * 12
-    assert images[:12, :, 0, 0].float().mean() > images[12:, :, 0, 0].float().mean()  # class a: top-left square
+    # class a: top-left square
+    assert images[:12, :, 0, 0].float().mean() > images[12:, :, 0, 0].float().mean()
 
 
 def run_cli(*argv):
@@ -327,7 +347,8 @@ def run_cli(*argv):
 @pytest.mark.parametrize("argv, message", [
     (("--conditional",), "--conditional needs class labels, and checkerboard has none"),
     (("--guidance", "2"), "--guidance needs a --conditional model"),
-    (("--dataset", "mnist", "--data-dir", "/nonexistent/nodata", "--device", "cpu"), "mnist data not found"),
+    (("--dataset", "mnist", "--data-dir", "/nonexistent/nodata", "--device", "cpu"),
+     "mnist data not found"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, argv, message):
     result = run_cli(*argv, "--run-dir", str(tmp_path / "run"))

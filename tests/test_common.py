@@ -1,4 +1,5 @@
-"""common.py: toy data, the epoch loader's exact resume, folders of images, checkpoint errors, pictures."""
+"""common.py: toy data, the epoch loader's exact resume, folders of images, checkpoint errors,
+pictures."""
 import pytest
 import torch
 
@@ -26,7 +27,8 @@ def test_epoch_loader_covers_each_epoch_and_resumes_exactly():
     data = torch.arange(10)
     loader = common.EpochLoader(data, 3, seed=0)
     first_epoch = torch.cat([loader.next() for _ in range(3)])
-    assert len(set(first_epoch.tolist())) == 9  # 3 batches of 3 without repeats; the ragged end is dropped
+    # 3 batches of 3 without repeats; the ragged end is dropped
+    assert len(set(first_epoch.tolist())) == 9
     state = loader.state_dict()
     ahead = [loader.next() for _ in range(5)]
     other = common.EpochLoader(data, 3, seed=99)

@@ -1,5 +1,5 @@
-"""The contract every method script keeps (DESIGN.md: run lifecycle, checkpoints, public API, failures),
-one test per behaviour, parametrized over the three methods."""
+"""The contract every method script keeps (DESIGN.md: run lifecycle, checkpoints, public API,
+failures), one test per behaviour, parametrized over the three methods."""
 import json
 import math
 import os
@@ -44,12 +44,13 @@ def load(path):
 
 
 def folder_snapshot(run_dir):
-    return {name: open(os.path.join(run_dir, name), "rb").read() for name in sorted(os.listdir(run_dir))}
+    return {name: open(os.path.join(run_dir, name), "rb").read()
+            for name in sorted(os.listdir(run_dir))}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # smoke: training, checkpoint round trip, evaluation through the public API
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @ALL
 def test_smoke_2d_checkpoint_round_trip_and_eval(method, tmp_path):
     run = tmp_path / "run"
@@ -64,7 +65,8 @@ def test_smoke_2d_checkpoint_round_trip_and_eval(method, tmp_path):
     assert json.load(open(run / "args.json")) == common.args_to_dict(args)
     ckpt = load(run / "ckpt.pt")
     assert ckpt["method"] == method and ckpt["step"] == 20
-    assert ckpt["box"] == pytest.approx(common.data_box(common.toy_2d("8gaussians", 50_000, seed=1)))
+    assert ckpt["box"] == pytest.approx(common.data_box(common.toy_2d("8gaussians", 50_000,
+                                                                      seed=1)))
     if ckpt["ema"] is not None:
         assert set(ckpt["ema"]) == set(ckpt["model"])
     # the evaluator takes the run folder for its ckpt.pt
@@ -89,18 +91,20 @@ def test_smoke_tiny_images_and_samples_without_training_data(method, tmp_path, i
     assert module.energy(model, out, loaded_args).shape == (3,)
     for name in os.listdir(image_folder):  # the sample-only path needs no training data
         os.remove(os.path.join(image_folder, name))
-    eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run), device="cpu", save_samples=5, batch_size=2))
+    eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run), device="cpu", save_samples=5,
+                                                batch_size=2))
     samples = np.load(run / "samples.npz")["samples"]
     assert samples.shape == (5, 3, 8, 8) and np.abs(samples).max() <= 1
     assert (run / "samples.png").exists()
 
 
-# ---------------------------------------------------------------------------------------------------
-# resume: exact after an interrupt, exact when extending a finished run, settings from the checkpoint
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# resume: exact after an interrupt, exact when extending a finished run, settings from the
+# checkpoint
+# --------------------------------------------------------------------------------------------------
 def interrupt_at(monkeypatch, iteration: int):
-    """Send this process SIGTERM during the given training iteration (1-based): every script reads its
-    batch through common.to_model_space once per iteration."""
+    """Send this process SIGTERM during the given training iteration (1-based): every script reads
+    its batch through common.to_model_space once per iteration."""
     calls = {"n": 0}
     original = common.to_model_space
 
@@ -129,7 +133,8 @@ def test_sigterm_saves_and_resume_is_exact(method, tmp_path, monkeypatch, capsys
     a, b = load(straight / "ckpt.pt"), load(stopped / "ckpt.pt")
     assert a["step"] == b["step"] == 20
     assert_same_state(a, b, [k for k in a if k not in ("args", "box")])
-    steps = [json.loads(line)["step"] for line in open(stopped / "metrics.jsonl") if '"loss"' in line]
+    steps = [json.loads(line)["step"] for line in open(stopped / "metrics.jsonl")
+             if '"loss"' in line]
     assert steps == [5, 10, 15, 20]
 
 
@@ -144,9 +149,12 @@ def test_extending_a_finished_run(method, tmp_path):
     if method != "daebm":
         assert_same_state(a, b, [k for k in a if k not in ("args", "box")])
         return
-    # DA-EBM's decays are fractions of --steps: the extended run follows the new schedule from step 10
-    args = METHODS[method].Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in b["args"].items()})
-    lrs = {json.loads(line)["step"]: json.loads(line)["lr"] for line in open(extended / "metrics.jsonl")
+    # DA-EBM's decays are fractions of --steps: the extended run follows the new schedule from step
+    # 10
+    args = METHODS[method].Args(**{k: tuple(v) if isinstance(v, list) else v for k,
+                                   v in b["args"].items()})
+    lrs = {json.loads(line)["step"]: json.loads(line)["lr"]
+           for line in open(extended / "metrics.jsonl")
            if '"loss"' in line}
     assert [lrs[s] for s in (15, 20)] == pytest.approx(
         [args.lr * METHODS[method].lr_factor(s, args) for s in (15, 20)], rel=1e-12)
@@ -167,7 +175,8 @@ def test_resume_alone_takes_every_setting_from_the_checkpoint(method, tmp_path):
     fields = tiny_fields(method, run, steps=10, seed=7)
     cli(method, as_argv(fields))
     resumed = common.parse_args(METHODS[method].Args, method,
-                                ["--resume", "--run-dir", str(run), "--steps", "12", "--log-every", "3"])
+                                ["--resume", "--run-dir", str(run), "--steps", "12", "--log-every",
+                                 "3"])
     expected = dict(load(run / "ckpt.pt")["args"], steps=12, log_every=3, resume=True)
     assert common.args_to_dict(resumed) == expected
 
@@ -177,7 +186,8 @@ def test_resume_refuses_changed_method_settings_naming_all(method, tmp_path, cap
     run = tmp_path / "run"
     cli(method, as_argv(tiny_fields(method, run, steps=10)))
     before = folder_snapshot(run)
-    line = cli_error(method, ["--resume", "--run-dir", str(run), "--seed", "9", "--batch-size", "16",
+    line = cli_error(method,
+                     ["--resume", "--run-dir", str(run), "--seed", "9", "--batch-size", "16",
                               "--steps", "20"], capsys)
     assert "seed is 9" in line and "batch_size is 16" in line and "steps" not in line.split(".")[0]
     assert folder_snapshot(run) == before
@@ -210,18 +220,22 @@ def test_resume_removes_debris_and_cuts_metrics_back(method, tmp_path):
 def test_wall_clock_saves(method, tmp_path, monkeypatch):
     saves = []
     original = common.save_checkpoint
-    monkeypatch.setattr(common, "save_checkpoint", lambda state, *a, **k: (saves.append(state["step"]),
-                                                                           original(state, *a, **k)))
-    METHODS[method].main(tiny_args(method, tmp_path / "a", steps=6, save_every=1000, save_minutes=0.0))
+    monkeypatch.setattr(common, "save_checkpoint", lambda state, *a,
+                        **k: (saves.append(state["step"]),
+                                                                           original(state, *a,
+                                                                                    **k)))
+    METHODS[method].main(tiny_args(method, tmp_path / "a", steps=6, save_every=1000,
+                                   save_minutes=0.0))
     assert saves == [6]
     saves.clear()
-    METHODS[method].main(tiny_args(method, tmp_path / "b", steps=6, save_every=1000, save_minutes=1e-9))
+    METHODS[method].main(tiny_args(method, tmp_path / "b", steps=6, save_every=1000,
+                                   save_minutes=1e-9))
     assert saves == [1, 2, 3, 4, 5, 6]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # failures: divergence, bad input, full disk
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @ALL
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(method, tmp_path, capsys):
     args = tiny_args(method, tmp_path, steps=50, save_every=1, log_every=1, **DIVERGING[method])
@@ -245,7 +259,9 @@ def test_divergence_before_any_save_says_so(tmp_path, capsys):
 @ALL
 def test_missing_data_is_checked_before_the_run_folder_exists(method, tmp_path, capsys):
     run = tmp_path / "run"
-    line = cli_error(method, ["--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"), "--device", "cpu",
+    line = cli_error(method,
+                     ["--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"), "--device",
+                      "cpu",
                               "--run-dir", str(run)], capsys)
     assert "mnist data not found" in line
     assert not run.exists()
@@ -266,7 +282,8 @@ def test_unwritable_run_folder_is_refused_at_start(method, tmp_path, capsys, mon
 
 
 @ALL
-def test_full_disk_during_a_save_keeps_the_previous_checkpoint(method, tmp_path, capsys, monkeypatch):
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(method, tmp_path, capsys,
+                                                               monkeypatch):
     original, calls = torch.save, {"n": 0}
 
     def save(obj, path, *args, **kwargs):

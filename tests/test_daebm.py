@@ -1,4 +1,5 @@
-"""DA-EBM (pcd_diffusion_ebm.py): schedule, sampler and loss mathematics, smoke runs, resume, failures."""
+"""DA-EBM (pcd_diffusion_ebm.py): schedule, sampler and loss mathematics, smoke runs, resume,
+failures."""
 import math
 
 import pytest
@@ -8,22 +9,27 @@ import torch.nn as nn
 import pcd_diffusion_ebm as daebm
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # helpers
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def tiny_2d_args(run_dir, **overrides):
-    fields = dict(dataset="rings", run_dir=str(run_dir), device="cpu", steps=20, batch_size=32, n_chains=64,
-                  langevin_steps=3, mlp_width=16, log_every=5, sample_every=10, save_every=10, mh_start=5,
-                  adapt_every=5, warmup_steps=5, long_run_steps=5, visits_to_keep=1, sample_chains=16, n_grid=8)
+    fields = dict(dataset="rings", run_dir=str(run_dir), device="cpu", steps=20, batch_size=32,
+                  n_chains=64,
+                  langevin_steps=3, mlp_width=16, log_every=5, sample_every=10, save_every=10,
+                  mh_start=5,
+                  adapt_every=5, warmup_steps=5, long_run_steps=5, visits_to_keep=1,
+                  sample_chains=16, n_grid=8)
     fields.update(overrides)
     return daebm.Args(**fields)
 
 
 def tiny_image_args(run_dir, folder, **overrides):
-    fields = dict(dataset=f"folder:{folder}", run_dir=str(run_dir), device="cpu", steps=6, batch_size=8,
-                  n_chains=16, num_levels=3, langevin_steps=2, channels=8, channel_mult=(1, 2), log_every=2,
-                  sample_every=3, save_every=3, mh_start=2, adapt_every=2, warmup_steps=2, long_run_steps=3,
-                  visits_to_keep=1, sample_chains=4, n_grid=4)
+    fields = dict(dataset=f"folder:{folder}", run_dir=str(run_dir), device="cpu", steps=6,
+                  batch_size=8,
+                  n_chains=16, num_levels=3, langevin_steps=2, channels=8, channel_mult=(1, 2),
+                  log_every=2,
+                  sample_every=3, save_every=3, mh_start=2, adapt_every=2, warmup_steps=2,
+                  long_run_steps=3, visits_to_keep=1, sample_chains=4, n_grid=4)
     fields.update(overrides)
     return daebm.Args(**fields)
 
@@ -60,19 +66,21 @@ class LinearLevelNet(nn.Module):
 
 
 def gaussian_model(step, mean, cov):
-    model = daebm.DAEBM(QuadraticNet(mean, torch.linalg.inv(cov)), 1, 1e-2, 3e-1, torch.full((2,), step))
+    model = daebm.DAEBM(QuadraticNet(mean, torch.linalg.inv(cov)), 1, 1e-2, 3e-1,
+                        torch.full((2,), step))
     return model
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # schedule
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_schedule_constants_2d():
     betas, sqrt_ab = daebm.sqrtcumlinear_schedule(6, 1e-2, 3e-1)
     expected = [1.0, 0.9999, 0.997, 0.976, 0.900, 0.699, 0.257]  # ../shared/methods/daebm.md
     assert torch.allclose(sqrt_ab, torch.tensor(expected, dtype=torch.float64), atol=6e-4)
     assert betas[0] == 0
-    assert torch.allclose(betas[1:], torch.cumsum(torch.linspace(1e-2, 3e-1, 6, dtype=torch.float64), 0) ** 2)
+    assert torch.allclose(betas[1:],
+                          torch.cumsum(torch.linspace(1e-2, 3e-1, 6, dtype=torch.float64), 0) ** 2)
 
 
 def test_schedule_constants_images():
@@ -99,7 +107,8 @@ def test_diffuse_moments():
     a, s = model.sqrt_alpha_bar[5], model.sqrt_one_minus_alpha_bar[5]
     assert torch.allclose(xt.mean(0), a * x0[0], atol=4 * s / math.sqrt(200_000) * 1.5)
     assert torch.allclose(xt.var(0), (s ** 2).expand(2), rtol=0.02)
-    assert torch.equal(daebm.diffuse(model, x0[:3], torch.zeros(3, dtype=torch.long), torch.randn(3, 2)), x0[:3])
+    clean = daebm.diffuse(model, x0[:3], torch.zeros(3, dtype=torch.long), torch.randn(3, 2))
+    assert torch.equal(clean, x0[:3])
 
 
 def test_lr_schedule():
@@ -109,12 +118,13 @@ def test_lr_schedule():
     assert daebm.lr_factor(71_999, args) == 1.0
     assert daebm.lr_factor(96_000, args) == pytest.approx(0.5, abs=1e-4)
     toy = daebm.Args(dataset="rings", steps=1000)
-    assert [daebm.lr_factor(s, toy) for s in (600, 700, 800, 900)] == pytest.approx([1, 0.1, 0.01, 0.001])
+    assert [daebm.lr_factor(s, toy) for s in (600, 700, 800, 900)] == pytest.approx([1, 0.1, 0.01,
+                                                                                     0.001])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # sampler
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 MEAN = torch.tensor([1.0, -2.0])
 COV = torch.tensor([[1.0, 0.5], [0.5, 0.5]])
 
@@ -129,10 +139,12 @@ def run_chains(model, metropolis, official=False, n=4000, steps=300, seed=0):
 
 
 def ula_stationary_cov(step, cov):
-    """Unadjusted Langevin on a Gaussian: C = A C Aᵀ + s² I, A = I - (s²/2) P, solved by vectorisation."""
+    """Unadjusted Langevin on a Gaussian: C = A C Aᵀ + s² I, A = I - (s²/2) P, solved by
+    vectorisation."""
     a = torch.eye(2, dtype=torch.float64) - step ** 2 / 2 * torch.linalg.inv(cov.double())
     lhs = torch.eye(4, dtype=torch.float64) - torch.kron(a, a)
-    return torch.linalg.solve(lhs, (step ** 2 * torch.eye(2, dtype=torch.float64)).reshape(4)).reshape(2, 2)
+    rhs = (step ** 2 * torch.eye(2, dtype=torch.float64)).reshape(4)
+    return torch.linalg.solve(lhs, rhs).reshape(2, 2)
 
 
 def cov_standard_errors(cov, n):
@@ -195,28 +207,32 @@ def test_gibbs_draw_matches_brute_force_softmax():
 
 
 def test_all_levels_logits_match_per_level_calls(image_folder):
-    for args in (tiny_2d_args("unused"), tiny_image_args("unused", image_folder, image_channels=3, image_size=8)):
+    for args in (tiny_2d_args("unused"),
+                 tiny_image_args("unused", image_folder, image_channels=3, image_size=8)):
         model = daebm.build_model(args)
         x = torch.randn((5,) + daebm.sample_shape(args))
-        batched = model.all_levels_logits(x, max_rows=10)  # 2 levels per pass: the chunking is exercised
-        looped = torch.stack([model.net(x, torch.full((5,), t)) for t in range(args.num_levels + 1)], 1)
+        # 2 levels per pass: the chunking is exercised
+        batched = model.all_levels_logits(x, max_rows=10)
+        levels = range(args.num_levels + 1)
+        looped = torch.stack([model.net(x, torch.full((5,), t)) for t in levels], 1)
         assert torch.allclose(batched, looped, atol=1e-5)
 
 
 def test_mgms_sampler_keeps_chains_at_their_mth_visit():
-    # a model whose Gibbs draw always returns t = 0 (level 0 has all the mass): a chain visits t = 0 on
-    # every transition, so it is kept after exactly M transitions of K steps
+    # a model whose Gibbs draw always returns t = 0 (level 0 has all the mass): a chain visits t = 0
+    # on every transition, so it is kept after exactly M transitions of K steps
     coefs = torch.zeros(3, 2)
     model = daebm.DAEBM(LinearLevelNet(coefs), 2, 1e-2, 3e-1, torch.full((3,), 0.1))
-    model.all_levels_logits = lambda x, table=None: torch.tensor([0.0, -1e9, -1e9]).expand(len(x), 3)
+    model.all_levels_logits = lambda x, table=None: torch.tensor([0.0, -1e9, -1e9]).expand(len(x),
+                                                                                           3)
     args = tiny_2d_args("unused", num_levels=2, visits_to_keep=3, langevin_steps=4, sample_chains=5)
     samples, steps = daebm.generate(model, 12, args, "cpu")
     assert samples.shape == (12, 2) and torch.all(steps == 12)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # loss
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_loss_gradient_closed_form():
     """U(x, t) = a_t |x|²/2: dL/da_k = Σ_{i: t_i = k} |x_i|²/(2B) - Σ_{j: s_j = k} |y_j|²/(2B)."""
 
@@ -236,14 +252,14 @@ def test_loss_gradient_closed_form():
     t_pos, t_neg = torch.randint(0, 3, (64,)), torch.randint(0, 3, (64,))
     loss, _, _ = daebm.daebm_loss(model, x_pos, t_pos, y_neg, t_neg)
     loss.backward()
-    expected = torch.stack([(x_pos[t_pos == k].pow(2).sum() - y_neg[t_neg == k].pow(2).sum()) / (2 * 64)
+    expected = torch.stack([(x_pos[t_pos == k].pow(2).sum() - y_neg[t_neg == k].pow(2).sum()) / 128
                             for k in range(3)])
     assert torch.allclose(model.net.a.grad, expected, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # networks and public API
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_mnist_network_size():
     model = daebm.build_model(daebm.Args(dataset="mnist"))
     n_params = sum(p.numel() for p in model.parameters())
@@ -257,16 +273,17 @@ def test_level_table_equals_per_row_embedding():
     model = daebm.build_model(tiny_2d_args("unused"))
     net = model.net
     x, t = torch.randn(7, 2), torch.arange(7)
-    temb_act = torch.nn.functional.softplus(net.temb_dense(daebm.sinusoidal_embedding(t, net.width)))
+    temb_act = torch.nn.functional.softplus(net.temb_dense(daebm.sinusoidal_embedding(t,
+                                                                                      net.width)))
     h = torch.nn.functional.softplus(net.lin1(x) * net.gate1(temb_act))
     h = torch.nn.functional.softplus(net.lin2(h)) * net.gate2(temb_act)
     h = torch.nn.functional.softplus(net.lin3(h)) * net.gate3(temb_act)
     assert torch.allclose(net(x, t), net.out(h).squeeze(1), atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # after training: the MGMS sampler is bounded by the run's length and can be skipped
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def count_transitions(monkeypatch):
     calls = {"n": 0}
     original = daebm.mgms_transition
@@ -280,8 +297,8 @@ def count_transitions(monkeypatch):
 
 
 def test_final_samples_cost_at_most_the_run(tmp_path, image_folder, monkeypatch, capsys):
-    # the paper's M = 50 visits cannot be reached in 20 transitions: the run ends with a warning, not a
-    # sampler that runs for 100,000 transitions
+    # the paper's M = 50 visits cannot be reached in 20 transitions: the run ends with a warning,
+    # not a sampler that runs for 100,000 transitions
     calls = count_transitions(monkeypatch)
     daebm.main(tiny_2d_args(tmp_path / "run", steps=20, visits_to_keep=50, long_run_steps=0))
     assert calls["n"] == 20 + 20

@@ -1,6 +1,6 @@
-"""DCD (dcd.py): the objective's gradient in a Gaussian case where everything is closed-form (each estimator,
-VE and VP, the score-matching and maximum-likelihood limits), the ladder, the samplers and the denoiser,
-smoke runs of every kernel and estimator, resume and failures."""
+"""DCD (dcd.py): the objective's gradient in a Gaussian case where everything is closed-form (each
+estimator, VE and VP, the score-matching and maximum-likelihood limits), the ladder, the samplers
+and the denoiser, smoke runs of every kernel and estimator, resume and failures."""
 import json
 import math
 import os
@@ -18,9 +18,9 @@ from conftest import ROOT
 
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the Gaussian case: data N(μ_d, s_d I), model E(x) = ||x - m||² / (2v), θ = (m, log v), d = 2
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 DATA_MEAN, DATA_VAR = torch.tensor([0.5, -0.3], dtype=torch.float64), 0.8
 MODEL_MEAN, MODEL_LOG_VAR = [1.2, 0.4], math.log(1.5)
 
@@ -43,12 +43,13 @@ def gaussian_model(kernel="ve", sigma=0.5, **overrides):
 
 def kl_isotropic(mean_p, var_p, mean_q, var_q, d=2):
     """KL(N(mean_p, var_p I) || N(mean_q, var_q I)) in d dimensions."""
-    return 0.5 * d * (var_p / var_q - 1 - torch.log(var_p / var_q)) + (mean_p - mean_q).pow(2).sum() / (2 * var_q)
+    return (0.5 * d * (var_p / var_q - 1 - torch.log(var_p / var_q))
+            + (mean_p - mean_q).pow(2).sum() / (2 * var_q))
 
 
 def closed_form_dcd(m, log_v, kernel, sigma):
-    """KL(p_data || p_θ) - KL(Q p_data || Q p_θ) with Q the kernel itself, written in y space (no VE/VP
-    equivalence assumed): VE y = x + σε, VP y = sqrt(1 - σ²) x + σε."""
+    """KL(p_data || p_θ) - KL(Q p_data || Q p_θ) with Q the kernel itself, written in y space (no
+    VE/VP equivalence assumed): VE y = x + σε, VP y = sqrt(1 - σ²) x + σε."""
     v = log_v.exp()
     a = math.sqrt(1 - sigma ** 2) if kernel == "vp" else 1.0
     data_var = torch.tensor(DATA_VAR, dtype=torch.float64)
@@ -68,15 +69,18 @@ def gradient_of_moments(mean, var_per_coord):
     """E_z ∇_θ E(z) for z with the given mean and per-coordinate variance: ∂m = -(E z - m)/v,
     ∂log v = -E||z - m||² / (2v)."""
     m, v = torch.tensor(MODEL_MEAN, dtype=torch.float64), math.exp(MODEL_LOG_VAR)
-    return torch.cat([-(mean - m) / v, (-(2 * var_per_coord + (mean - m).pow(2).sum()) / (2 * v))[None]])
+    return torch.cat([-(mean - m) / v,
+                      (-(2 * var_per_coord + (mean - m).pow(2).sum()) / (2 * v))[None]])
 
 
 def posterior_moments(sigma_eff, steps=None, step_ratio=None):
-    """Mean and per-coordinate variance of the negatives x̃ (marginally over data and y, VE-equivalent noise
-    sigma_eff): exact posterior draws (steps None) or `steps` unadjusted Langevin steps from y with step
-    η = step_ratio sigma_eff². Posterior precision P = 1/v + 1/σ², mean μ(y) = (m/v + y/σ²)/P; a step maps
-    x - μ to c (x - μ) + sqrt(η) ξ with c = 1 - ηP/2, so x_K = (1 - c^K) μ(y) + c^K y + noise."""
-    m, v, s2 = torch.tensor(MODEL_MEAN, dtype=torch.float64), math.exp(MODEL_LOG_VAR), sigma_eff ** 2
+    """Mean and per-coordinate variance of the negatives x̃ (marginally over data and y,
+    VE-equivalent noise sigma_eff): exact posterior draws (steps None) or `steps` unadjusted
+    Langevin steps from y with step η = step_ratio sigma_eff². Posterior precision P = 1/v + 1/σ²,
+    mean μ(y) = (m/v + y/σ²)/P; a step maps x - μ to c (x - μ) + sqrt(η) ξ with c = 1 - ηP/2, so x_K
+    = (1 - c^K) μ(y) + c^K y + noise."""
+    m, v = torch.tensor(MODEL_MEAN, dtype=torch.float64), math.exp(MODEL_LOG_VAR)
+    s2 = sigma_eff ** 2
     precision = 1 / v + 1 / s2
     y_var = DATA_VAR + s2
     if steps is None:
@@ -90,7 +94,8 @@ def posterior_moments(sigma_eff, steps=None, step_ratio=None):
 
 
 def estimator_gradients(model, args, groups=40, per_group=2000, seed=0, loss_fn=None):
-    """The estimator's parameter gradient on `groups` independent batches of data -> (mean, standard error)."""
+    """The estimator's parameter gradient on `groups` independent batches of data -> (mean, standard
+    error)."""
     torch.manual_seed(seed)
     grads = []
     for _ in range(groups):
@@ -116,20 +121,24 @@ def exact_posterior_loss(model, sigma_eff):
 
 
 def assert_within(estimate, standard_error, expected, n_se=4.0):
-    """|estimate - expected| <= n_se standard errors, per component (4 SE: a 6e-5 two-sided false-alarm rate)."""
-    assert ((estimate - expected).abs() <= n_se * standard_error).all(), (estimate, expected, standard_error)
+    """|estimate - expected| <= n_se standard errors, per component (4 SE: a 6e-5 two-sided
+    false-alarm rate)."""
+    assert ((estimate - expected).abs() <= n_se * standard_error).all(), (estimate, expected,
+                                                                          standard_error)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the mathematics of the objective
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kernel", ["ve", "vp"])
 def test_gradient_formula_is_the_gradient_of_the_closed_form_dcd(kernel):
-    # E_data ∇E(x) - E ∇E(x̃ ~ exact posterior) equals ∇ [KL(p||p_θ) - KL(Qp||Qp_θ)] (log Z cancels);
-    # VP at σ is VE at σ / sqrt(1 - σ²) because the posterior given y is the posterior given y / a
+    # E_data ∇E(x) - E ∇E(x̃ ~ exact posterior) equals ∇ [KL(p||p_θ) - KL(Qp||Qp_θ)] (log Z
+    # cancels); VP at σ is VE at σ / sqrt(1 - σ²) because the posterior given y is the posterior
+    # given y / a
     sigma = 0.5
     sigma_eff = sigma / math.sqrt(1 - sigma ** 2) if kernel == "vp" else sigma
-    formula = gradient_of_moments(DATA_MEAN, DATA_VAR) - gradient_of_moments(*posterior_moments(sigma_eff))
+    formula = (gradient_of_moments(DATA_MEAN, DATA_VAR)
+               - gradient_of_moments(*posterior_moments(sigma_eff)))
     closed = analytic_gradient(lambda m, lv: closed_form_dcd(m, lv, kernel, sigma))
     assert torch.allclose(formula, closed, rtol=1e-10, atol=1e-12)
     assert closed.abs().min() > 0.03  # every component is informative at this θ
@@ -138,23 +147,27 @@ def test_gradient_formula_is_the_gradient_of_the_closed_form_dcd(kernel):
 def test_small_sigma_is_score_matching_and_large_sigma_maximum_likelihood():
     def fisher(m, log_v):  # E_data ||∇log p_data - ∇log p_θ||², the score-matching objective
         v = log_v.exp()
-        slope, offset = 1 / v - 1 / DATA_VAR, -m / v + DATA_MEAN / DATA_VAR  # difference of scores = slope x + offset
+        # difference of scores = slope x + offset
+        slope, offset = 1 / v - 1 / DATA_VAR, -m / v + DATA_MEAN / DATA_VAR
         return (slope * DATA_MEAN + offset).pow(2).sum() + 2 * slope ** 2 * DATA_VAR
 
     half_fisher = analytic_gradient(fisher) / 2
     for sigma, tolerance in ((1e-2, 1e-3), (1e-3, 1e-5)):
-        dcd_over_var = analytic_gradient(lambda m, lv: closed_form_dcd(m, lv, "ve", sigma)) / sigma ** 2
+        dcd = analytic_gradient(lambda m, lv: closed_form_dcd(m, lv, "ve", sigma))
+        dcd_over_var = dcd / sigma ** 2
         assert torch.allclose(dcd_over_var, half_fisher, rtol=tolerance)
-    assert not torch.allclose(analytic_gradient(lambda m, lv: closed_form_dcd(m, lv, "ve", 1.0)), half_fisher,
-                              rtol=0.1)
-    max_likelihood = analytic_gradient(lambda m, lv: kl_isotropic(DATA_MEAN, torch.tensor(DATA_VAR), m, lv.exp()))
+    assert not torch.allclose(analytic_gradient(lambda m, lv: closed_form_dcd(m, lv, "ve", 1.0)),
+                              half_fisher, rtol=0.1)
+    max_likelihood = analytic_gradient(lambda m,
+                                       lv: kl_isotropic(DATA_MEAN, torch.tensor(DATA_VAR), m,
+                                                        lv.exp()))
     large = analytic_gradient(lambda m, lv: closed_form_dcd(m, lv, "ve", 1e3))
     assert torch.allclose(large, max_likelihood, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # each estimator's mean gradient (tolerance: standard errors over independent batches)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kernel", ["ve", "vp"])
 def test_importance_and_exact_posterior_estimators_match_the_analytic_gradient(kernel):
     sigma = 0.5
@@ -163,33 +176,40 @@ def test_importance_and_exact_posterior_estimators_match_the_analytic_gradient(k
     model, args = gaussian_model(kernel, sigma, estimator="importance", num_proposals=64)
     importance, importance_se = estimator_gradients(model, args)
     assert_within(importance, importance_se, expected)
-    exact, exact_se = estimator_gradients(model, args, loss_fn=exact_posterior_loss(model, sigma_eff), seed=1)
+    exact, exact_se = estimator_gradients(model, args,
+                                          loss_fn=exact_posterior_loss(model, sigma_eff), seed=1)
     assert_within(exact, exact_se, expected)
     assert_within(importance, (importance_se ** 2 + exact_se ** 2).sqrt(), exact)
     # power: ignoring the importance weights (negatives = the proposals, y + σ ξ) is far off
-    unweighted = gradient_of_moments(DATA_MEAN, DATA_VAR) - gradient_of_moments(DATA_MEAN, DATA_VAR + 2 * sigma_eff ** 2)
+    unweighted = gradient_of_moments(DATA_MEAN, DATA_VAR) - gradient_of_moments(DATA_MEAN, DATA_VAR
+                                                                                + 2
+                                                                                * sigma_eff ** 2)
     assert ((importance - unweighted).abs() > 10 * importance_se).any()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel, steps, step_ratio", [("ve", 1, 1.0), ("ve", 5, 0.5), ("vp", 3, 0.3),
+@pytest.mark.parametrize("kernel, steps, step_ratio",
+                         [("ve", 1, 1.0), ("ve", 5, 0.5), ("vp", 3, 0.3),
                                                        ("ve", 600, 0.03)])
 def test_langevin_estimator_matches_its_closed_form(kernel, steps, step_ratio):
-    # K unadjusted steps from y: the expected gradient is that of the K-step chain's Gaussian law; with many
-    # small steps it is the DCD gradient itself
+    # K unadjusted steps from y: the expected gradient is that of the K-step chain's Gaussian law;
+    # with many small steps it is the DCD gradient itself
     sigma = 0.5
     sigma_eff = sigma / math.sqrt(1 - sigma ** 2) if kernel == "vp" else sigma
-    model, args = gaussian_model(kernel, sigma, estimator="langevin", langevin_steps=steps, step_ratio=step_ratio)
+    model, args = gaussian_model(kernel, sigma, estimator="langevin", langevin_steps=steps,
+                                 step_ratio=step_ratio)
     estimate, se = estimator_gradients(model, args, groups=30)
     expected = gradient_of_moments(DATA_MEAN, DATA_VAR) - \
         gradient_of_moments(*posterior_moments(sigma_eff, steps, step_ratio))
     assert_within(estimate, se, expected)
     if steps == 600:  # converged: c^K = 3e-5, ULA variance bias 0.9% of the posterior variance
-        assert_within(estimate, se, analytic_gradient(lambda m, lv: closed_form_dcd(m, lv, kernel, sigma)))
+        assert_within(estimate, se,
+                      analytic_gradient(lambda m, lv: closed_form_dcd(m, lv, kernel, sigma)))
 
 
 def test_cd_estimator_matches_its_closed_form():
-    # CD: K unadjusted steps on p_θ = N(m, v) from data: x_K = m + c^K (x - m) + noise, c = 1 - η / (2v)
+    # CD: K unadjusted steps on p_θ = N(m, v) from data: x_K = m + c^K (x - m) + noise, c = 1 - η /
+    # (2v)
     steps, eta = 5, 0.2
     model, args = gaussian_model("cd", langevin_steps=steps, cd_step_size=eta)
     estimate, se = estimator_gradients(model, args, groups=30)
@@ -197,12 +217,13 @@ def test_cd_estimator_matches_its_closed_form():
     c = 1 - eta / (2 * v)
     mean = m + c ** steps * (DATA_MEAN - m)
     var = c ** (2 * steps) * DATA_VAR + eta * (1 - c ** (2 * steps)) / (1 - c ** 2)
-    assert_within(estimate, se, gradient_of_moments(DATA_MEAN, DATA_VAR) - gradient_of_moments(mean, var))
+    assert_within(estimate, se, gradient_of_moments(DATA_MEAN, DATA_VAR)
+                  - gradient_of_moments(mean, var))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # ladder, samplers, denoiser
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_ladder_tables():
     vp = dcd.level_tables(dcd.Args(dataset="celeba", kernel="vp"))
     ve = dcd.level_tables(dcd.Args(dataset="celeba", kernel="ve"))
@@ -210,7 +231,8 @@ def test_ladder_tables():
     assert len(logsnr) == 7
     assert logsnr[0].item() == pytest.approx(9.8) and logsnr[-1].item() == pytest.approx(-5.1)
     assert torch.allclose(vp["signal"] ** 2 + vp["noise"] ** 2, torch.ones(7, dtype=torch.float64))
-    assert torch.allclose(vp["kernel_a"] ** 2 + vp["kernel_b"] ** 2, torch.ones(6, dtype=torch.float64))
+    assert torch.allclose(vp["kernel_a"] ** 2 + vp["kernel_b"] ** 2,
+                          torch.ones(6, dtype=torch.float64))
     assert torch.allclose(vp["energy_scale"], vp["kernel_b"] ** -2)
     assert torch.allclose(vp["input_scale"], torch.ones(6, dtype=torch.float64))
     # VE levels are the VP levels divided by the signal scale
@@ -219,7 +241,8 @@ def test_ladder_tables():
     assert torch.allclose(ve["kernel_b"] ** 2, ve["noise"][1:] ** 2 - ve["noise"][:-1] ** 2)
     assert torch.allclose(ve["input_scale"], (1 + ve["noise"][:-1] ** 2).rsqrt())
     one = dcd.level_tables(dcd.Args(dataset="8gaussians", kernel="vp", sigma=0.6))
-    assert one["kernel_a"].tolist() == pytest.approx([0.8]) and one["kernel_b"].tolist() == pytest.approx([0.6])
+    assert one["kernel_a"].tolist() == pytest.approx([0.8])
+    assert one["kernel_b"].tolist() == pytest.approx([0.6])
     assert one["energy_scale"].tolist() == [1.0]
 
 
@@ -230,9 +253,11 @@ class ZeroEnergy(nn.Module):
 
 @pytest.mark.parametrize("kernel", ["ve", "vp"])
 def test_ladder_sampler_walks_down_every_level(kernel):
-    # with E = 0 and step ratio 1, one posterior step is the exact draw x_t = x_{t+1} / a_t + (b_t / a_t) ξ, so
-    # Var x_t = (Var x_{t+1} + b_t²) / a_t² from Var x_L = noise_L² + signal_L²; the output is x_0 / signal_0
-    args = dcd.Args(dataset="celeba", kernel=kernel, step_ratio=1.0, sample_langevin_steps=1, num_levels=3)
+    # with E = 0 and step ratio 1, one posterior step is the exact draw x_t = x_{t+1} / a_t + (b_t /
+    # a_t) ξ, so Var x_t = (Var x_{t+1} + b_t²) / a_t² from Var x_L = noise_L² + signal_L²; the
+    # output is x_0 / signal_0
+    args = dcd.Args(dataset="celeba", kernel=kernel, step_ratio=1.0, sample_langevin_steps=1,
+                    num_levels=3)
     model = dcd.DCD(ZeroEnergy(), dcd.level_tables(args)).double()
     torch.manual_seed(0)
     args.image_channels, args.image_size = 1, 1  # one pixel: 40,000 scalar draws
@@ -256,40 +281,45 @@ def test_denoiser_returns_the_posterior_mean():
     m, v = model.net.m.detach(), math.exp(MODEL_LOG_VAR)
     precision = 1 / v + 1 / sigma ** 2
     truth = (m / v + y / sigma ** 2) / precision
-    # the chain forgets y after 200 steps (c^200 = 6e-6, c = 1 - ηP/2) and is then AR(1) around μ(y) with the
-    # unadjusted stationary variance 1 / (P (1 - ηP/4)); the average of its last n = 200 states has variance
-    # s²/n² Σ_ij c^|i-j|. The signed mean error over 8,000 coordinates has sd 0.002; returning y would be 0.1 off.
+    # the chain forgets y after 200 steps (c^200 = 6e-6, c = 1 - ηP/2) and is then AR(1) around μ(y)
+    # with the unadjusted stationary variance 1 / (P (1 - ηP/4)); the average of its last n = 200
+    # states has variance s²/n² Σ_ij c^|i-j|. The signed mean error over 8,000 coordinates has sd
+    # 0.002; returning y would be 0.1 off.
     eta, n = 0.1 * sigma ** 2, 200
     c, stationary = 1 - eta * precision / 2, 1 / (precision * (1 - eta * precision / 4))
     lags = torch.arange(n, dtype=torch.float64)
     average_var = stationary / n ** 2 * (c ** (lags[:, None] - lags[None]).abs()).sum()
     assert (mean - truth).mean(0).abs().max() < 0.01
     # RMS over 8,000 independent coordinates: relative standard error 0.8%
-    assert (mean - truth).pow(2).mean().sqrt().item() == pytest.approx(average_var.sqrt().item(), rel=0.05)
+    assert (mean - truth).pow(2).mean().sqrt().item() == pytest.approx(average_var.sqrt().item(),
+                                                                       rel=0.05)
     assert (last - truth).pow(2).mean().sqrt().item() == pytest.approx(stationary ** 0.5, rel=0.05)
 
 
 def test_psnr_reference_values():
     clean = torch.zeros(2, 1, 4, 4)
     estimate = torch.stack([torch.full((1, 4, 4), 0.2), torch.full((1, 4, 4), 5.0)])
-    # error 0.1 on the [0, 1] scale -> 20 dB; the second estimate is clamped to 1, error 0.5 -> 6.02 dB
+    # error 0.1 on the [0, 1] scale -> 20 dB; the second estimate is clamped to 1, error 0.5 -> 6.02
+    # dB
     assert dcd.psnr(estimate, clean).tolist() == pytest.approx([20.0, 10 * math.log10(4)])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # smoke runs, resume, failures
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def tiny_2d_args(run_dir, **overrides):
-    fields = dict(dataset="8gaussians", run_dir=str(run_dir), device="cpu", steps=8, batch_size=32, mlp_width=16,
+    fields = dict(dataset="8gaussians", run_dir=str(run_dir), device="cpu", steps=8, batch_size=32,
+                  mlp_width=16,
                   log_every=2, sample_every=4, save_every=4, n_points=64, sample_langevin_steps=5)
     fields.update(overrides)
     return dcd.Args(**fields)
 
 
 def tiny_image_args(run_dir, folder, **overrides):
-    fields = dict(dataset=f"folder:{folder}", run_dir=str(run_dir), device="cpu", steps=6, batch_size=8,
-                  langevin_steps=2, num_levels=2, ebm_channels=8, ebm_channel_mult=(1, 2), ebm_blocks=1,
-                  log_every=2, sample_every=3, save_every=3, n_grid=4)
+    fields = dict(dataset=f"folder:{folder}", run_dir=str(run_dir), device="cpu", steps=6,
+                  batch_size=8,
+                  langevin_steps=2, num_levels=2, ebm_channels=8, ebm_channel_mult=(1, 2),
+                  ebm_blocks=1, log_every=2, sample_every=3, save_every=3, n_grid=4)
     fields.update(overrides)
     return dcd.Args(**fields)
 
@@ -307,7 +337,8 @@ def test_smoke_2d_kernels_checkpoint_and_eval(tmp_path, overrides):
     assert ("ess_fraction" in records[-1]) == (overrides.get("estimator") == "importance")
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["method"] == "dcd" and set(ckpt["ema"]) == set(ckpt["model"])
-    results = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run / "ckpt.pt"), device="cpu", n_test=500,
+    results = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run / "ckpt.pt"), device="cpu",
+                                                          n_test=500,
                                                            grid_resolution=100))
     assert results["method"] == "dcd" and math.isfinite(results["nll"])
     module, loaded_args, model = eval_fid_ood.load_method(ckpt, "cpu")
@@ -320,7 +351,9 @@ def test_every_toy_trains(tmp_path, toy):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
 
 
-@pytest.mark.parametrize("overrides", [dict(kernel="vp"), dict(kernel="ve", estimator="importance", num_proposals=3)])
+@pytest.mark.parametrize("overrides",
+                         [dict(kernel="vp"),
+                          dict(kernel="ve", estimator="importance", num_proposals=3)])
 def test_smoke_tiny_images_ladder(tmp_path, image_folder, overrides):
     dcd.main(tiny_image_args(tmp_path / "run", image_folder, **overrides))
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
@@ -335,8 +368,8 @@ def test_smoke_tiny_images_ladder(tmp_path, image_folder, overrides):
 @pytest.mark.parametrize("kernel", ["ve", "cd"])
 def test_smoke_denoise_task_logs_psnr(tmp_path, image_folder, kernel):
     run = tmp_path / "run"
-    dcd.main(tiny_image_args(run, image_folder, task="denoise", num_levels=None, holdout=10, denoise_steps=4,
-                             kernel=kernel, sample_langevin_steps=3))
+    dcd.main(tiny_image_args(run, image_folder, task="denoise", num_levels=None, holdout=10,
+                             denoise_steps=4, kernel=kernel, sample_langevin_steps=3))
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     scored = [r for r in records if "psnr_mean" in r]
     assert [r["step"] for r in scored] == [3, 6]
@@ -352,9 +385,11 @@ def run_cli(*argv):
 @pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (("--task", "denoise"), "--task denoise needs an image dataset"),
-    (("--kernel", "vp", "--sigma", "1.5"), "--sigma must be positive (and below 1 for --kernel vp)"),
+    (("--kernel", "vp", "--sigma", "1.5"),
+     "--sigma must be positive (and below 1 for --kernel vp)"),
     (("--dataset", "celeba", "--kernel", "cd"), "--kernel cd is the one-level baseline"),
-    (("--dataset", "mnist", "--data-dir", "/nonexistent/nodata", "--device", "cpu"), "mnist data not found"),
+    (("--dataset", "mnist", "--data-dir", "/nonexistent/nodata", "--device", "cpu"),
+     "mnist data not found"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, argv, message):
     result = run_cli(*argv, "--run-dir", str(tmp_path / "run"))

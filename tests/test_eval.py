@@ -1,5 +1,6 @@
-"""eval_fid_ood.py: AUROC, Frechet distance and grid NLL against references; the FID pipeline offline with a
-randomly initialised Inception; every method's tiny checkpoint scored end to end; bad inputs."""
+"""eval_fid_ood.py: AUROC, Frechet distance and grid NLL against references; the FID pipeline
+offline with a randomly initialised Inception; every method's tiny checkpoint scored end to end; bad
+inputs."""
 import dataclasses
 import json
 import math
@@ -19,9 +20,9 @@ import eval_fid_ood
 from conftest import METHODS, ROOT, tiny_args
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # AUROC and the Frechet distance against references
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def brute_force_auroc(scores_in, scores_out):
     """Every (in, out) pair: 1 if the in-distribution score is higher, 1/2 if tied."""
     a, b = scores_in[:, None], scores_out[None, :]
@@ -54,11 +55,13 @@ def random_spd(d, g):
 
 
 def reference_frechet(mu_a, cov_a, mu_b, cov_b):
-    """Float64, through the symmetric form tr (Σa^½ Σb Σa^½)^½ with eigh (not the evaluator's route)."""
+    """Float64, through the symmetric form tr (Σa^½ Σb Σa^½)^½ with eigh (not the evaluator's
+    route)."""
     w, v = torch.linalg.eigh(cov_a)
     root_a = v @ torch.diag(w.sqrt()) @ v.T
     inner = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0)
-    return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * inner.sqrt().sum()).item()
+    trace_term = cov_a.trace() + cov_b.trace() - 2 * inner.sqrt().sum()
+    return ((mu_a - mu_b).pow(2).sum() + trace_term).item()
 
 
 def stats(mu, cov):
@@ -68,16 +71,19 @@ def stats(mu, cov):
 @pytest.mark.parametrize("d", [3, 64])
 def test_frechet_distance_against_float64_reference(d):
     g = torch.Generator().manual_seed(d)
-    mu_a, mu_b = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    mu_a, mu_b = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g,
+                                                                               dtype=torch.float64)
     cov_a, cov_b = random_spd(d, g), random_spd(d, g)
     expected = reference_frechet(mu_a, cov_a, mu_b, cov_b)
-    assert abs(eval_fid_ood.frechet_distance(stats(mu_a, cov_a), stats(mu_b, cov_b)) - expected) < 1e-8 * (1 + expected)
+    distance = eval_fid_ood.frechet_distance(stats(mu_a, cov_a), stats(mu_b, cov_b))
+    assert abs(distance - expected) < 1e-8 * (1 + expected)
     assert abs(eval_fid_ood.frechet_distance(stats(mu_a, cov_a), stats(mu_a, cov_a))) < 1e-8
     # diagonal covariances: ||Δμ||² + Σ (sqrt(a_i) - sqrt(b_i))²
     var_a = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
     var_b = torch.rand(d, generator=g, dtype=torch.float64)
     closed = ((mu_a - mu_b).pow(2).sum() + (var_a.sqrt() - var_b.sqrt()).pow(2).sum()).item()
-    got = eval_fid_ood.frechet_distance(stats(mu_a, torch.diag(var_a)), stats(mu_b, torch.diag(var_b)))
+    got = eval_fid_ood.frechet_distance(stats(mu_a, torch.diag(var_a)),
+                                        stats(mu_b, torch.diag(var_b)))
     assert abs(got - closed) < 1e-10 * (1 + closed)
 
 
@@ -89,9 +95,9 @@ def test_feature_statistics_are_mean_and_unbiased_covariance():
     assert np.allclose(result["sigma"], (centred.T @ centred / 49).numpy(), atol=1e-9)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2D: the grid density, the toys' true densities, the long-run distances
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def gaussian_energy(mean, cov):
     precision = torch.linalg.inv(cov)
 
@@ -111,7 +117,8 @@ def test_grid_nll_of_gaussian_equals_analytic():
     cell = ((hi - lo) / 800) ** 2
     assert abs(log_p.exp().sum().item() * cell - 1) < 1e-9
     points = torch.distributions.MultivariateNormal(GAUSS_MEAN, GAUSS_COV).sample((100_000,))
-    analytic = -torch.distributions.MultivariateNormal(GAUSS_MEAN, GAUSS_COV).log_prob(points).mean().item()
+    gauss = torch.distributions.MultivariateNormal(GAUSS_MEAN, GAUSS_COV)
+    analytic = -gauss.log_prob(points).mean().item()
     assert abs(eval_fid_ood.grid_nll(log_p, lo, hi, points) - analytic) < 5e-3
     # the expected NLL of a Gaussian is its entropy, 1 + log 2π + log|Σ|/2
     entropy = 1 + math.log(2 * math.pi) + 0.5 * math.log(torch.det(GAUSS_COV).item())
@@ -119,17 +126,20 @@ def test_grid_nll_of_gaussian_equals_analytic():
 
 
 def test_grid_layout_matches_points():
-    # log p at the cell that holds a point must be the energy at that point: a lopsided energy catches a
-    # transposed grid
+    # log p at the cell that holds a point must be the energy at that point: a lopsided energy
+    # catches a transposed grid
     energy_fn = lambda x: 3.0 * x[:, 0].double()  # noqa: E731
     log_p = eval_fid_ood.grid_log_density(energy_fn, -1.0, 1.0, 100)
     right, up = torch.tensor([[0.9, 0.0]]), torch.tensor([[0.0, 0.9]])
-    assert eval_fid_ood.grid_nll(log_p, -1.0, 1.0, right) > eval_fid_ood.grid_nll(log_p, -1.0, 1.0, up)
+    assert eval_fid_ood.grid_nll(log_p, -1.0, 1.0, right) > eval_fid_ood.grid_nll(log_p, -1.0, 1.0,
+                                                                                  up)
 
 
-# entropies: rings = H(N(0, 0.01²)) + log 4 + log 2π + mean log radius (thin rings, E log r = log k per ring);
-# 8gaussians = log 8 + log(2πe σ²) with σ = 0.5 / 1.414 (the components overlap by < 1e-8); checkerboard = log 32
-TOY_ENTROPY = {"rings": 0.5 * math.log(2 * math.pi * math.e * 1e-4) + math.log(4) + math.log(2 * math.pi)
+# entropies: rings = H(N(0, 0.01²)) + log 4 + log 2π + mean log radius (thin rings, E log r = log k
+# per ring); 8gaussians = log 8 + log(2πe σ²) with σ = 0.5 / 1.414 (the components overlap by <
+# 1e-8); checkerboard = log 32
+TOY_ENTROPY = {"rings": 0.5 * math.log(2 * math.pi * math.e * 1e-4) + math.log(4)
+               + math.log(2 * math.pi)
                + math.log(24) / 4,
                "8gaussians": math.log(8) + math.log(2 * math.pi * math.e * (0.5 / 1.414) ** 2),
                "checkerboard": math.log(32)}
@@ -140,8 +150,9 @@ def test_true_toy_densities_integrate_to_one_and_match_their_samplers(name):
     lo, hi, resolution = -5.0, 5.0, 2000  # cells of 0.005, finer than the rings' width
     mass = common.toy_log_density(name, common.grid_2d(lo, hi, resolution)).exp().sum().item()
     assert abs(mass * ((hi - lo) / resolution) ** 2 - 1) < 1e-4
-    # the samples' mean NLL is the entropy: a density that disagrees with the sampler (moved centres, wrong
-    # width, the other checkerboard colour) misses by far more than the Monte Carlo error (~0.003)
+    # the samples' mean NLL is the entropy: a density that disagrees with the sampler (moved
+    # centres, wrong width, the other checkerboard colour) misses by far more than the Monte Carlo
+    # error (~0.003)
     nll = -common.toy_log_density(name, common.toy_2d(name, 200_000, seed=1)).mean().item()
     assert abs(nll - TOY_ENTROPY[name]) < 0.01
 
@@ -161,7 +172,8 @@ def test_grid_draws_follow_the_grid_density_and_bin_mass_adds_up():
     assert abs(model_mass.sum().item() - 1) < 1e-9 and model_mass[-1] == 0
     assert eval_fid_ood.total_variation(eval_fid_ood.bin_mass(draws, lo, hi), model_mass) < 0.03
     # a shifted set is far from it, and points outside the box land in the last bin
-    assert eval_fid_ood.total_variation(eval_fid_ood.bin_mass(draws + 1.0, lo, hi), model_mass) > 0.5
+    shifted = eval_fid_ood.bin_mass(draws + 1.0, lo, hi)
+    assert eval_fid_ood.total_variation(shifted, model_mass) > 0.5
     assert eval_fid_ood.bin_mass(torch.tensor([[9.0, 0.0], [0.0, 0.0]]), lo, hi)[-1] == 0.5
 
 
@@ -178,8 +190,11 @@ def test_step_multiplier_runs_the_sampler_that_much_longer(method):
     module = METHODS[method]
     args = tiny_args(method, "unused")
     model = module.build_model(args).eval()
-    longer = dict(visits_to_keep=3 * args.visits_to_keep, max_transitions=3 * args.max_transitions) \
-        if method == "daebm" else dict(sample_langevin_steps=3 * args.sample_langevin_steps)
+    if method == "daebm":
+        longer = dict(visits_to_keep=3 * args.visits_to_keep,
+                      max_transitions=3 * args.max_transitions)
+    else:
+        longer = dict(sample_langevin_steps=3 * args.sample_langevin_steps)
     torch.manual_seed(5)
     multiplied = module.sample(model, 16, args, "cpu", step_multiplier=3)
     torch.manual_seed(5)
@@ -193,20 +208,26 @@ def test_step_multiplier_runs_the_sampler_that_much_longer(method):
 def test_eval_2d_checkpoint_of_every_method(tmp_path, method):
     module = METHODS[method]
     module.main(tiny_args(method, tmp_path, steps=8, save_every=4))
-    results = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(tmp_path / "ckpt.pt"), device="cpu", n_test=2000,
-                                                          grid_resolution=200, long_run=2, long_run_samples=300))
+    results = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(tmp_path / "ckpt.pt"),
+                                                          device="cpu", n_test=2000,
+                                                          grid_resolution=200, long_run=2,
+                                                          long_run_samples=300))
     saved = json.load(open(tmp_path / "eval.json"))
-    assert saved["nll"] == results["nll"] and math.isfinite(results["nll"]) and saved["method"] == method
-    true = -common.toy_log_density(results["dataset"], common.toy_2d(results["dataset"], 2000, seed=12345)).mean()
+    assert saved["nll"] == results["nll"] and math.isfinite(results["nll"])
+    assert saved["method"] == method
+    fresh = common.toy_2d(results["dataset"], 2000, seed=12345)
+    true = -common.toy_log_density(results["dataset"], fresh).mean()
     assert results["true_nll"] == pytest.approx(true.item())
-    # the same NLL computed independently: the model's energy at the test points themselves, normalised by a
-    # grid twice as fine (a smooth, barely trained energy: the two agree to the discretisation error)
+    # the same NLL computed independently: the model's energy at the test points themselves,
+    # normalised by a grid twice as fine (a smooth, barely trained energy: the two agree to the
+    # discretisation error)
     ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
     module, args, model = eval_fid_ood.load_method(ckpt, "cpu")
     lo, hi = results["box"]
     fine = common.grid_2d(lo, hi, 400).float()
     with torch.no_grad():
-        log_z = torch.logsumexp(-module.energy(model, fine, args).double(), 0) + 2 * math.log((hi - lo) / 400)
+        log_z = (torch.logsumexp(-module.energy(model, fine, args).double(), 0)
+                 + 2 * math.log((hi - lo) / 400))
         test = common.toy_2d(args.dataset, 2000, seed=12345)
         direct = (module.energy(model, test, args).double() + log_z).mean().item()
     assert abs(results["nll"] - direct) < 0.02
@@ -218,17 +239,19 @@ def test_eval_2d_checkpoint_of_every_method(tmp_path, method):
     assert (tmp_path / "eval_density.png").exists() and (tmp_path / "eval_long_run.png").exists()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # FID plumbing with a randomly initialised Inception (offline)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def random_inception(tmp_path_factory):
-    """A weights file for torch-fidelity's InceptionV3 with Kaiming-normal weights (variance-preserving, so the
-    2048 features neither vanish nor blow up) and a shared statistics cache."""
+    """A weights file for torch-fidelity's InceptionV3 with Kaiming-normal weights
+    (variance-preserving, so the 2048 features neither vanish nor blow up) and a shared statistics
+    cache."""
     import torch_fidelity.feature_extractor_inceptionv3 as inception
 
     with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+            mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self,
+                              state: None):
         network = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     g = torch.Generator().manual_seed(0)
     for layer in network.modules():
@@ -241,7 +264,8 @@ def random_inception(tmp_path_factory):
 
 def noisy(images, sd, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (images.float() + sd * torch.randn(images.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
+    noisy = images.float() + sd * torch.randn(images.shape, generator=g)
+    return noisy.round().clamp(0, 255).to(torch.uint8)
 
 
 class Uint8Images(torch.utils.data.Dataset):
@@ -256,7 +280,8 @@ class Uint8Images(torch.utils.data.Dataset):
 
 
 @pytest.mark.slow
-def test_fid_pipeline_self_zero_rising_with_noise_and_equal_to_torch_fidelity(tmp_path, image_folder,
+def test_fid_pipeline_self_zero_rising_with_noise_and_equal_to_torch_fidelity(tmp_path,
+                                                                              image_folder,
                                                                              random_inception):
     small = tmp_path / "small"  # 16 of the images: the CPU Inception takes ~0.15 s per image
     small.mkdir()
@@ -264,27 +289,36 @@ def test_fid_pipeline_self_zero_rising_with_noise_and_equal_to_torch_fidelity(tm
         shutil.copy(os.path.join(image_folder, name), small / name)
     network, tag = eval_fid_ood.load_inception(random_inception.weights, "cpu")
     data = SimpleNamespace(dataset=f"folder:{small}", image_size=8, image_channels=3)
-    reference, path = eval_fid_ood.reference_statistics(data, "unused", network, tag, random_inception.stats_dir, 16,
+    reference, path = eval_fid_ood.reference_statistics(data, "unused", network, tag,
+                                                        random_inception.stats_dir, 16,
                                                         "cpu")
     assert path.endswith(f"-train-8x8-inception-{tag}-pool2048.pt")
-    cached, _ = eval_fid_ood.reference_statistics(data, "unused", network, tag, random_inception.stats_dir, 16, "cpu")
-    assert np.array_equal(cached["mu"], reference["mu"]) and np.array_equal(cached["sigma"], reference["sigma"])
+    cached, _ = eval_fid_ood.reference_statistics(data, "unused", network, tag,
+                                                  random_inception.stats_dir, 16, "cpu")
+    assert np.array_equal(cached["mu"], reference["mu"]) and np.array_equal(cached["sigma"],
+                                                                            reference["sigma"])
     images = common.load_images(data.dataset, "unused")
 
     def fid(batch):
-        features = eval_fid_ood.inception_features(network, [eval_fid_ood.to_uint8_rgb(common.to_unit_range(batch))],
+        features = eval_fid_ood.inception_features(network,
+                                                   [eval_fid_ood.to_uint8_rgb(common.to_unit_range(batch))],
                                                    "cpu")
         return eval_fid_ood.frechet_distance(eval_fid_ood.feature_statistics(features), reference)
     scale = reference["sigma"].trace()
     fids = [fid(images), fid(noisy(images, 15)), fid(noisy(images, 60))]
-    assert abs(fids[0]) < 1e-5 * scale  # the set against its own cached statistics (eigvals rounding)
+    # the set against its own cached statistics (eigvals rounding)
+    assert abs(fids[0]) < 1e-5 * scale
     assert 0.01 * scale < fids[1] < fids[2]
-    # torch-fidelity's own pipeline (its data loader, feature extraction and statistics) gives the same number
+    # torch-fidelity's own pipeline (its data loader, feature extraction and statistics) gives the
+    # same number
     import torch_fidelity
 
-    theirs = torch_fidelity.calculate_metrics(input1=Uint8Images(noisy(images, 60)), input2=Uint8Images(images),
-                                              fid=True, feature_extractor_weights_path=random_inception.weights,
-                                              cuda=False, batch_size=16, save_cpu_ram=True, verbose=False,
+    theirs = torch_fidelity.calculate_metrics(input1=Uint8Images(noisy(images, 60)),
+                                              input2=Uint8Images(images),
+                                              fid=True,
+                                              feature_extractor_weights_path=random_inception.weights,
+                                              cuda=False, batch_size=16, save_cpu_ram=True,
+                                              verbose=False,
                                               cache=False)["frechet_inception_distance"]
     assert theirs == pytest.approx(fids[2], rel=1e-4)
 
@@ -293,7 +327,8 @@ def test_to_uint8_rgb_inverts_the_training_conversion():
     images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
     assert torch.equal(eval_fid_ood.to_uint8_rgb(common.to_unit_range(images)), images)
     grey = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
-    assert torch.equal(eval_fid_ood.to_uint8_rgb(common.to_unit_range(grey)), grey.expand(-1, 3, -1, -1))
+    assert torch.equal(eval_fid_ood.to_uint8_rgb(common.to_unit_range(grey)),
+                       grey.expand(-1, 3, -1, -1))
 
 
 def test_ood_sets_take_the_model_shape():
@@ -306,10 +341,14 @@ def test_ood_sets_take_the_model_shape():
     assert (constant == constant[:, :, :1, :1]).all()
     rgb = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g)
     grey = eval_fid_ood.match_shape(rgb, (1, 8, 8))
-    assert (grey.float() - rgb.float().mean(1, keepdim=True)).abs().max() <= 0.5  # the channel mean, rounded
+    # the channel mean, rounded
+    assert (grey.float() - rgb.float().mean(1, keepdim=True)).abs().max() <= 0.5
     assert torch.equal(eval_fid_ood.match_shape(grey, (3, 8, 8)), grey.expand(-1, 3, -1, -1))
-    flat = eval_fid_ood.match_shape(constant, (3, 20, 20))  # resizing keeps a constant image constant
-    assert flat.shape == (7, 3, 20, 20) and torch.equal(flat, constant[:, :, :1, :1].expand(-1, 3, 20, 20))
+    # resizing keeps a constant image constant
+    flat = eval_fid_ood.match_shape(constant, (3, 20, 20))
+    assert flat.shape == (7, 3, 20, 20) and torch.equal(flat,
+                                                        constant[:, :, :1, :1].expand(-1, 3, 20,
+                                                                                      20))
     with pytest.raises(common.UserError, match="cannot convert 2-channel"):
         eval_fid_ood.match_shape(rgb[:, :2], (3, 8, 8))
 
@@ -337,9 +376,11 @@ def other_folder(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_eval_image_checkpoint_of_every_method(tmp_path, method, image_folder, other_folder, random_inception):
+def test_eval_image_checkpoint_of_every_method(tmp_path, method, image_folder, other_folder,
+                                               random_inception):
     run = image_checkpoint(tmp_path, method, image_folder)
-    long_run = method == "dcd"  # one method also takes the image long-run path (each FID costs ~5 s here)
+    # one method also takes the image long-run path (each FID costs ~5 s here)
+    long_run = method == "dcd"
     ea = eval_fid_ood.EvalArgs(ckpt=str(run / "ckpt.pt"), device="cpu", fid_samples=6,
                                batch_size=4, inception_weights=random_inception.weights,
                                stats_dir=random_inception.stats_dir,
@@ -354,8 +395,10 @@ def test_eval_image_checkpoint_of_every_method(tmp_path, method, image_folder, o
         assert [r["step_multiplier"] for r in results["long_run"]["records"]] == [1, 2]
         assert all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in results["long_run"]["records"])
         assert (run / "eval_long_run_x2.png").exists()
-    assert set(results["ood"]) == {"interp", "uniform", "constant", f"folder:{other_folder}"}  # itself skipped
-    assert results["ood_mean"] == pytest.approx(sum(r["auroc"] for r in results["ood"].values()) / 4)
+    # itself skipped
+    assert set(results["ood"]) == {"interp", "uniform", "constant", f"folder:{other_folder}"}
+    mean_auroc = sum(r["auroc"] for r in results["ood"].values()) / 4
+    assert results["ood_mean"] == pytest.approx(mean_auroc)
     # one set recomputed by hand: the same subsets (seeded) scored by the method's energy
     module, args, model = eval_fid_ood.load_method(common.load_checkpoint(ea.ckpt), "cpu")
     g = torch.Generator().manual_seed(ea.seed)
@@ -364,18 +407,21 @@ def test_eval_image_checkpoint_of_every_method(tmp_path, method, image_folder, o
     for name in ("interp", "uniform", "constant"):  # drawn in this order from the same generator
         out = eval_fid_ood.ood_images(name, in_test, (3, 8, 8), "unused", 16, g)
     score = lambda x: -module.energy(model, common.to_unit_range(x), args)  # noqa: E731
-    assert results["ood"]["constant"]["auroc"] == pytest.approx(brute_force_auroc(score(in_test), score(out)))
+    assert results["ood"]["constant"]["auroc"] == pytest.approx(brute_force_auroc(score(in_test),
+                                                                                  score(out)))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Bad inputs: one line, non-zero exit, partial results kept
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_eval_rejects_missing_corrupt_foreign_and_unknown_checkpoints(tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
-    torch.save({"method": "vae", "format": common.CHECKPOINT_FORMAT, "args": {}}, tmp_path / "unknown.pt")
+    torch.save({"method": "vae", "format": common.CHECKPOINT_FORMAT, "args": {}},
+               tmp_path / "unknown.pt")
     for name, message in (("missing.pt", "does not exist"), ("corrupt.pt", "corrupt"),
-                          ("foreign.pt", "not one of this project's checkpoints"), ("unknown.pt", "'vae' is unknown")):
+                          ("foreign.pt", "not one of this project's checkpoints"),
+                          ("unknown.pt", "'vae' is unknown")):
         with pytest.raises(common.UserError, match=message):
             eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(tmp_path / name), device="cpu"))
     with pytest.raises(common.UserError, match="unknown OOD set 'imagenet'"):
@@ -388,18 +434,23 @@ def test_unavailable_ood_set_fails_with_one_line_and_keeps_partial_results(tmp_p
     ckpt = str(run / "ckpt.pt")
     offline = mock.patch("torchvision.datasets.SVHN", side_effect=OSError("no network"))
     with offline, pytest.raises(common.UserError, match="svhn data not found"):
-        eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=ckpt, device="cpu", ood=("uniform", "svhn"), n_ood=8,
+        eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=ckpt, device="cpu",
+                                                    ood=("uniform", "svhn"), n_ood=8,
                                                     data_dir=str(tmp_path / "empty")))
     partial = json.load(open(run / "eval.json"))
-    assert 0 <= partial["ood"]["uniform"]["auroc"] <= 1 and "svhn data not found" in partial["error"]
+    assert 0 <= partial["ood"]["uniform"]["auroc"] <= 1
+    assert "svhn data not found" in partial["error"]
     assert "fid" not in partial
-    # through the command line: one line on stderr, exit status 2 (a missing weights file, checked before any
-    # sampling; the OOD results are computed first and kept)
-    proc = subprocess.run([sys.executable, "eval_fid_ood.py", "--ckpt", ckpt, "--device", "cpu", "--ood", "constant",
+    # through the command line: one line on stderr, exit status 2 (a missing weights file, checked
+    # before any sampling; the OOD results are computed first and kept)
+    proc = subprocess.run([sys.executable, "eval_fid_ood.py", "--ckpt", ckpt, "--device", "cpu",
+                           "--ood", "constant",
                            "--n-ood", "8", "--inception-weights", str(tmp_path / "absent.pth")],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: --inception-weights {tmp_path / 'absent.pth'} does not exist"]
+    absent = tmp_path / "absent.pth"
+    expected = f"error: --inception-weights {absent} does not exist"
+    assert proc.stderr.strip().splitlines() == [expected]
     partial = json.load(open(run / "eval.json"))
     assert "constant" in partial["ood"] and "does not exist" in partial["error"]
 

@@ -1,5 +1,5 @@
-"""Learning: each method on a 2D toy reaches a stated exact-NLL bar in about a minute of CPU (fixed seed and
-iteration count, not seconds: the shared cores' speed varies)."""
+"""Learning: each method on a 2D toy reaches a stated exact-NLL bar in about a minute of CPU (fixed
+seed and iteration count, not seconds: the shared cores' speed varies)."""
 import math
 import os
 
@@ -14,11 +14,13 @@ import pcd_diffusion_ebm as daebm
 
 pytestmark = pytest.mark.slow
 
-# measured on the 2-core development machine with these configurations (2026-11-23, docs/RESULTS.md); true
-# density 2.84, uniform on the data box 4.63 nats; "untrained" = the run's own initial weights.
-# DA-EBM: trained 3.26 nats, untrained 4.47; the bar sits in between, 0.87 nats below the untrained model
+# measured on the 2-core development machine with these configurations (2026-11-23,
+# docs/RESULTS.md); true density 2.84, uniform on the data box 4.63 nats; "untrained" = the run's
+# own initial weights. DA-EBM: trained 3.26 nats, untrained 4.47; the bar sits in between, 0.87 nats
+# below the untrained model
 NLL_BAR = 3.6
-# CDRL: trained 3.05 nats, untrained 7.44 (a random f / s² is spiky); the bar is 1.1 nats below uniform
+# CDRL: trained 3.05 nats, untrained 7.44 (a random f / s² is spiky); the bar is 1.1 nats below
+# uniform
 CDRL_NLL_BAR = 3.5
 # DCD: trained 3.27 nats, untrained 4.63; the bar is 1.1 nats below the untrained model
 DCD_NLL_BAR = 3.5
@@ -33,8 +35,9 @@ def eight_gaussians_true_nll(points):
 
 
 def train_and_score(script, args):
-    """Train, reload the checkpoint through the evaluator, and return the exact NLL of 20,000 fresh points for
-    the trained model, the untrained one and the true density (grid 400² over the data box)."""
+    """Train, reload the checkpoint through the evaluator, and return the exact NLL of 20,000 fresh
+    points for the trained model, the untrained one and the true density (grid 400² over the data
+    box)."""
     script.main(args)
     ckpt = common.load_checkpoint(os.path.join(args.run_dir, "ckpt.pt"))
     module, args, model = eval_fid_ood.load_method(ckpt, "cpu")
@@ -53,19 +56,24 @@ def train_and_score(script, args):
 
 
 def test_daebm_learns_8gaussians(tmp_path):
-    args = daebm.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", steps=600, n_chains=1000,
-                      langevin_steps=20, mlp_width=64, adapt_every=100, mh_start=100, warmup_steps=100,
-                      init_step_size=1.0, lr=1e-3, long_run_steps=0, sample_chains=64, visits_to_keep=2,
-                      log_every=100, sample_every=600, save_every=600)
+    args = daebm.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", steps=600,
+                      n_chains=1000,
+                      langevin_steps=20, mlp_width=64, adapt_every=100, mh_start=100,
+                      warmup_steps=100,
+                      init_step_size=1.0, lr=1e-3, long_run_steps=0, sample_chains=64,
+                      visits_to_keep=2, log_every=100, sample_every=600, save_every=600)
     trained, untrained, true = train_and_score(daebm, args)
     assert true < NLL_BAR < untrained - 0.8
     assert trained < NLL_BAR
 
 
 def test_cdrl_learns_8gaussians(tmp_path):
-    # the official 2D networks at a quarter of the width (EBM 32/64/64/64, initializer 32), batch 256
-    args = cdrl.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", steps=1000, batch_size=256,
-                     lr=3e-4, initializer_lr=3e-4, warmup_steps=100, ebm_channels=32, init_channels=32,
+    # the official 2D networks at a quarter of the width (EBM 32/64/64/64, initializer 32), batch
+    # 256
+    args = cdrl.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", steps=1000,
+                     batch_size=256,
+                     lr=3e-4, initializer_lr=3e-4, warmup_steps=100, ebm_channels=32,
+                     init_channels=32,
                      log_every=250, sample_every=1000, save_every=1000, n_points=500)
     trained, untrained, true = train_and_score(cdrl, args)
     assert true < CDRL_NLL_BAR < untrained - 1.0
@@ -73,8 +81,10 @@ def test_cdrl_learns_8gaussians(tmp_path):
 
 
 def test_dcd_learns_8gaussians(tmp_path):
-    # the 2D default (DCD-VE, importance estimator with 6 proposals, σ 0.1) with a width-64 MLP, batch 256
-    args = dcd.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", steps=1000, batch_size=256,
+    # the 2D default (DCD-VE, importance estimator with 6 proposals, σ 0.1) with a width-64 MLP,
+    # batch 256
+    args = dcd.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", steps=1000,
+                    batch_size=256,
                     mlp_width=64, log_every=250, sample_every=1000, save_every=1000, n_points=200,
                     sample_langevin_steps=50)
     trained, untrained, true = train_and_score(dcd, args)

@@ -412,21 +412,28 @@ def every(done: int, interval: int, total: int) -> bool:
 # Settings: the command line, resuming from a checkpoint's settings, --help defaults
 # --------------------------------------------------------------------------------------------------
 def show_preset_defaults(args_class, presets: dict):
-    """Make --help print each preset field's per-dataset defaults instead of 'None' (the PRESETS
-    table is the one place those numbers live)."""
+    """Make --help print real defaults instead of 'None': each preset field's per-dataset values
+    from the script's PRESETS table (the one place those numbers live); the other fields left at
+    None say their default in their own text (derived from the data or from another flag), so
+    tyro's hint is dropped."""
     import typing
 
     import tyro
 
     for field in dataclasses.fields(args_class):
-        if field.name not in presets["2d"]:
+        if field.default is not None:
             continue
-        values = ", ".join(f"{kind} {table[field.name]}" for kind, table in presets.items())
+        if field.name in presets["2d"]:
+            values = ", ".join(f"{kind} {table[field.name]}" for kind, table in presets.items())
+            hint = f"(default: {values})"
+        else:
+            hint = ""
         inner = [t for t in typing.get_args(field.type) if t is not type(None)][0]
         metavar = {int: "INT", float: "FLOAT", bool: "{True,False}", str: "STR"}.get(inner, "VALUE")
-        field.type = typing.Annotated[field.type,
-                                      tyro.conf.arg(help_behavior_hint=f"(default: {values})",
-                                                                metavar=metavar)]
+        if typing.get_origin(inner) is typing.Literal:
+            metavar = "{" + ",".join(typing.get_args(inner)) + "}"
+        shown = tyro.conf.arg(help_behavior_hint=hint, metavar=metavar)
+        field.type = typing.Annotated[field.type, shown]
         args_class.__annotations__[field.name] = field.type
 
 

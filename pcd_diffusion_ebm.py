@@ -182,7 +182,8 @@ class Args:
     """after training, draw samples_mgms.png with the MGMS sampler, bounded by --steps transitions
     (the cost of training at most); --no-final-samples skips it"""
     long_run_steps: Optional[int] = None
-    """MALA steps at t = 0 from real data after training; 0 = skip"""
+    """MALA steps at t = 0 from real data after training (at most --steps x --langevin-steps); 0 =
+    skip"""
     n_grid: int = 64
     """images in each sample grid"""
 
@@ -441,6 +442,21 @@ def mgms_transition(model: DAEBM, x, t, args, metropolis: bool, stats=None):
     return x, gibbs_level(model, x)
 
 
+def adapt_step_sizes(model: DAEBM, accept_stats, metropolis: bool):
+    """Every --adapt-every iterations: per level, step x 1.1 above 0.8 mean acceptance, / 1.2 below
+    0.6 (levels no chain visited keep theirs; only once MH is on), then reset the window. On the
+    device, no sync. Returns the window's mean acceptance over all levels."""
+    accept_sum, accept_count = accept_stats
+    if metropolis:
+        rate = accept_sum / accept_count.clamp_min(1)
+        factor = torch.where(rate > 0.8, 1.1, torch.where(rate < 0.6, 1 / 1.2, 1.0))
+        model.step_size.mul_(torch.where(accept_count > 0, factor, 1.0))
+    window_rate = accept_sum.sum() / accept_count.sum().clamp_min(1)
+    accept_sum.zero_()
+    accept_count.zero_()
+    return window_rate
+
+
 def generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1, max_transitions=None):
     """The paper's post-training sampler: chains start at N(0, I) with t = T and run MGMS
     transitions (MALA on); a chain's x is kept at its M-th visit to t = 0, and that chain restarts
@@ -526,6 +542,26 @@ def daebm_loss(model: DAEBM, x_pos, t_pos, x_neg, t_neg):
     u_pos = model.energy(x_pos, t_pos)
     u_neg = model.energy(x_neg, t_neg)
     return u_pos.mean() - u_neg.mean(), u_pos.detach(), u_neg.detach()
+
+
+def daebm_step(model: DAEBM, x0, chains, args, optimizer, accept_stats, metropolis: bool):
+    """One training iteration (official order): a batch of persistent chains, drawn with
+    replacement, makes one MGMS transition and is written back (the negatives); the positives are
+    fresh diffusion data x_t, t ~ U{0..T}; one Adam step on daebm_loss. Returns detached (loss,
+    mean U(pos), mean U(neg), grad norm)."""
+    chains_x, chains_t = chains
+    idx = torch.randint(0, args.n_chains, (args.batch_size,), device=x0.device)
+    x_neg, t_neg = mgms_transition(model, chains_x[idx], chains_t[idx], args, metropolis,
+                                   accept_stats)
+    chains_x[idx], chains_t[idx] = x_neg, t_neg
+    t_pos = torch.randint(0, model.num_levels + 1, (args.batch_size,), device=x0.device)
+    x_pos = diffuse(model, x0, t_pos, torch.randn_like(x0))
+    loss, u_pos, u_neg = daebm_loss(model, x_pos, t_pos, x_neg, t_neg)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    optimizer.step()
+    return loss.detach(), u_pos.mean(), u_neg.mean(), grad_norm
 
 
 def lr_factor(step: int, args) -> float:
@@ -642,14 +678,16 @@ def after_training(model: DAEBM, args, device, box, train_data, log):
                 common.save_image_grid(generated, path)
             log.log(args.steps,
                     {"post_sampling_mean_langevin_steps": steps_taken.float().mean().item()})
-    if args.long_run_steps > 0:
+    # at most as many MALA steps as the training chains made Langevin steps (--steps x K)
+    n_steps = min(args.long_run_steps, args.steps * args.langevin_steps)
+    if n_steps < args.long_run_steps:
+        print(f"long-run check shortened to {n_steps} MALA steps (--steps x --langevin-steps)")
+    if n_steps > 0:
         start = (common.toy_2d(args.dataset, args.sample_chains, seed=args.seed + 1)
                  if common.is_toy(args.dataset)
                  else common.to_model_space(train_data[: args.n_grid]))
-        marks = sorted({m for m in (10, 100, 1000, 10_000, 100_000, args.long_run_steps)
-                        if m <= args.long_run_steps})
-        records, x_end = long_run(model, start.to(device), args.long_run_steps, marks,
-                                  args.official_mh_ratio)
+        marks = sorted({m for m in (10, 100, 1000, 10_000, 100_000, n_steps) if m <= n_steps})
+        records, x_end = long_run(model, start.to(device), n_steps, marks, args.official_mh_ratio)
         for record in records:
             log.log(args.steps, {f"long_run_{k}": v for k, v in record.items()})
         path = os.path.join(args.run_dir, "long_run.png")
@@ -705,25 +743,10 @@ def main(args: Args):
     t_start = time.time()
     with common.StopGuard(args.save_minutes) as guard:
         for step in range(start_step, args.steps):
-            metropolis = step >= args.mh_start
-            # negatives: one MGMS transition of a batch of persistent chains (drawn with
-            # replacement, as official)
-            idx = torch.randint(0, args.n_chains, (args.batch_size,), device=device)
-            x_neg, t_neg = mgms_transition(model, chains_x[idx], chains_t[idx], args, metropolis,
-                                           accept_stats)
-            chains_x[idx], chains_t[idx] = x_neg, t_neg
-            # positives: fresh diffusion data
             x0 = common.to_model_space(train_data[loader.next()])
-            t_pos = torch.randint(0, levels, (args.batch_size,), device=device)
-            x_pos = diffuse(model, x0, t_pos, torch.randn_like(x0))
-
-            loss, energy_pos, energy_neg = daebm_loss(model, x_pos, t_pos, x_neg, t_neg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            log_now = common.every(step + 1, args.log_every, args.steps)
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) \
-                if log_now else None
-            optimizer.step()
+            metropolis = step >= args.mh_start
+            loss, energy_pos, energy_neg, grad_norm = daebm_step(
+                model, x0, (chains_x, chains_t), args, optimizer, accept_stats, metropolis)
             scheduler.step()
             if ema is not None:
                 with torch.no_grad():
@@ -731,28 +754,20 @@ def main(args: Args):
                         p_ema.lerp_(p, 1 - args.ema_decay)
                     for b_ema, b in zip(ema.buffers(), model.buffers()):
                         b_ema.copy_(b)
-
-            # step-size adaptation toward 0.6-0.8 acceptance, on the device (no sync)
             window_rate = None
             if (step + 1) % args.adapt_every == 0:
-                if metropolis:
-                    rate = accept_stats[0] / accept_stats[1].clamp_min(1)
-                    seen = accept_stats[1] > 0
-                    factor = torch.where(rate > 0.8, 1.1, torch.where(rate < 0.6, 1 / 1.2, 1.0))
-                    model.step_size.mul_(torch.where(seen, factor, 1.0))
-                window_rate = accept_stats[0].sum() / accept_stats[1].sum().clamp_min(1)
-                accept_stats[0].zero_(), accept_stats[1].zero_()
+                window_rate = adapt_step_sizes(model, accept_stats, metropolis)
 
             done = step + 1
+            log_now = common.every(done, args.log_every, args.steps)
             sample_now = common.every(done, args.sample_every, args.steps)
             save_now = common.every(done, args.save_every, args.steps) or guard.save_due()
             if log_now or sample_now or save_now:
-                common.stop_if_diverged(done, loss, energy_pos.mean(), energy_neg.mean(),
-                                        args.run_dir,
+                common.stop_if_diverged(done, loss, energy_pos, energy_neg, args.run_dir,
                                         "Lower --lr or --init-step-size.", also_finite=chains_x)
             if log_now:
-                metrics = {"loss": loss.item(), "energy_pos": energy_pos.mean().item(),
-                           "energy_neg": energy_neg.mean().item(), "grad_norm": grad_norm.item(),
+                metrics = {"loss": loss.item(), "energy_pos": energy_pos.item(),
+                           "energy_neg": energy_neg.item(), "grad_norm": grad_norm.item(),
                            "lr": optimizer.param_groups[0]["lr"], "mh": int(metropolis),
                            "frac_chains_t0": (chains_t == 0).float().mean().item(),
                            "step_min": model.step_size.min().item(),

@@ -45,6 +45,27 @@ def test_folder_dataset(image_folder):
     assert x.min() >= -1 and x.max() <= 1
 
 
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n truncated"])
+def test_a_corrupt_image_in_a_folder_is_named(image_folder, content):
+    bad = f"{image_folder}/017.png"
+    open(bad, "wb").write(content)
+    with pytest.raises(common.UserError, match=f"cannot read image {bad}"):
+        common.load_images(f"folder:{image_folder}", "unused")
+
+
+def test_celeba_download_goes_through_gdown(tmp_path, monkeypatch):
+    # torchvision fetches CelebA from Google Drive with gdown (a requirement): without it the error
+    # would say "gdown is required"; with it, an offline machine gets the download failure
+    import gdown
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network in this test")
+
+    monkeypatch.setattr(gdown, "download", offline)
+    with pytest.raises(common.UserError, match="celeba data not found.*ConnectionError"):
+        common.load_images("celeba", str(tmp_path))
+
+
 def test_bad_inputs_raise_user_errors(tmp_path):
     with pytest.raises(common.UserError, match="unknown dataset"):
         common.check_dataset_name("imagenet")

@@ -333,6 +333,7 @@ def test_help_shows_the_real_defaults(method, capsys):
     steps = METHODS[method].PRESETS
     assert f"(default: 2d {steps['2d']['steps']}, images {steps['images']['steps']})" in out
     assert "--steps INT" in out and "--save-minutes FLOAT" in out
+    assert "(default: None)" not in out and "{None}" not in out
 
 
 @ALL

@@ -1,5 +1,6 @@
 """DA-EBM (pcd_diffusion_ebm.py): schedule, sampler and loss mathematics, smoke runs, resume,
 failures."""
+import json
 import math
 
 import pytest
@@ -308,9 +309,30 @@ def test_final_samples_cost_at_most_the_run(tmp_path, image_folder, monkeypatch,
     assert calls["n"] == 20 and not (tmp_path / "skip" / "samples_mgms.png").exists()
 
 
+def test_long_run_check_costs_at_most_the_runs_langevin_steps(tmp_path, capsys):
+    # the image preset's 100,000 MALA steps after a 4-step run with K = 3: 12 steps
+    daebm.main(tiny_2d_args(tmp_path, steps=4, long_run_steps=100_000, final_samples=False))
+    assert "shortened to 12 MALA steps" in capsys.readouterr().out
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["long_run_mala_steps"] for r in records if "long_run_mala_steps" in r] == [10, 12]
+
+
 def test_long_phases_print_progress(tmp_path, monkeypatch, capsys):
+    # every clock reading 40 s after the last: each progress line is due
     monkeypatch.setattr(daebm.common.time, "time", iter(range(0, 10**6, 40)).__next__)
-    daebm.main(tiny_2d_args(tmp_path, steps=10, long_run_steps=2500, visits_to_keep=2))
+    daebm.main(tiny_2d_args(tmp_path, steps=10, langevin_steps=100, long_run_steps=1000,
+                            visits_to_keep=2))
     out = capsys.readouterr().out
     assert "MGMS sampler, chains kept of 16:" in out
-    assert "long-run MALA steps: 1000/2500" in out and "long-run MALA steps: 2500/2500" in out
+    assert "long-run MALA steps: 100/1000" in out and "long-run MALA steps: 1000/1000" in out
+
+
+def test_long_run_in_pieces_is_one_mala_run():
+    model = daebm.build_model(tiny_2d_args("unused"))
+    x0 = torch.randn(16, 2)
+    torch.manual_seed(3)
+    records, pieces = daebm.long_run(model, x0, 1500, [10, 100, 1000, 1500])
+    torch.manual_seed(3)
+    whole = daebm.langevin(model, x0, torch.zeros(16, dtype=torch.long), 1500, metropolis=True)
+    assert torch.equal(pieces, whole)
+    assert [r["mala_steps"] for r in records] == [10, 100, 1000, 1500]

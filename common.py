@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -594,10 +595,15 @@ def prepare_run_dir(args, step: int):
             os.remove(os.path.join(args.run_dir, name))
     metrics = os.path.join(args.run_dir, "metrics.jsonl")
     if os.path.exists(metrics):
+        kept = []
         with open(metrics) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        if step == 0:
-            kept = []
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by a kill, or blank
+                    continue
+                if 0 < record["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
         with open(metrics + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics + ".tmp", metrics)
@@ -710,8 +716,9 @@ class StopGuard:
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):

@@ -1,7 +1,10 @@
 """Score a checkpoint of any method script through its public API (build_model, sample, energy).
 
-    python eval_fid_ood.py --ckpt runs/<run>/ckpt.pt [--device cpu] [--inception-weights PATH]
+    python eval_fid_ood.py --ckpt runs/<run> [--device cpu] [--inception-weights PATH]
                            [--ood svhn cifar100 uniform] [--long-run 100]
+    python eval_fid_ood.py --ckpt runs/<run> --save-samples 10000
+
+--ckpt takes a checkpoint or a run folder (its ckpt.pt).
 
 The checkpoint names its method; the evaluator imports that script, rebuilds its Args and model (EMA
 weights when the checkpoint has them) and calls only `sample(model, n, args, device,
@@ -35,6 +38,11 @@ Long run (--long-run N)
   total-variation distance to fresh data and to the model's own exact grid density, on a 40x40
   histogram over the data box (plus one bin for points outside it), with the distance that the same
   number of exact draws has (the noise floor).
+
+Samples only (--save-samples N)
+- N samples of the method's own sampler in samples.npz (key 'samples': images in [-1, 1] or 2D
+  points) and a picture, samples.png; nothing else is computed and no data are read (the 2D
+  picture's box comes from the checkpoint).
 
 Any failure (bad input, missing data, a sampler that gives up, Ctrl-C) still writes the results
 computed so far, with an "error" entry, before the one-line message and non-zero exit.

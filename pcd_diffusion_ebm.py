@@ -39,6 +39,10 @@ Deliberate differences from the official code (github.com/XinweiZhang/DAEBM):
    20,000 iterations instead of the paper's 100,000 so that the quick start takes minutes, not
    hours, on a CPU; the learning-rate milestones are fractions of --steps, so `--steps 100000` is
    the paper's run.
+10. At the end of a run the post-training samples and the long-run check cost at most what training
+   did (--steps MGMS transitions, --steps x K MALA steps), so that a short run ends soon after its
+   last iteration; the chains that have not reached their M-th visit by then are dropped with a
+   warning. At paper scale neither bound binds. `eval_fid_ood.py` and `sample` are not bounded.
 """
 import copy
 import math

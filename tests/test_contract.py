@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -210,6 +211,8 @@ def test_resume_removes_debris_and_cuts_metrics_back(method, tmp_path):
     # a crash after step 5's save: later records exist, ckpt.pt is step 5, a save left its temp file
     os.replace(run / "ckpt_00000005.pt", run / "ckpt.pt")
     (run / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "loss": 0.')  # a record cut short by the kill
     cli(method, ["--resume", "--run-dir", str(run)])
     steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl") if '"loss"' in line]
     assert steps == list(range(1, 11))
@@ -231,6 +234,22 @@ def test_wall_clock_saves(method, tmp_path, monkeypatch):
     METHODS[method].main(tiny_args(method, tmp_path / "b", steps=6, save_every=1000,
                                    save_minutes=1e-9))
     assert saves == [1, 2, 3, 4, 5, 6]
+
+
+def test_training_outside_the_main_thread(tmp_path):
+    """Signal handlers can only be set in the main thread: elsewhere training runs without them."""
+    errors = []
+
+    def train():
+        try:
+            METHODS["dcd"].main(tiny_args("dcd", tmp_path, steps=5))
+        except BaseException as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    worker.join()
+    assert errors == [] and load(tmp_path / "ckpt.pt")["step"] == 5
 
 
 # --------------------------------------------------------------------------------------------------

@@ -213,7 +213,8 @@ def load_images(dataset: str, data_dir: str, train: bool = True, image_size=None
             return torch.from_numpy(ds.data)
         ds = torchvision.datasets.CelebA(data_dir, split="train" if train else "test",
                                          download=True)
-        return _resize_pil_list([ds[i][0] for i in range(len(ds))], 32)
+        return _resize_pil_list((ds[i][0] for i in range(len(ds))), 32, len(ds),
+                                f"reading {dataset} into memory")
     except UserError:
         raise
     except Exception as error:
@@ -223,10 +224,13 @@ def load_images(dataset: str, data_dir: str, train: bool = True, image_size=None
                         "there") from None
 
 
-def _resize_pil_list(images, size):
+def _resize_pil_list(images, size, count: int, label: str):
+    """`count` PIL images (any iterable) -> uint8 (N, C, H, W), centre-cropped to a square and
+    resized to `size` where they differ, with a progress line every 30 s (large sets take
+    minutes)."""
     from PIL import Image
 
-    out = []
+    out, progress = [], Progress(label, count, interval=30, quiet=True)
     for img in images:
         img = img.convert("RGB") if img.mode not in ("L", "RGB") else img
         if size is not None and img.size != (size, size):
@@ -235,6 +239,7 @@ def _resize_pil_list(images, size):
             img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
         arr = np.asarray(img, dtype=np.uint8)
         out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+        progress.update(1)
     if len({a.shape for a in out}) != 1:
         raise UserError("images of different sizes or modes; pass --image-size to resize them")
     return torch.from_numpy(np.stack(out))
@@ -257,17 +262,20 @@ def _load_folder(path, image_size):
     from PIL import Image
 
     files = _folder_files(path)
-    images, mode = [], None
-    for f in files:
-        try:
-            with Image.open(f) as img:
-                mode = mode or ("L" if img.mode == "L" else "RGB")  # the first image decides
-                images.append(img.convert(mode))
-        # PIL's errors for truncated or foreign files
-        except (OSError, SyntaxError, ValueError) as error:
-            raise UserError(f"cannot read image {f} ({type(error).__name__}: {error}); remove or "
-                            "replace it") from None
-    return _resize_pil_list(images, image_size)
+
+    def read():
+        mode = None
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    mode = mode or ("L" if img.mode == "L" else "RGB")  # the first image decides
+                    yield img.convert(mode)
+            # PIL's errors for truncated or foreign files
+            except (OSError, SyntaxError, ValueError) as error:
+                raise UserError(f"cannot read image {f} ({type(error).__name__}: {error}); remove "
+                                "or replace it") from None
+
+    return _resize_pil_list(read(), image_size, len(files), f"reading folder:{path}")
 
 
 def load_labels(dataset: str, data_dir: str, train: bool = True) -> torch.Tensor:

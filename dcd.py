@@ -378,13 +378,13 @@ def level_tables(args) -> dict:
             else torch.ones_like(kernel_b)}
 
 
-def as_batch(per_example: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return per_example.view(-1, *[1] * (like.dim() - 1))
-
-
 def diffuse(model: DCD, x0, level, noise):
     """x_t = signal_t x_0 + noise_t ε."""
     return as_batch(model.signal[level], x0) * x0 + as_batch(model.noise[level], x0) * noise
+
+
+def as_batch(per_example: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return per_example.view(-1, *[1] * (like.dim() - 1))
 
 
 # ==================================================================================================

@@ -383,9 +383,12 @@ def grid_log_density(energy_fn, lo: float, hi: float, resolution: int, chunk: in
     common.grid_2d), normalised so that Σ p Δ = 1 with Δ the cell area. energy_fn maps (n, 2)
     float32 -> (n,) energies."""
     points = common.grid_2d(lo, hi, resolution)
+    progress, parts = common.Progress("grid energies", len(points), interval=30, quiet=True), []
     with torch.no_grad():
-        energies_ = torch.cat([energy_fn(points[i: i + chunk].float()).double().cpu()
-                               for i in range(0, len(points), chunk)])
+        for first in range(0, len(points), chunk):
+            parts.append(energy_fn(points[first: first + chunk].float()).double().cpu())
+            progress.update(len(parts[-1]))
+    energies_ = torch.cat(parts)
     cell_area = ((hi - lo) / resolution) ** 2
     log_p = -energies_ - torch.logsumexp(-energies_, 0) - math.log(cell_area)
     return log_p.view(resolution, resolution)

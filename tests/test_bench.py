@@ -1,0 +1,54 @@
+"""benchmarks/bench.py: the FLOP counter against closed forms, and one command end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import bench  # noqa: E402
+
+
+def test_flop_counter_matches_closed_forms_through_an_input_gradient():
+    # the samplers' pattern: forward, then torch.autograd.grad with respect to the input
+    b, d_in, d_out = 8, 64, 32
+    weight, x = torch.randn(d_out, d_in), torch.randn(b, d_in, requires_grad=True)
+    image = torch.randn(2, 3, 16, 16, requires_grad=True)
+    kernel = torch.randn(5, 3, 3, 3)
+    with bench.CountFlops() as counter:
+        (grad,) = torch.autograd.grad(F.linear(x, weight).sum(), x)
+    # forward b x d_in x d_out multiply-adds, input gradient the same again; 2 FLOPs each
+    assert counter.total == 2 * (2 * b * d_in * d_out)
+    with bench.CountFlops() as counter:
+        (grad,) = torch.autograd.grad(F.conv2d(image, kernel, padding=1).sum(), image)
+    per_pass = 2 * 2 * 16 * 16 * 5 * 3 * 3 * 3  # outputs x input channels x kernel taps, 2 FLOPs
+    assert counter.total == 2 * per_pass and grad.shape == image.shape
+
+
+def test_paper_iteration_flops_scale_with_the_batch():
+    # counted on the meta device: twice the batch is twice the FLOPs (DCD CelebA, 15 Langevin steps)
+    args = bench.method_args("dcd", "paper")
+    half = bench.method_args("dcd", "paper")
+    half.batch_size = args.batch_size // 2
+    assert bench.count_flops("dcd", args) == 2 * bench.count_flops("dcd", half)
+
+
+@pytest.mark.slow
+def test_one_command_writes_the_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    script = os.path.join(ROOT, "benchmarks", "bench.py")
+    argv = ["--device", "cpu", "--methods", "dcd", "--configs", "2d", "--seconds", "0.2", "--out",
+            str(out)]
+    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.load(open(out))
+    (row,) = result["rows"]
+    assert row["method"] == "dcd" and row["config"] == "2d" and row["it_per_s"] > 0
+    achieved = row["flops_per_iteration"] * row["it_per_s"]
+    assert row["floor_fraction"] == pytest.approx(achieved / (result["matmul_tflops_fp32"] * 1e12))
+    assert row["sampler_unit"] == "samples/s" and "TFLOP/it" in proc.stdout

@@ -269,8 +269,8 @@ class EBMBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, temb_dim: int, image: bool):
         super().__init__()
         layer = (lambda i, o: nn.Conv2d(i, o, 3, padding=1)) if image else nn.Linear
-        self.conv1, self.conv2 = spectral_norm(layer(c_in, c_out)), spectral_norm(layer(c_out,
-                                                                                        c_out))
+        self.conv1 = spectral_norm(layer(c_in, c_out))
+        self.conv2 = spectral_norm(layer(c_out, c_out))
         self.temb_proj = spectral_norm(nn.Linear(temb_dim, c_out))
         self.scale = nn.Parameter(torch.ones(c_out))
         self.shortcut = spectral_norm(layer(c_in, c_out)) if c_in != c_out else nn.Identity()
@@ -312,12 +312,12 @@ class EnergyNet(nn.Module):
                 stage.append(EBMBlock(width, ch * mult, temb_dim, image))
                 width = ch * mult
             self.stages.append(stage)
-        self.head = nn.Linear(temb_dim, width, bias=False) if image else nn.Linear(width, 1,
-                                                                                   bias=False)
+        self.head = (nn.Linear(temb_dim, width, bias=False) if image
+                     else nn.Linear(width, 1, bias=False))
 
     def embed(self, logsnr: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        temb = self.temb_map2(lrelu(self.temb_map1(sinusoidal_embedding(logsnr_to_time(logsnr),
-                                                                        self.ch))))
+        time_features = sinusoidal_embedding(logsnr_to_time(logsnr), self.ch)
+        temb = self.temb_map2(lrelu(self.temb_map1(time_features)))
         if self.class_map is not None:
             temb = temb + self.class_map(F.one_hot(labels, self.class_map.in_features).float())
         return temb
@@ -793,8 +793,8 @@ def main(args: Args):
     if args.conditional:
         all_labels = common.load_labels(args.dataset, args.data_dir, train=True).to(device)
         args.num_classes = args.num_classes or int(all_labels.max()) + 1
-    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size,
-                                args.seed)
+    indices = torch.arange(len(train_data), device=device)
+    loader = common.EpochLoader(indices, args.batch_size, args.seed)
     train_data = train_data.to(device)
     common.prepare_run_dir(args, ckpt["step"] if ckpt else 0)
 

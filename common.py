@@ -552,15 +552,13 @@ def set_image_shape(args):
 # Args fields that may change on --resume in every script: run length, logging, saving, device,
 # where the data are (their shape is re-read from the data); each script adds its sampling options.
 RESUMABLE = {"exp_name", "data_dir", "run_dir", "steps", "device", "log_every", "sample_every",
-             "save_every",
-             "resume", "save_minutes", "image_size", "image_channels"}
+             "save_every", "resume", "save_minutes", "image_size", "image_channels"}
 
 
 def run_dir_of(args) -> str:
+    dataset = args.dataset.replace("/", "_").replace(":", "_")
     return args.run_dir or os.path.join(
-        "runs",
-        f"{args.exp_name}__{args.dataset.replace('/', '_').replace(':', '_')}__{args.seed}__"
-                f"{int(time.time())}")
+        "runs", f"{args.exp_name}__{dataset}__{args.seed}__{int(time.time())}")
 
 
 def open_run(args, method: str, resumable: set):

@@ -306,9 +306,9 @@ class ResNetEnergy(nn.Module):
         self.stages = nn.ModuleList()
         width = ch
         for mult in ch_mult:
-            self.stages.append(nn.ModuleList(ResBlock(width if b == 0 else ch * mult, ch * mult,
-                                                      emb_dim)
-                                             for b in range(blocks)))
+            blocks_here = [ResBlock(width if b == 0 else ch * mult, ch * mult, emb_dim)
+                           for b in range(blocks)]
+            self.stages.append(nn.ModuleList(blocks_here))
             width = ch * mult
         self.head = nn.Linear(emb_dim, width)
 
@@ -610,8 +610,8 @@ def main(args: Args):
             raise common.UserError(f"--holdout {args.holdout} leaves no training images of "
                                    f"{len(train_data)}")
         train_data, heldout = train_data[:-args.holdout], train_data[-args.holdout:]
-    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size,
-                                args.seed)
+    indices = torch.arange(len(train_data), device=device)
+    loader = common.EpochLoader(indices, args.batch_size, args.seed)
     train_data = train_data.to(device)
     common.prepare_run_dir(args, ckpt["step"] if ckpt else 0)
 
@@ -641,8 +641,8 @@ def main(args: Args):
             x0 = common.to_model_space(train_data[loader.next()])
             if args.hflip:
                 x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)
-            loss, energy_pos, energy_neg, grad_norm, diagnostic = dcd_step(model, x0, args,
-                                                                           optimizer)
+            loss, energy_pos, energy_neg, grad_norm, diagnostic = dcd_step(
+                model, x0, args, optimizer)
             # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
             with torch.no_grad():
                 decay = min(args.ema_decay, (2 + step) / (11 + step))

@@ -415,9 +415,8 @@ def grid_bin_mass(log_p_grid: torch.Tensor, lo: float, hi: float,
     centre)."""
     resolution = log_p_grid.shape[0]
     weights = (log_p_grid.reshape(-1) - torch.logsumexp(log_p_grid.reshape(-1), 0)).exp()
-    idx = ((common.grid_2d(lo, hi, resolution) - lo) / (hi - lo) * bins).floor().long().clamp(0,
-                                                                                              bins
-                                                                                              - 1)
+    cells = (common.grid_2d(lo, hi, resolution) - lo) / (hi - lo) * bins
+    idx = cells.floor().long().clamp(0, bins - 1)
     mass = torch.zeros(bins * bins + 1, dtype=torch.float64)
     mass.index_add_(0, idx[:, 1] * bins + idx[:, 0], weights)
     return mass

@@ -667,9 +667,8 @@ def after_training(model: DAEBM, args, device, box, train_data, log):
     model.eval()
     if args.final_samples:
         n = args.sample_chains if common.is_toy(args.dataset) else args.n_grid
-        generated, steps_taken = generate(model, n, args, device,
-                                               max_transitions=min(args.max_transitions,
-                                                                   args.steps))
+        budget = min(args.max_transitions, args.steps)
+        generated, steps_taken = generate(model, n, args, device, max_transitions=budget)
         if len(generated) < n:
             print(f"warning: the MGMS sampler kept {len(generated)} of {n} chains within "
                   f"{min(args.max_transitions, args.steps)} transitions (bounded by --steps)",
@@ -708,8 +707,8 @@ def main(args: Args):
 
     # ---- data ----
     train_data, box = common.training_data(args)
-    loader = common.EpochLoader(torch.arange(len(train_data), device=device), args.batch_size,
-                                args.seed)
+    indices = torch.arange(len(train_data), device=device)
+    loader = common.EpochLoader(indices, args.batch_size, args.seed)
     train_data = train_data.to(device)
     common.prepare_run_dir(args, ckpt["step"] if ckpt else 0)
 

@@ -170,8 +170,8 @@ def measure(method: str, config: str, device, rate: float, min_seconds: float) -
                 "floor_fraction": row["flops_per_iteration"] * its / rate})
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    row["sampler"], row["sampler_unit"] = sampler_throughput(method, model, args, device,
-                                                             min_seconds)
+    rate_and_unit = sampler_throughput(method, model, args, device, min_seconds)
+    row["sampler"], row["sampler_unit"] = rate_and_unit
     return row
 
 

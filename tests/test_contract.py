@@ -66,8 +66,8 @@ def test_smoke_2d_checkpoint_round_trip_and_eval(method, tmp_path):
     assert json.load(open(run / "args.json")) == common.args_to_dict(args)
     ckpt = load(run / "ckpt.pt")
     assert ckpt["method"] == method and ckpt["step"] == 20
-    assert ckpt["box"] == pytest.approx(common.data_box(common.toy_2d("8gaussians", 50_000,
-                                                                      seed=1)))
+    box = common.data_box(common.toy_2d("8gaussians", 50_000, seed=1))
+    assert ckpt["box"] == pytest.approx(box)
     if ckpt["ema"] is not None:
         assert set(ckpt["ema"]) == set(ckpt["model"])
     # the evaluator takes the run folder for its ckpt.pt
@@ -223,10 +223,11 @@ def test_resume_removes_debris_and_cuts_metrics_back(method, tmp_path):
 def test_wall_clock_saves(method, tmp_path, monkeypatch):
     saves = []
     original = common.save_checkpoint
-    monkeypatch.setattr(common, "save_checkpoint", lambda state, *a,
-                        **k: (saves.append(state["step"]),
-                                                                           original(state, *a,
-                                                                                    **k)))
+    def counted(state, *args, **kwargs):
+        saves.append(state["step"])
+        return original(state, *args, **kwargs)
+
+    monkeypatch.setattr(common, "save_checkpoint", counted)
     METHODS[method].main(tiny_args(method, tmp_path / "a", steps=6, save_every=1000,
                                    save_minutes=0.0))
     assert saves == [6]

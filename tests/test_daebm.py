@@ -119,8 +119,8 @@ def test_lr_schedule():
     assert daebm.lr_factor(71_999, args) == 1.0
     assert daebm.lr_factor(96_000, args) == pytest.approx(0.5, abs=1e-4)
     toy = daebm.Args(dataset="rings", steps=1000)
-    assert [daebm.lr_factor(s, toy) for s in (600, 700, 800, 900)] == pytest.approx([1, 0.1, 0.01,
-                                                                                     0.001])
+    factors = [daebm.lr_factor(s, toy) for s in (600, 700, 800, 900)]
+    assert factors == pytest.approx([1, 0.1, 0.01, 0.001])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,8 +224,8 @@ def test_mgms_sampler_keeps_chains_at_their_mth_visit():
     # on every transition, so it is kept after exactly M transitions of K steps
     coefs = torch.zeros(3, 2)
     model = daebm.DAEBM(LinearLevelNet(coefs), 2, 1e-2, 3e-1, torch.full((3,), 0.1))
-    model.all_levels_logits = lambda x, table=None: torch.tensor([0.0, -1e9, -1e9]).expand(len(x),
-                                                                                           3)
+    logits = torch.tensor([0.0, -1e9, -1e9])
+    model.all_levels_logits = lambda x, table=None: logits.expand(len(x), 3)
     args = tiny_2d_args("unused", num_levels=2, visits_to_keep=3, langevin_steps=4, sample_chains=5)
     samples, steps = daebm.generate(model, 12, args, "cpu")
     assert samples.shape == (12, 2) and torch.all(steps == 12)
@@ -274,8 +274,8 @@ def test_level_table_equals_per_row_embedding():
     model = daebm.build_model(tiny_2d_args("unused"))
     net = model.net
     x, t = torch.randn(7, 2), torch.arange(7)
-    temb_act = torch.nn.functional.softplus(net.temb_dense(daebm.sinusoidal_embedding(t,
-                                                                                      net.width)))
+    time_features = daebm.sinusoidal_embedding(t, net.width)
+    temb_act = torch.nn.functional.softplus(net.temb_dense(time_features))
     h = torch.nn.functional.softplus(net.lin1(x) * net.gate1(temb_act))
     h = torch.nn.functional.softplus(net.lin2(h)) * net.gate2(temb_act)
     h = torch.nn.functional.softplus(net.lin3(h)) * net.gate3(temb_act)

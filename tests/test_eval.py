@@ -131,8 +131,8 @@ def test_grid_layout_matches_points():
     energy_fn = lambda x: 3.0 * x[:, 0].double()  # noqa: E731
     log_p = eval_fid_ood.grid_log_density(energy_fn, -1.0, 1.0, 100)
     right, up = torch.tensor([[0.9, 0.0]]), torch.tensor([[0.0, 0.9]])
-    assert eval_fid_ood.grid_nll(log_p, -1.0, 1.0, right) > eval_fid_ood.grid_nll(log_p, -1.0, 1.0,
-                                                                                  up)
+    nll_right = eval_fid_ood.grid_nll(log_p, -1.0, 1.0, right)
+    assert nll_right > eval_fid_ood.grid_nll(log_p, -1.0, 1.0, up)
 
 
 # entropies: rings = H(N(0, 0.01²)) + log 4 + log 2π + mean log radius (thin rings, E log r = log k
@@ -346,9 +346,8 @@ def test_ood_sets_take_the_model_shape():
     assert torch.equal(eval_fid_ood.match_shape(grey, (3, 8, 8)), grey.expand(-1, 3, -1, -1))
     # resizing keeps a constant image constant
     flat = eval_fid_ood.match_shape(constant, (3, 20, 20))
-    assert flat.shape == (7, 3, 20, 20) and torch.equal(flat,
-                                                        constant[:, :, :1, :1].expand(-1, 3, 20,
-                                                                                      20))
+    assert flat.shape == (7, 3, 20, 20)
+    assert torch.equal(flat, constant[:, :, :1, :1].expand(-1, 3, 20, 20))
     with pytest.raises(common.UserError, match="cannot convert 2-channel"):
         eval_fid_ood.match_shape(rgb[:, :2], (3, 8, 8))
 
@@ -407,8 +406,8 @@ def test_eval_image_checkpoint_of_every_method(tmp_path, method, image_folder, o
     for name in ("interp", "uniform", "constant"):  # drawn in this order from the same generator
         out = eval_fid_ood.ood_images(name, in_test, (3, 8, 8), "unused", 16, g)
     score = lambda x: -module.energy(model, common.to_unit_range(x), args)  # noqa: E731
-    assert results["ood"]["constant"]["auroc"] == pytest.approx(brute_force_auroc(score(in_test),
-                                                                                  score(out)))
+    expected = brute_force_auroc(score(in_test), score(out))
+    assert results["ood"]["constant"]["auroc"] == pytest.approx(expected)
 
 
 # --------------------------------------------------------------------------------------------------

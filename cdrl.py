@@ -55,7 +55,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -136,6 +136,9 @@ class Args:
     """continue the run in --run-dir from its ckpt.pt with its own settings, exactly"""
     save_minutes: float = 15.0
     """also write ckpt.pt after this many minutes of wall clock since the last save (0 = off)"""
+    amp: Literal["none", "bf16"] = "none"
+    """bf16: autocast the energy network's passes (samplers and loss) to bfloat16, its output back
+    to fp32 (MH arithmetic, reductions, the Gibbs softmax and the EMA stay fp32); none: fp32"""
 
     # ---- CDRL ----
     initializer_lr: Optional[float] = None
@@ -485,16 +488,22 @@ class CDRL(nn.Module):
     """Both networks plus the level tables (buffers, index = level 0..L) that training and sampling
     use."""
 
-    def __init__(self, ebm: nn.Module, initializer: nn.Module, tables: dict):
+    def __init__(self, ebm: nn.Module, initializer: nn.Module, tables: dict, amp: bool = False):
         super().__init__()
-        self.ebm, self.initializer = ebm, initializer
+        self.ebm, self.initializer, self.amp = ebm, initializer, amp
         for name, value in tables.items():
             self.register_buffer(name, value.float())
         self.num_levels = len(tables["logsnr"]) - 1
 
     def f(self, y, level, labels=None):
         """f_θ(y, level) with the lower level's log-SNR as the time input."""
-        return self.ebm(y, self.ebm.embed(self.logsnr[level - 1], labels))
+        return self.f_embedded(y, self.ebm.embed(self.logsnr[level - 1], labels))
+
+    def f_embedded(self, y, temb):
+        """f_θ(y) for a computed time embedding, in fp32; the EBM's passes in bf16 when --amp
+        bf16."""
+        with common.autocast_bf16(self.amp, y.device.type):
+            return self.ebm(y, temb).float()
 
 
 # ==================================================================================================
@@ -569,7 +578,8 @@ def energy_and_grad(model: CDRL, y, temb, guidance: float = 0.0, temb_null=None)
     gradients."""
     with torch.enable_grad():
         y = y.detach().requires_grad_(True)
-        f = guided(lambda: model.ebm(y, temb), lambda: model.ebm(y, temb_null), guidance)
+        f = guided(lambda: model.f_embedded(y, temb), lambda: model.f_embedded(y, temb_null),
+                   guidance)
         (grad,) = torch.autograd.grad(f.sum(), y)
     return -f.detach(), -grad
 
@@ -710,7 +720,7 @@ def build_model(args) -> CDRL:
         initializer = UNetInitializer(args.image_channels, args.init_channels,
                                       args.init_channel_mult,
                                       args.init_blocks, args.init_dropout, num_classes)
-    return CDRL(ebm, initializer, level_tables(args))
+    return CDRL(ebm, initializer, level_tables(args), amp=args.amp == "bf16")
 
 
 def sample_labels(n: int, args, device):

@@ -411,6 +411,12 @@ def own_rng(seed: int):
         yield
 
 
+def autocast_bf16(enabled: bool, device_type: str):
+    """bfloat16 autocast for --amp bf16; otherwise a no-op context (also on devices autocast does
+    not know, such as the meta device that benchmarks/bench.py counts FLOPs on)."""
+    return torch.autocast(device_type, torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
 def every(done: int, interval: int, total: int) -> bool:
     """True at iterations that are a multiple of `interval` and at the last one (done counts from
     1)."""
@@ -549,10 +555,11 @@ def set_image_shape(args):
 # --------------------------------------------------------------------------------------------------
 # The run folder: refusal of a used folder, checks before training, metrics, signals
 # --------------------------------------------------------------------------------------------------
-# Args fields that may change on --resume in every script: run length, logging, saving, device,
-# where the data are (their shape is re-read from the data); each script adds its sampling options.
+# Args fields that may change on --resume in every script: run length, logging, saving, device and
+# precision, where the data are (their shape is re-read from the data); each script adds its
+# sampling options.
 RESUMABLE = {"exp_name", "data_dir", "run_dir", "steps", "device", "log_every", "sample_every",
-             "save_every", "resume", "save_minutes", "image_size", "image_channels"}
+             "save_every", "resume", "save_minutes", "amp", "image_size", "image_channels"}
 
 
 def run_dir_of(args) -> str:

@@ -152,6 +152,9 @@ class Args:
     """continue the run in --run-dir from its ckpt.pt with its own settings, exactly"""
     save_minutes: float = 15.0
     """also write ckpt.pt after this many minutes of wall clock since the last save (0 = off)"""
+    amp: Literal["none", "bf16"] = "none"
+    """bf16: autocast the energy network's passes (samplers and loss) to bfloat16, its output back
+    to fp32 (MH arithmetic, reductions, the Gibbs softmax and the EMA stay fp32); none: fp32"""
 
     # ---- DCD ----
     task: Literal["generate", "denoise"] = "generate"
@@ -327,16 +330,18 @@ class DCD(nn.Module):
     """The network plus the ladder tables (buffers): level t = 0..L has x_t = signal_t x_0 + noise_t
     ε; the kernel of level t < L is x_{t+1} = kernel_a_t x_t + kernel_b_t ε."""
 
-    def __init__(self, net: nn.Module, tables: dict):
+    def __init__(self, net: nn.Module, tables: dict, amp: bool = False):
         super().__init__()
-        self.net = net
+        self.net, self.amp = net, amp
         for name, value in tables.items():
             self.register_buffer(name, value.float())
         self.num_levels = len(tables["kernel_a"])
 
     def energy(self, x, level):
         """E_θ(x, t), one value per row (level: long tensor of rows' levels)."""
-        return self.net(x * as_batch(self.input_scale[level], x), level) * self.energy_scale[level]
+        with common.autocast_bf16(self.amp, x.device.type):
+            out = self.net(x * as_batch(self.input_scale[level], x), level).float()
+        return out * self.energy_scale[level]
 
 
 # ==================================================================================================
@@ -532,7 +537,7 @@ def build_model(args) -> DCD:
     else:
         net = ResNetEnergy(args.image_channels, args.ebm_channels, args.ebm_channel_mult,
                            args.ebm_blocks, args.num_levels)
-    return DCD(net, level_tables(args))
+    return DCD(net, level_tables(args), amp=args.amp == "bf16")
 
 
 def sample(model: DCD, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:

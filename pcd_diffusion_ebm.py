@@ -134,6 +134,9 @@ class Args:
     """continue the run in --run-dir from its ckpt.pt with its own settings, exactly"""
     save_minutes: float = 15.0
     """also write ckpt.pt after this many minutes of wall clock since the last save (0 = off)"""
+    amp: Literal["none", "bf16"] = "none"
+    """bf16: autocast the energy network's passes (samplers and loss) to bfloat16, its output back
+    to fp32 (MH arithmetic, reductions, the Gibbs softmax and the EMA stay fp32); none: fp32"""
 
     # ---- DA-EBM ----
     num_levels: Optional[int] = None
@@ -319,9 +322,9 @@ class DAEBM(nn.Module):
     sizes."""
 
     def __init__(self, net: nn.Module, num_levels: int, beta_start: float, beta_end: float,
-                 step_size):
+                 step_size, amp: bool = False):
         super().__init__()
-        self.net = net
+        self.net, self.amp = net, amp
         self.num_levels = num_levels
         betas, sqrt_alpha_bar = sqrtcumlinear_schedule(num_levels, beta_start, beta_end)
         self.register_buffer("betas", betas.float())
@@ -332,7 +335,12 @@ class DAEBM(nn.Module):
     def energy(self, x, t, table=None):
         """U(x, t) = -f(x, t), one value per row; `table` = net.level_table() when the caller has
         it."""
-        return -self.net(x, t, table)
+        return -self.net_output(x, t, table)
+
+    def net_output(self, x, t, table=None):
+        """f(x, t) in fp32, the network's passes in bf16 when --amp bf16."""
+        with common.autocast_bf16(self.amp, x.device.type):
+            return self.net(x, t, table).float()
 
     def all_levels_logits(self, x, table=None, max_rows=2048):
         """f(x, t) for every t = 0..T, (B, T+1): the levels batched together, at most max_rows rows
@@ -344,7 +352,7 @@ class DAEBM(nn.Module):
             levels = torch.arange(first, min(first + levels_per_pass, self.num_levels + 1),
                                   device=x.device)
             t = levels.repeat_interleave(len(x))
-            out = self.net(x.repeat(len(levels), *[1] * (x.dim() - 1)), t, table)
+            out = self.net_output(x.repeat(len(levels), *[1] * (x.dim() - 1)), t, table)
             logits.append(out.view(len(levels), len(x)))
         return torch.cat(logits).t()
 
@@ -602,7 +610,7 @@ def build_model(args) -> DAEBM:
                          tuple(args.channel_mult), args.num_levels)
     betas, _ = sqrtcumlinear_schedule(args.num_levels, args.beta_start, args.beta_end)
     return DAEBM(kaiming_init(net), args.num_levels, args.beta_start, args.beta_end,
-                 initial_step_sizes(args, betas))
+                 initial_step_sizes(args, betas), amp=args.amp == "bf16")
 
 
 def sample(model: DAEBM, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:

@@ -8,10 +8,11 @@ script's own PRESETS) and at its 2D quick-start configuration:
 - flops: matrix-multiply and convolution FLOPs of one training iteration (the method's step
   function: samplers, loss, backward, optimizer), counted with torch.utils.flop_counter's formulas
   on the meta device (shapes only, so paper scale is counted in seconds on any machine);
+- variants: eager fp32 and eager bf16 (`--amp bf16` of the scripts), each timed;
 - it/s: training iterations per second on the device (synthetic data of the right shape, after
   warm-up), and the achieved TFLOP/s = flops x it/s;
-- floor: the share of the device's own measured matrix-multiply rate that this achieves (1.0 = the
-  iteration runs at the speed of one large matmul);
+- floor: the share of the device's own measured matrix-multiply rate (fp32, or bf16 for the --amp
+  bf16 rows) that this achieves (1.0 = the iteration runs at the speed of one large matmul);
 - sampler: the post-training sampler's throughput (CDRL and DCD: samples/s of `sample`; DA-EBM: MGMS
   chain-transitions/s, since the transitions a kept sample needs depend on the trained model);
 - peak GPU memory of the training iterations (CUDA only).
@@ -57,9 +58,9 @@ class CountFlops(TorchDispatchMode):
         return out
 
 
-def method_args(method: str, config: str):
+def method_args(method: str, config: str, amp: str = "none"):
     dataset = PAPER_DATASET[method] if config == "paper" else METHODS[method].Args().dataset
-    return METHODS[method].Args(dataset=dataset, device="cpu")
+    return METHODS[method].Args(dataset=dataset, device="cpu", amp=amp)
 
 
 def training_iteration(method: str, args, device):
@@ -155,10 +156,13 @@ def sampler_throughput(method: str, model, args, device, min_seconds: float):
                        warmup=1), "samples/s"
 
 
-def measure(method: str, config: str, device, rate: float, min_seconds: float) -> dict:
-    args = method_args(method, config)
+def measure(method: str, config: str, amp: str, device, rates: dict, min_seconds: float) -> dict:
+    """One row: FLOPs counted in fp32 (the same operations run in bf16), the rest timed."""
+    args = method_args(method, config, amp)
+    rate = rates["bf16" if amp == "bf16" else "fp32"]
     row = {"method": method, "config": config, "dataset": args.dataset, "batch": args.batch_size,
-           "variant": "eager fp32", "flops_per_iteration": count_flops(method, args)}
+           "variant": f"eager {'bf16' if amp == 'bf16' else 'fp32'}",
+           "flops_per_iteration": count_flops(method, method_args(method, config))}
     if device.type == "cpu" and config == "paper":
         row["timed"] = "not on cpu (one iteration takes many minutes)"
         return row
@@ -177,13 +181,14 @@ def measure(method: str, config: str, device, rate: float, min_seconds: float) -
 
 def print_table(result: dict):
     print(f"\ndevice: {result['device']}; measured matmul rate fp32 "
-          f"{result['matmul_tflops_fp32']:.3f} TFLOP/s")
-    header = (f"{'method':<7}{'config':<7}{'dataset':<14}{'batch':>6}{'TFLOP/it':>11}{'it/s':>9}"
-              f"{'TFLOP/s':>9}{'floor':>7}{'peak GiB':>9}  sampler")
+          f"{result['matmul_tflops_fp32']:.3f}, bf16 {result['matmul_tflops_bf16']:.3f} TFLOP/s")
+    header = (f"{'method':<7}{'config':<7}{'variant':<11}{'dataset':<14}{'batch':>6}"
+              f"{'TFLOP/it':>11}{'it/s':>9}{'TFLOP/s':>9}{'floor':>7}{'peak GiB':>9}  sampler")
     print(header)
     for row in result["rows"]:
         timed = "it_per_s" in row
-        print(f"{row['method']:<7}{row['config']:<7}{row['dataset']:<14}{row['batch']:>6}"
+        print(f"{row['method']:<7}{row['config']:<7}{row['variant']:<11}{row['dataset']:<14}"
+              f"{row['batch']:>6}"
               f"{row['flops_per_iteration'] / 1e12:>11.4g}"
               + (f"{row['it_per_s']:>9.3g}{row['tflops_achieved']:>9.3g}"
                  f"{row['floor_fraction']:>7.1%}" if timed else f"{'-':>9}{'-':>9}{'-':>7}")
@@ -197,18 +202,23 @@ def main():
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
     parser.add_argument("--configs", nargs="+", default=["paper", "2d"], choices=["paper", "2d"])
+    parser.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=["none", "bf16"],
+                        help="precisions to time (each script's --amp)")
     parser.add_argument("--seconds", type=float, default=5.0,
                         help="minimum timing window per measurement")
     options = parser.parse_args()
     device = common.pick_device(options.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    rate = matmul_rate(device, torch.float32)
+    rates = {"fp32": matmul_rate(device, torch.float32),
+             "bf16": matmul_rate(device, torch.bfloat16)}
     result = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "matmul_tflops_fp32": rate / 1e12, "rows": []}
+              "matmul_tflops_fp32": rates["fp32"] / 1e12,
+              "matmul_tflops_bf16": rates["bf16"] / 1e12, "rows": []}
     for method in options.methods:
         for config in options.configs:
-            print(f"{method} {config} ...", flush=True)
-            result["rows"].append(measure(method, config, device, rate, options.seconds))
+            for amp in options.amp:
+                print(f"{method} {config} {amp} ...", flush=True)
+                result["rows"].append(measure(method, config, amp, device, rates, options.seconds))
             if options.out:
                 with open(options.out, "w") as f:
                     json.dump(result, f, indent=2)

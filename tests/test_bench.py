@@ -41,8 +41,8 @@ def test_paper_iteration_flops_scale_with_the_batch():
 def test_one_command_writes_the_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     script = os.path.join(ROOT, "benchmarks", "bench.py")
-    argv = ["--device", "cpu", "--methods", "dcd", "--configs", "2d", "--seconds", "0.2", "--out",
-            str(out)]
+    argv = ["--device", "cpu", "--methods", "dcd", "--configs", "2d", "--amp", "none", "--seconds",
+            "0.2", "--out", str(out)]
     proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr

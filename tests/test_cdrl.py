@@ -2,9 +2,6 @@
 cooperative update's gradients, smoke runs, resume and failures."""
 import copy
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,6 @@ import torch.nn as nn
 import cdrl
 import common
 import eval_fid_ood
-from conftest import ROOT
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,20 +334,21 @@ def test_folder_labels_follow_subfolders(class_folder):
     assert images[:12, :, 0, 0].float().mean() > images[12:, :, 0, 0].float().mean()
 
 
-def run_cli(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "cdrl.py"), *argv],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+def run_cli(capsys, *argv):
+    """The script's command line in this process (tyro, one-line errors): (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: cdrl.main(common.parse_args(cdrl.Args, "cdrl", argv)))
+    return exit_info.value.code, capsys.readouterr().err
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (("--conditional",), "--conditional needs class labels, and checkerboard has none"),
     (("--guidance", "2"), "--guidance needs a --conditional model"),
     (("--dataset", "mnist", "--data-dir", "/nonexistent/nodata", "--device", "cpu"),
      "mnist data not found"),
 ])
-def test_cli_bad_input_is_one_line(tmp_path, argv, message):
-    result = run_cli(*argv, "--run-dir", str(tmp_path / "run"))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
+    code, err = run_cli(capsys, *argv, "--run-dir", str(tmp_path / "run"))
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]

@@ -3,9 +3,6 @@ estimator, VE and VP, the score-matching and maximum-likelihood limits), the lad
 and the denoiser, smoke runs of every kernel and estimator, resume and failures."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,6 @@ import torch.nn as nn
 import common
 import dcd
 import eval_fid_ood
-from conftest import ROOT
 
 
 
@@ -376,12 +372,13 @@ def test_smoke_denoise_task_logs_psnr(tmp_path, image_folder, kernel):
     assert (run / "denoise_00000006.png").exists()
 
 
-def run_cli(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "dcd.py"), *argv],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+def run_cli(capsys, *argv):
+    """The script's command line in this process (tyro, one-line errors): (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: dcd.main(common.parse_args(dcd.Args, "dcd", argv)))
+    return exit_info.value.code, capsys.readouterr().err
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (("--task", "denoise"), "--task denoise needs an image dataset"),
     (("--kernel", "vp", "--sigma", "1.5"),
@@ -390,8 +387,8 @@ def run_cli(*argv):
     (("--dataset", "mnist", "--data-dir", "/nonexistent/nodata", "--device", "cpu"),
      "mnist data not found"),
 ])
-def test_cli_bad_input_is_one_line(tmp_path, argv, message):
-    result = run_cli(*argv, "--run-dir", str(tmp_path / "run"))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
+    code, err = run_cli(capsys, *argv, "--run-dir", str(tmp_path / "run"))
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]

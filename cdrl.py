@@ -853,12 +853,8 @@ def main(args: Args):
             ebm_sched.step()
             init_sched.step()
             # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
-            with torch.no_grad():
-                decay = min(args.ema_decay, (2 + step) / (11 + step))
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
-                for b_ema, b in zip(ema.buffers(), model.buffers()):
-                    b_ema.copy_(b)
+            decay = min(args.ema_decay, (2 + step) / (11 + step))
+            common.update_ema(ema, model, decay, copy_buffers=True)
 
             done = step + 1
             log_now = common.every(done, args.log_every, args.steps)

@@ -330,18 +330,22 @@ class EpochLoader:
         if len(data) < batch_size:
             raise UserError(f"dataset has {len(data)} items, fewer than --batch-size {batch_size}")
         self.data, self.batch_size = data, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(len(data), generator=self.generator)
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order anywhere
+        self.order = self.shuffled()
         self.position = 0
+
+    def shuffled(self) -> torch.Tensor:
+        """A new epoch's order, moved to the data's device once per epoch (not once per batch)."""
+        return torch.randperm(len(self.data), generator=self.generator).to(self.data.device)
 
     def next(self) -> torch.Tensor:
         # drop the ragged end, as drop_last does
         if self.position + self.batch_size > len(self.order):
-            self.order = torch.randperm(len(self.data), generator=self.generator)
+            self.order = self.shuffled()
             self.position = 0
         idx = self.order[self.position: self.position + self.batch_size]
         self.position += self.batch_size
-        return self.data[idx.to(self.data.device)]
+        return self.data[idx]
 
     def state_dict(self):
         return {"generator": self.generator.get_state(), "order": self.order,
@@ -349,7 +353,7 @@ class EpochLoader:
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
-        self.order, self.position = state["order"], state["position"]
+        self.order, self.position = state["order"].to(self.data.device), state["position"]
 
 
 def training_data(args):
@@ -778,6 +782,15 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def update_ema(ema, model, decay: float, copy_buffers: bool):
+    """ema <- decay ema + (1 - decay) model for every parameter in one fused (foreach) call; buffers
+    (spectral-norm vectors, adapted step sizes) copied when asked."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        if copy_buffers:
+            torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
 
 
 def checkpoint_state(method: str, args, step: int, model, ema, **method_state) -> dict:

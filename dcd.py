@@ -649,10 +649,8 @@ def main(args: Args):
             loss, energy_pos, energy_neg, grad_norm, diagnostic = dcd_step(
                 model, x0, args, optimizer)
             # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
-            with torch.no_grad():
-                decay = min(args.ema_decay, (2 + step) / (11 + step))
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
+            decay = min(args.ema_decay, (2 + step) / (11 + step))
+            common.update_ema(ema, model, decay, copy_buffers=False)
 
             done = step + 1
             log_now = common.every(done, args.log_every, args.steps)

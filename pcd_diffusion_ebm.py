@@ -760,11 +760,7 @@ def main(args: Args):
                 model, x0, (chains_x, chains_t), args, optimizer, accept_stats, metropolis)
             scheduler.step()
             if ema is not None:
-                with torch.no_grad():
-                    for p_ema, p in zip(ema.parameters(), model.parameters()):
-                        p_ema.lerp_(p, 1 - args.ema_decay)
-                    for b_ema, b in zip(ema.buffers(), model.buffers()):
-                        b_ema.copy_(b)
+                common.update_ema(ema, model, args.ema_decay, copy_buffers=True)
             window_rate = None
             if (step + 1) % args.adapt_every == 0:
                 window_rate = adapt_step_sizes(model, accept_stats, metropolis)

@@ -90,3 +90,16 @@ def test_histogram_and_grid_share_a_layout():
     assert torch.equal(counts, torch.ones(4, 4))  # every cell centre falls in its own cell
     corner = common.histogram_2d(torch.tensor([[0.9, -0.9]]), -1.0, 1.0, 4)
     assert corner[0, 3] == 1  # row = y (low y first), column = x
+
+
+def test_update_ema_is_the_exponential_moving_average():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).requires_grad_(False)
+    with torch.no_grad():
+        model[1].running_mean.fill_(2.0)
+    expected = [0.9 * e + 0.1 * p for e, p in zip(ema.parameters(), model.parameters())]
+    common.update_ema(ema, model, 0.9, copy_buffers=False)
+    assert all(torch.allclose(e, x, atol=1e-7) for e, x in zip(ema.parameters(), expected))
+    assert torch.equal(ema[1].running_mean, torch.zeros(4))
+    common.update_ema(ema, model, 0.9, copy_buffers=True)
+    assert torch.equal(ema[1].running_mean, model[1].running_mean)

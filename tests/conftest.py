@@ -77,6 +77,17 @@ def as_argv(fields: dict) -> list:
     return argv
 
 
+def run_command_line(method: str, argv, capsys):
+    """main() through the script's command-line path (tyro, --resume resolution, one-line errors) in
+    this process, for a command that exits: (exit code, stderr)."""
+    import common
+
+    module = METHODS[method]
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: module.main(common.parse_args(module.Args, method, argv)))
+    return exit_info.value.code, capsys.readouterr().err
+
+
 def run_script(method: str, *argv, **popen):
     """The method script as a separate process (stdout and stderr captured as text)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, SCRIPTS[method]), *argv],

@@ -10,6 +10,7 @@ import torch.nn as nn
 import cdrl
 import common
 import eval_fid_ood
+from conftest import run_command_line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,13 +335,6 @@ def test_folder_labels_follow_subfolders(class_folder):
     assert images[:12, :, 0, 0].float().mean() > images[12:, :, 0, 0].float().mean()
 
 
-def run_cli(capsys, *argv):
-    """The script's command line in this process (tyro, one-line errors): (exit code, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(lambda: cdrl.main(common.parse_args(cdrl.Args, "cdrl", argv)))
-    return exit_info.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv, message", [
     (("--conditional",), "--conditional needs class labels, and checkerboard has none"),
     (("--guidance", "2"), "--guidance needs a --conditional model"),
@@ -348,7 +342,7 @@ def run_cli(capsys, *argv):
      "mnist data not found"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
-    code, err = run_cli(capsys, *argv, "--run-dir", str(tmp_path / "run"))
+    code, err = run_command_line("cdrl", [*argv, "--run-dir", str(tmp_path / "run")], capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]

@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, METHODS, SCRIPTS, as_argv, assert_same_state, tiny_args, tiny_fields
+from conftest import (ROOT, METHODS, SCRIPTS, as_argv, assert_same_state, run_command_line,
+                      tiny_args, tiny_fields)
 
 import common
 import eval_fid_ood
@@ -32,10 +33,9 @@ def cli(method, argv):
 
 def cli_error(method, argv, capsys) -> str:
     """The one stderr line of a refused command (exit code 2)."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli(method, argv)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    code, err = run_command_line(method, argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 import common
 import dcd
 import eval_fid_ood
+from conftest import run_command_line
 
 
 
@@ -372,13 +373,6 @@ def test_smoke_denoise_task_logs_psnr(tmp_path, image_folder, kernel):
     assert (run / "denoise_00000006.png").exists()
 
 
-def run_cli(capsys, *argv):
-    """The script's command line in this process (tyro, one-line errors): (exit code, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(lambda: dcd.main(common.parse_args(dcd.Args, "dcd", argv)))
-    return exit_info.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv, message", [
     (("--task", "denoise"), "--task denoise needs an image dataset"),
     (("--kernel", "vp", "--sigma", "1.5"),
@@ -388,7 +382,7 @@ def run_cli(capsys, *argv):
      "mnist data not found"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
-    code, err = run_cli(capsys, *argv, "--run-dir", str(tmp_path / "run"))
+    code, err = run_command_line("dcd", [*argv, "--run-dir", str(tmp_path / "run")], capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]

@@ -697,8 +697,9 @@ def warmup_factors(args):
 # PUBLIC API
 # ==================================================================================================
 def sample_shape(args):
-    return (2,) if common.is_toy(args.dataset) else (args.image_channels, args.image_size,
-                                                     args.image_size)
+    if common.is_toy(args.dataset):
+        return (2,)
+    return (args.image_channels, args.image_size, args.image_size)
 
 
 def build_model(args) -> CDRL:

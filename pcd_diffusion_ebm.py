@@ -592,8 +592,9 @@ def lr_factor(step: int, args) -> float:
 # PUBLIC API
 # ==================================================================================================
 def sample_shape(args):
-    return (2,) if common.is_toy(args.dataset) else (args.image_channels, args.image_size,
-                                                     args.image_size)
+    if common.is_toy(args.dataset):
+        return (2,)
+    return (args.image_channels, args.image_size, args.image_size)
 
 
 def build_model(args) -> DAEBM:
@@ -640,8 +641,7 @@ def energy(model: DAEBM, x: torch.Tensor, args) -> torch.Tensor:
 # ==================================================================================================
 # settings that may change on --resume besides common.RESUMABLE (post-training options)
 RESUMABLE = common.RESUMABLE | {"long_run_steps", "n_grid", "sampler", "visits_to_keep",
-                                "sample_chains",
-                                "max_transitions", "final_samples"}
+                                "sample_chains", "max_transitions", "final_samples"}
 
 
 def save_pictures(model: DAEBM, args, tag, device, box, chains_x, chains_t):

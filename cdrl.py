@@ -278,8 +278,12 @@ class EBMBlock(nn.Module):
         self.scale = nn.Parameter(torch.ones(c_out))
         self.shortcut = spectral_norm(layer(c_in, c_out)) if c_in != c_out else nn.Identity()
 
-    def forward(self, x, temb):
-        h = self.conv1(lrelu(x)) + as_feature_map(lrelu(self.temb_proj(lrelu(temb))), x)
+    def level_bias(self, temb):
+        """The per-channel bias lrelu(Linear(lrelu(temb))); it depends on the level only."""
+        return lrelu(self.temb_proj(lrelu(temb)))
+
+    def forward(self, x, bias):
+        h = self.conv1(lrelu(x)) + as_feature_map(bias, x)
         h = self.conv2(lrelu(h)) * as_feature_map(self.scale, h)
         return h + self.shortcut(x)
 
@@ -290,8 +294,10 @@ class EnergyNet(nn.Module):
     last linear without spectral norm, as official). 2D (official toy): linear in, `blocks` blocks
     per width entry, no pooling, output Linear(relu(h)) -> 1.
 
-    The time embedding (from the lower level's log-SNR, plus a class embedding when conditional) is
-    split off as `embed` so that a Langevin run computes it once.
+    Everything that depends on the level alone (the time embedding from the lower level's log-SNR,
+    plus a class embedding when conditional, and what each block and the output take from it) is
+    split off as `embed`, so that a Langevin run computes it once (the same numbers; on the 2D net
+    the blocks' embedding projections are most of a pass's FLOPs).
     """
 
     def __init__(self, in_dim: int, ch: int, ch_mult: Tuple[int, ...], blocks: int, image: bool,
@@ -318,22 +324,26 @@ class EnergyNet(nn.Module):
         self.head = (nn.Linear(temb_dim, width, bias=False) if image
                      else nn.Linear(width, 1, bias=False))
 
-    def embed(self, logsnr: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    def embed(self, logsnr: torch.Tensor, labels: Optional[torch.Tensor]) -> list:
+        """Per row: each block's level bias, then (images) the output projection
+        Linear(lrelu(temb))."""
         time_features = sinusoidal_embedding(logsnr_to_time(logsnr), self.ch)
         temb = self.temb_map2(lrelu(self.temb_map1(time_features)))
         if self.class_map is not None:
             temb = temb + self.class_map(F.one_hot(labels, self.class_map.in_features).float())
-        return temb
+        biases = [block.level_bias(temb) for stage in self.stages for block in stage]
+        return biases + [self.head(lrelu(temb))] if self.image else biases
 
-    def forward(self, y, temb):
-        h = self.conv_in(y)
+    def forward(self, y, cond):
+        """f(y) for cond = embed(logsnr, labels)."""
+        h, biases = self.conv_in(y), iter(cond)
         for i, stage in enumerate(self.stages):
             for block in stage:
-                h = block(h, temb)
+                h = block(h, next(biases))
             if self.image and i < len(self.stages) - 1:
                 h = F.avg_pool2d(h, 2)
         if self.image:
-            return (F.relu(h).sum((2, 3)) * self.head(lrelu(temb))).sum(1)
+            return (F.relu(h).sum((2, 3)) * next(biases)).sum(1)
         return self.head(F.relu(h)).squeeze(1)
 
 
@@ -499,11 +509,10 @@ class CDRL(nn.Module):
         """f_θ(y, level) with the lower level's log-SNR as the time input."""
         return self.f_embedded(y, self.ebm.embed(self.logsnr[level - 1], labels))
 
-    def f_embedded(self, y, temb):
-        """f_θ(y) for a computed time embedding, in fp32; the EBM's passes in bf16 when --amp
-        bf16."""
+    def f_embedded(self, y, cond):
+        """f_θ(y) for cond = ebm.embed(...), in fp32; the EBM's passes in bf16 when --amp bf16."""
         with common.autocast_bf16(self.amp, y.device.type):
-            return self.ebm(y, temb).float()
+            return self.ebm(y, cond).float()
 
 
 # ==================================================================================================
@@ -572,13 +581,13 @@ def guided(cond, uncond, guidance: float):
     return (1 + guidance) * cond() - guidance * uncond()
 
 
-def energy_and_grad(model: CDRL, y, temb, guidance: float = 0.0, temb_null=None):
+def energy_and_grad(model: CDRL, y, cond, guidance: float = 0.0, cond_null=None):
     """The energy -f(y) (the network's output before the 1/s² scale, guided by w = guidance with the
-    null class's embedding temb_null) and its gradient in y, without touching parameter
+    null class's embedding cond_null) and its gradient in y, without touching parameter
     gradients."""
     with torch.enable_grad():
         y = y.detach().requires_grad_(True)
-        f = guided(lambda: model.f_embedded(y, temb), lambda: model.f_embedded(y, temb_null),
+        f = guided(lambda: model.f_embedded(y, cond), lambda: model.f_embedded(y, cond_null),
                    guidance)
         (grad,) = torch.autograd.grad(f.sum(), y)
     return -f.detach(), -grad
@@ -591,13 +600,13 @@ def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guid
     step = as_batch(model.step_sq[level], y).sqrt()
     quad = as_batch(model.quad_coef[level], y)
     with torch.no_grad():
-        temb = model.ebm.embed(model.logsnr[level - 1], labels)
-        temb_null = (model.ebm.embed(model.logsnr[level - 1], torch.zeros_like(labels)) if guidance
+        cond = model.ebm.embed(model.logsnr[level - 1], labels)
+        cond_null = (model.ebm.embed(model.logsnr[level - 1], torch.zeros_like(labels)) if guidance
                      else None)
     y = y.detach()
     with parametrize.cached():  # spectral-normalised weights computed once for the whole run
         for _ in range(n_steps):
-            _, grad = energy_and_grad(model, y, temb, guidance, temb_null)  # grad = -∇f
+            _, grad = energy_and_grad(model, y, cond, guidance, cond_null)  # grad = -∇f
             y = y - 0.5 * grad - quad * (y - x_noisy) + step * torch.randn_like(y)
     return y
 

@@ -21,8 +21,8 @@ def input_gradient(method, model, x):
     if method == "cdrl":
         level = torch.ones(len(x), dtype=torch.long)
         with torch.no_grad():
-            temb = model.ebm.embed(model.logsnr[level - 1], None)
-        return module.energy_and_grad(model, x, temb)[1]
+            cond = model.ebm.embed(model.logsnr[level - 1], None)
+        return module.energy_and_grad(model, x, cond)[1]
     return module.energy_and_grad(model, x, torch.zeros(len(x), dtype=torch.long))[1]
 
 

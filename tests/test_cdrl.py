@@ -193,6 +193,10 @@ def tiny_conditional_model(seed=0):
     return model, args
 
 
+def as_rows(per_row, like):
+    return per_row.view(-1, *[1] * (like.dim() - 1))
+
+
 def test_guidance_zero_ignores_the_null_class_and_nonzero_uses_it():
     model, args = tiny_conditional_model()
     labels = torch.tensor([1, 2, 3, 10])
@@ -206,7 +210,8 @@ def test_guidance_zero_ignores_the_null_class_and_nonzero_uses_it():
     # a copy whose networks answer differently for the null class (label 0) only, in both networks
     scrambled = copy.deepcopy(model)
     embed, initializer = scrambled.ebm.embed, scrambled.initializer.forward
-    scrambled.ebm.embed = lambda logsnr, lab: embed(logsnr, lab) + 5.0 * (lab == 0)[:, None]
+    scrambled.ebm.embed = lambda logsnr, lab: [c + 5.0 * as_rows(lab == 0, c)
+                                               for c in embed(logsnr, lab)]
     scrambled.initializer.forward = lambda x, logsnr, lab: initializer(x, logsnr, lab) + \
         (lab == 0).float().view(-1, 1, 1, 1)
     assert torch.equal(draw(model, 0.0), draw(scrambled, 0.0))

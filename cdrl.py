@@ -139,6 +139,9 @@ class Args:
     amp: Literal["none", "bf16"] = "none"
     """bf16: autocast the energy network's passes (samplers and loss) to bfloat16, its output back
     to fp32 (MH arithmetic, reductions, the Gibbs softmax and the EMA stay fp32); none: fp32"""
+    compile: bool = False
+    """torch.compile the samplers' energy-and-input-gradient pass (forward, input gradient and the
+    arithmetic around them in one fused graph per input shape; the first calls compile)"""
 
     # ---- CDRL ----
     initializer_lr: Optional[float] = None
@@ -498,9 +501,11 @@ class CDRL(nn.Module):
     """Both networks plus the level tables (buffers, index = level 0..L) that training and sampling
     use."""
 
-    def __init__(self, ebm: nn.Module, initializer: nn.Module, tables: dict, amp: bool = False):
+    def __init__(self, ebm: nn.Module, initializer: nn.Module, tables: dict, amp: bool = False,
+                 compile_sampler: bool = False):
         super().__init__()
-        self.ebm, self.initializer, self.amp = ebm, initializer, amp
+        self.ebm, self.initializer = ebm, initializer
+        self.amp, self.compile_sampler = amp, compile_sampler
         for name, value in tables.items():
             self.register_buffer(name, value.float())
         self.num_levels = len(tables["logsnr"]) - 1
@@ -604,9 +609,14 @@ def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guid
         cond_null = (model.ebm.embed(model.logsnr[level - 1], torch.zeros_like(labels)) if guidance
                      else None)
     y = y.detach()
+    grad_pass = common.compiled(energy_and_grad, model.compile_sampler)
     with parametrize.cached():  # spectral-normalised weights computed once for the whole run
+        with torch.no_grad():  # here, so that a --compile graph reads them as plain inputs
+            for module in model.ebm.modules():
+                if parametrize.is_parametrized(module, "weight"):
+                    module.weight
         for _ in range(n_steps):
-            _, grad = energy_and_grad(model, y, cond, guidance, cond_null)  # grad = -∇f
+            _, grad = grad_pass(model, y, cond, guidance, cond_null)  # grad = -∇f
             y = y - 0.5 * grad - quad * (y - x_noisy) + step * torch.randn_like(y)
     return y
 
@@ -730,7 +740,8 @@ def build_model(args) -> CDRL:
         initializer = UNetInitializer(args.image_channels, args.init_channels,
                                       args.init_channel_mult,
                                       args.init_blocks, args.init_dropout, num_classes)
-    return CDRL(ebm, initializer, level_tables(args), amp=args.amp == "bf16")
+    return CDRL(ebm, initializer, level_tables(args), amp=args.amp == "bf16",
+                compile_sampler=args.compile)
 
 
 def sample_labels(n: int, args, device):

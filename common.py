@@ -421,6 +421,18 @@ def autocast_bf16(enabled: bool, device_type: str):
     return torch.autocast(device_type, torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
+def compiled(function, enabled: bool):
+    """torch.compile(function) for --compile, else function itself. Dynamo is allowed to trace
+    torch.autograd.grad (otherwise the graph breaks there), so an energy-and-input-gradient function
+    becomes one graph: forward, input gradient and the elementwise work fused. Compiled once per
+    input shape (then shape-generic) and per model object; torch.compile keeps its cache on the code
+    object, so wrapping again is cheap."""
+    if not enabled:
+        return function
+    torch._dynamo.config.trace_autograd_ops = True
+    return torch.compile(function)
+
+
 def every(done: int, interval: int, total: int) -> bool:
     """True at iterations that are a multiple of `interval` and at the last one (done counts from
     1)."""
@@ -563,7 +575,8 @@ def set_image_shape(args):
 # precision, where the data are (their shape is re-read from the data); each script adds its
 # sampling options.
 RESUMABLE = {"exp_name", "data_dir", "run_dir", "steps", "device", "log_every", "sample_every",
-             "save_every", "resume", "save_minutes", "amp", "image_size", "image_channels"}
+             "save_every", "resume", "save_minutes", "amp", "compile", "image_size",
+             "image_channels"}
 
 
 def run_dir_of(args) -> str:

@@ -155,6 +155,9 @@ class Args:
     amp: Literal["none", "bf16"] = "none"
     """bf16: autocast the energy network's passes (samplers and loss) to bfloat16, its output back
     to fp32 (MH arithmetic, reductions, the Gibbs softmax and the EMA stay fp32); none: fp32"""
+    compile: bool = False
+    """torch.compile the samplers' energy-and-input-gradient pass (forward, input gradient and the
+    arithmetic around them in one fused graph per input shape; the first calls compile)"""
 
     # ---- DCD ----
     task: Literal["generate", "denoise"] = "generate"
@@ -330,9 +333,10 @@ class DCD(nn.Module):
     """The network plus the ladder tables (buffers): level t = 0..L has x_t = signal_t x_0 + noise_t
     ε; the kernel of level t < L is x_{t+1} = kernel_a_t x_t + kernel_b_t ε."""
 
-    def __init__(self, net: nn.Module, tables: dict, amp: bool = False):
+    def __init__(self, net: nn.Module, tables: dict, amp: bool = False,
+                 compile_sampler: bool = False):
         super().__init__()
-        self.net, self.amp = net, amp
+        self.net, self.amp, self.compile_sampler = net, amp, compile_sampler
         for name, value in tables.items():
             self.register_buffer(name, value.float())
         self.num_levels = len(tables["kernel_a"])
@@ -410,8 +414,9 @@ def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: flo
     tensors). Returns (the last state, the mean of the states of the chain's second half)."""
     step = step_ratio * (b / a) ** 2
     x, total = y / a, torch.zeros_like(y)
+    grad_pass = common.compiled(energy_and_grad, model.compile_sampler)
     for k in range(n_steps):
-        _, grad = energy_and_grad(model, x, level)
+        _, grad = grad_pass(model, x, level)
         grad_log_post = -grad - a * (a * x - y) / b ** 2
         x = x + 0.5 * step * grad_log_post + step ** 0.5 * torch.randn_like(x)
         if k >= n_steps // 2:
@@ -422,8 +427,9 @@ def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: flo
 def model_langevin(model: DCD, x, level, n_steps: int, step: float):
     """n_steps of unadjusted Langevin on p_θ(x, t) itself: x ← x - η/2 ∇E + sqrt(η) ξ (CD's
     kernel)."""
+    grad_pass = common.compiled(energy_and_grad, model.compile_sampler)
     for _ in range(n_steps):
-        _, grad = energy_and_grad(model, x, level)
+        _, grad = grad_pass(model, x, level)
         x = x - 0.5 * step * grad + math.sqrt(step) * torch.randn_like(x)
     return x
 
@@ -538,7 +544,7 @@ def build_model(args) -> DCD:
     else:
         net = ResNetEnergy(args.image_channels, args.ebm_channels, args.ebm_channel_mult,
                            args.ebm_blocks, args.num_levels)
-    return DCD(net, level_tables(args), amp=args.amp == "bf16")
+    return DCD(net, level_tables(args), amp=args.amp == "bf16", compile_sampler=args.compile)
 
 
 def sample(model: DCD, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:

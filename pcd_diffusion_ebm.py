@@ -137,6 +137,9 @@ class Args:
     amp: Literal["none", "bf16"] = "none"
     """bf16: autocast the energy network's passes (samplers and loss) to bfloat16, its output back
     to fp32 (MH arithmetic, reductions, the Gibbs softmax and the EMA stay fp32); none: fp32"""
+    compile: bool = False
+    """torch.compile the samplers' energy-and-input-gradient pass (forward, input gradient and the
+    arithmetic around them in one fused graph per input shape; the first calls compile)"""
 
     # ---- DA-EBM ----
     num_levels: Optional[int] = None
@@ -234,8 +237,9 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.shortcut = nn.Conv2d(c_in, c_out, 3, padding=1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x, bias):
-        h = self.conv1(F.silu(x)) + bias[:, :, None, None]
+    def forward(self, x, bias, first_conv=None):
+        """first_conv: conv1(act(x)) when the caller has it (it does not depend on t)."""
+        h = (self.conv1(F.silu(x)) if first_conv is None else first_conv) + bias[:, :, None, None]
         h = self.conv2(F.silu(h))
         return self.shortcut(x) + h
 
@@ -247,7 +251,8 @@ class ResNetTemb(nn.Module):
     Output f(x, t) = <sum-pool(act(h)), Linear(act(temb))>. A 28x28 input is padded to 32 by the
     first conv (padding 3), as in the official code. Everything that depends on t alone is computed
     once per level (`level_table`) and indexed per row, which gives the same numbers as computing it
-    per row.
+    per row. What does not depend on t (the input conv and the first block's first conv, about a
+    fifth of a pass) is `features`, computed once per x by the Gibbs draw over all levels.
     """
 
     def __init__(self, in_channels: int, image_size: int, ch: int, ch_mult: Tuple[int, ...],
@@ -269,11 +274,18 @@ class ResNetTemb(nn.Module):
         temb_act = F.silu(self.temb_dense(sinusoidal_embedding(levels, self.ch)))
         return [block.temb_proj(temb_act) for block in self.blocks] + [self.temb_final(temb_act)]
 
-    def forward(self, x, t, table=None):
-        table = [c[t] for c in (self.level_table() if table is None else table)]
+    def features(self, x):
         h = self.conv_in(x)
+        return h, self.blocks[0].conv1(F.silu(h))
+
+    def forward(self, x, t, table=None):
+        return self.from_features(self.features(x), t, table)
+
+    def from_features(self, features, t, table=None):
+        table = [c[t] for c in (self.level_table() if table is None else table)]
+        h, first_conv = features
         for i, block in enumerate(self.blocks):
-            h = block(h, table[i])
+            h = block(h, table[i], first_conv if i == 0 else None)
             if i < len(self.blocks) - 1:
                 h = F.avg_pool2d(h, 2)
         h = F.silu(h).sum((2, 3))
@@ -300,9 +312,16 @@ class GatedMLP(nn.Module):
         temb_act = F.softplus(self.temb_dense(sinusoidal_embedding(levels, self.width)))
         return [self.gate1(temb_act), self.gate2(temb_act), self.gate3(temb_act)]
 
+    def features(self, x):
+        """The part of a pass that does not depend on t."""
+        return (self.lin1(x),)
+
     def forward(self, x, t, table=None):
+        return self.from_features(self.features(x), t, table)
+
+    def from_features(self, features, t, table=None):
         gate1, gate2, gate3 = (c[t] for c in (self.level_table() if table is None else table))
-        h = F.softplus(self.lin1(x) * gate1)  # official order: gate inside the first act,
+        h = F.softplus(features[0] * gate1)  # official order: gate inside the first act,
         h = F.softplus(self.lin2(h)) * gate2  # outside the second and third
         h = F.softplus(self.lin3(h)) * gate3
         return self.out(h).squeeze(1)
@@ -322,9 +341,9 @@ class DAEBM(nn.Module):
     sizes."""
 
     def __init__(self, net: nn.Module, num_levels: int, beta_start: float, beta_end: float,
-                 step_size, amp: bool = False):
+                 step_size, amp: bool = False, compile_sampler: bool = False):
         super().__init__()
-        self.net, self.amp = net, amp
+        self.net, self.amp, self.compile_sampler = net, amp, compile_sampler
         self.num_levels = num_levels
         betas, sqrt_alpha_bar = sqrtcumlinear_schedule(num_levels, beta_start, beta_end)
         self.register_buffer("betas", betas.float())
@@ -342,18 +361,21 @@ class DAEBM(nn.Module):
         with common.autocast_bf16(self.amp, x.device.type):
             return self.net(x, t, table).float()
 
-    def all_levels_logits(self, x, table=None, max_rows=2048):
-        """f(x, t) for every t = 0..T, (B, T+1): the levels batched together, at most max_rows rows
-        per forward pass (all 51 MNIST levels of a 200-chain batch in one pass need far more GPU
-        memory: docs/RESULTS.md)."""
+    def all_levels_logits(self, x, max_rows=2048):
+        """f(x, t) for every t = 0..T, (B, T+1): the t-independent features once, then the levels
+        batched together, at most max_rows rows per pass (all 51 MNIST levels of a 200-chain batch
+        in one pass need far more GPU memory: docs/RESULTS.md)."""
         levels_per_pass = max(1, max_rows // len(x))
         logits = []
-        for first in range(0, self.num_levels + 1, levels_per_pass):
-            levels = torch.arange(first, min(first + levels_per_pass, self.num_levels + 1),
-                                  device=x.device)
-            t = levels.repeat_interleave(len(x))
-            out = self.net_output(x.repeat(len(levels), *[1] * (x.dim() - 1)), t, table)
-            logits.append(out.view(len(levels), len(x)))
+        with common.autocast_bf16(self.amp, x.device.type):
+            features, table = self.net.features(x), self.net.level_table()
+            for first in range(0, self.num_levels + 1, levels_per_pass):
+                levels = torch.arange(first, min(first + levels_per_pass, self.num_levels + 1),
+                                      device=x.device)
+                t = levels.repeat_interleave(len(x))
+                repeated = [f.repeat(len(levels), *[1] * (f.dim() - 1)) for f in features]
+                out = self.net.from_features(repeated, t, table).float()
+                logits.append(out.view(len(levels), len(x)))
         return torch.cat(logits).t()
 
 
@@ -415,12 +437,13 @@ def langevin(model: DAEBM, x, t, n_steps: int, metropolis: bool, official_ratio:
     reverse_coef = s * s / 2 if official_ratio else s / 2
     with torch.no_grad():
         table = model.net.level_table()  # depends on t only: once per call, not once per step
-    u, grad = energy_and_grad(model, x, t, table)
+    grad_pass = common.compiled(energy_and_grad, model.compile_sampler)
+    u, grad = grad_pass(model, x, t, table)
     x = x.detach()
     for _ in range(n_steps):
         noise = torch.randn_like(x)
         x_prop = x - 0.5 * s * s * grad + s * noise
-        u_prop, grad_prop = energy_and_grad(model, x_prop, t, table)
+        u_prop, grad_prop = grad_pass(model, x_prop, t, table)
         reverse_noise = -noise + reverse_coef * (grad + grad_prop)
         log_ratio = (u - u_prop - 0.5 * reverse_noise.flatten(1).pow(2).sum(1)
                      + 0.5 * noise.flatten(1).pow(2).sum(1))
@@ -611,7 +634,8 @@ def build_model(args) -> DAEBM:
                          tuple(args.channel_mult), args.num_levels)
     betas, _ = sqrtcumlinear_schedule(args.num_levels, args.beta_start, args.beta_end)
     return DAEBM(kaiming_init(net), args.num_levels, args.beta_start, args.beta_end,
-                 initial_step_sizes(args, betas), amp=args.amp == "bf16")
+                 initial_step_sizes(args, betas), amp=args.amp == "bf16",
+                 compile_sampler=args.compile)
 
 
 def sample(model: DAEBM, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:

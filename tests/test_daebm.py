@@ -61,9 +61,15 @@ class LinearLevelNet(nn.Module):
     def level_table(self):
         return [self.coefs]
 
+    def features(self, x):
+        return (x,)
+
     def forward(self, x, t, table=None):
+        return self.from_features(self.features(x), t, table)
+
+    def from_features(self, features, t, table=None):
         coefs = (self.level_table() if table is None else table)[0]
-        return (coefs[t] * x).sum(1)
+        return (coefs[t] * features[0]).sum(1)
 
 
 def gaussian_model(step, mean, cov):

@@ -213,6 +213,17 @@ def test_gibbs_draw_matches_brute_force_softmax():
     assert brute.min() > 0.05  # the test is not degenerate
 
 
+def test_softplus_is_torchs_softplus():
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([0.0, 20.0, 20.0001])])
+    x.requires_grad_(True)
+    value = daebm.softplus(x)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    reference = torch.nn.functional.softplus(x.detach())
+    assert torch.all((value - reference).abs() <= 1e-6 * reference.clamp_min(1))
+    assert torch.allclose(grad, torch.sigmoid(x.detach()), rtol=1e-6, atol=1e-7)
+    assert torch.isfinite(grad).all()
+
+
 def test_all_levels_logits_match_per_level_calls(image_folder):
     for args in (tiny_2d_args("unused"),
                  tiny_image_args("unused", image_folder, image_channels=3, image_size=8)):
@@ -235,6 +246,23 @@ def test_mgms_sampler_keeps_chains_at_their_mth_visit():
     args = tiny_2d_args("unused", num_levels=2, visits_to_keep=3, langevin_steps=4, sample_chains=5)
     samples, steps = daebm.generate(model, 12, args, "cpu")
     assert samples.shape == (12, 2) and torch.all(steps == 12)
+
+
+def test_mgms_chains_persist_across_calls_until_the_weights_change():
+    # every chain visits t = 0 on every transition (as above) and is kept at its 3rd visit
+    model = daebm.DAEBM(LinearLevelNet(torch.zeros(3, 2)), 2, 1e-2, 3e-1, torch.full((3,), 0.1))
+    logits = torch.tensor([0.0, -1e9, -1e9])
+    model.all_levels_logits = lambda x: logits.expand(len(x), 3)
+    args = tiny_2d_args("unused", num_levels=2, visits_to_keep=3, langevin_steps=4, sample_chains=5)
+    samples, _ = daebm.generate(model, 5, args, "cpu", max_transitions=2)
+    assert len(samples) == 0  # two visits each so far
+    samples, steps = daebm.generate(model, 5, args, "cpu", max_transitions=1)
+    assert len(samples) == 5 and torch.all(steps == 12)  # the chains went on where they were
+    daebm.generate(model, 5, args, "cpu", max_transitions=2)
+    with torch.no_grad():
+        model.net.coefs.add_(0.0)  # any in-place change of the weights starts a fresh pool
+    samples, _ = daebm.generate(model, 5, args, "cpu", max_transitions=1)
+    assert len(samples) == 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,9 +55,12 @@ def train_and_score(script, args):
     return trained, untrained, true
 
 
-@pytest.mark.parametrize("amp", ["none", "bf16"])
-def test_daebm_learns_8gaussians(tmp_path, amp):
-    args = daebm.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", amp=amp, steps=600,
+SPEED_PATHS = pytest.mark.parametrize(("amp", "compile"), [("none", False), ("bf16", True)],
+                                      ids=["fp32", "bf16-compiled"])
+@SPEED_PATHS
+def test_daebm_learns_8gaussians(tmp_path, amp, compile):
+    args = daebm.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", amp=amp,
+                      compile=compile, steps=600,
                       n_chains=1000,
                       langevin_steps=20, mlp_width=64, adapt_every=100, mh_start=100,
                       warmup_steps=100,
@@ -68,11 +71,12 @@ def test_daebm_learns_8gaussians(tmp_path, amp):
     assert trained < NLL_BAR
 
 
-@pytest.mark.parametrize("amp", ["none", "bf16"])
-def test_cdrl_learns_8gaussians(tmp_path, amp):
+@SPEED_PATHS
+def test_cdrl_learns_8gaussians(tmp_path, amp, compile):
     # the official 2D networks at a quarter of the width (EBM 32/64/64/64, initializer 32), batch
     # 256
-    args = cdrl.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", amp=amp, steps=600,
+    args = cdrl.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", amp=amp,
+                     compile=compile, steps=600,
                      batch_size=256, lr=3e-4, initializer_lr=3e-4, warmup_steps=100,
                      ebm_channels=32, init_channels=32, log_every=200, sample_every=600,
                      save_every=600, n_points=500)
@@ -81,11 +85,12 @@ def test_cdrl_learns_8gaussians(tmp_path, amp):
     assert trained < CDRL_NLL_BAR
 
 
-@pytest.mark.parametrize("amp", ["none", "bf16"])
-def test_dcd_learns_8gaussians(tmp_path, amp):
+@SPEED_PATHS
+def test_dcd_learns_8gaussians(tmp_path, amp, compile):
     # the 2D default (DCD-VE, importance estimator with 6 proposals, σ 0.1) with a width-64 MLP,
     # batch 256
-    args = dcd.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", amp=amp, steps=1000,
+    args = dcd.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", amp=amp,
+                    compile=compile, steps=1000,
                     batch_size=256,
                     mlp_width=64, log_every=250, sample_every=1000, save_every=1000, n_points=200,
                     sample_langevin_steps=50)

@@ -1,29 +1,34 @@
-"""Speed paths against the fp32 path: --amp bf16 gives the fp32 input gradients to bf16 precision,
-and MALA under bf16 still samples its Gaussian target."""
+"""Speed paths against the fp32 path: --amp bf16 and --compile give the fp32 input gradients to
+their precision, MALA under bf16 still samples its Gaussian target, and no sampler loop waits on
+the host."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 from conftest import METHODS, tiny_args
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import common
 import pcd_diffusion_ebm as daebm
 
 
 def input_gradient(method, model, x):
-    """∇_x of the method's energy at its lowest level, through the sampler's own energy_and_grad."""
+    """∇_x of the method's energy at its lowest level, through the sampler's own energy_and_grad
+    (compiled when the model was built with --compile)."""
     module = METHODS[method]
+    energy_and_grad = common.compiled(module.energy_and_grad, model.compile_sampler)
     if method == "daebm":
         t = torch.zeros(len(x), dtype=torch.long)
         with torch.no_grad():
             table = model.net.level_table()
-        return module.energy_and_grad(model, x, t, table)[1]
+        return energy_and_grad(model, x, t, table)[1]
     if method == "cdrl":
         level = torch.ones(len(x), dtype=torch.long)
         with torch.no_grad():
             cond = model.ebm.embed(model.logsnr[level - 1], None)
-        return module.energy_and_grad(model, x, cond)[1]
-    return module.energy_and_grad(model, x, torch.zeros(len(x), dtype=torch.long))[1]
+        return energy_and_grad(model, x, cond)[1]
+    return energy_and_grad(model, x, torch.zeros(len(x), dtype=torch.long))[1]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -85,3 +90,80 @@ def test_mala_under_bf16_samples_the_gaussian_target():
     assert torch.all((torch.cov(x.T) - cov).abs() < 4 * se_cov), torch.cov(x.T)
     # the acceptance rate moves by less than its own sampling noise (~1 / sqrt(n * steps))
     assert abs(accept - results[False][1]) < 10 / math.sqrt(n * 300) + 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_compiled_input_gradient_matches_eager(method, image_folder):
+    """(The compiled bf16 path: the learning tests train with it.)"""
+    def build(**overrides):
+        return METHODS[method].build_model(tiny_args(method, "unused", image_folder, image_size=8,
+                                                     image_channels=3, **overrides)).eval()
+
+    eager, compiled = build(), build(compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    for seed in range(2):  # the second call runs the compiled graph again on new inputs
+        torch.manual_seed(seed)
+        x = torch.rand(16, 3, 8, 8) * 2 - 1
+        g_eager = input_gradient(method, eager, x)
+        g_compiled = input_gradient(method, compiled, x)
+        # fp32 either way: only the order of floating-point operations differs
+        assert ((g_compiled - g_eager).norm() / g_eager.norm()).item() < 1e-4
+
+
+# aten operators that copy a device value to the host (and so wait for the device)
+HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero"}
+
+
+class RecordHostSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._overloadpacket.__name__ in HOST_SYNCS:
+            self.seen.append(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def run_sampler_loops(method, image_folder, device):
+    """Each of the method's Langevin loops (and DA-EBM's Gibbs draw) on a tiny image model."""
+    module = METHODS[method]
+    args = tiny_args(method, "unused", image_folder, image_size=8, image_channels=3)
+    model = module.build_model(args).to(device).eval()
+    x = torch.rand(6, 3, 8, 8, device=device) * 2 - 1
+    level = torch.ones(6, dtype=torch.long, device=device)
+    if method == "daebm":
+        stats = (torch.zeros(args.num_levels + 1, device=device),
+                 torch.zeros(args.num_levels + 1, device=device))
+        x = module.langevin(model, x, level, 3, metropolis=True, stats=stats)
+        module.gibbs_level(model, x)
+    elif method == "cdrl":
+        module.recovery_langevin(model, x, x.clone(), level, None, 3)
+    else:
+        module.posterior_langevin(model, x, level - 1, model.kernel_a[0], model.kernel_b[0], 3,
+                                  0.3)
+        module.model_langevin(model, x, level - 1, 3, 0.01)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_no_host_sync_in_sampler_loops(method, image_folder):
+    """On the CPU: no operator that reads a value back to the host runs inside the loops (the
+    recorder does see one when it happens)."""
+    with RecordHostSyncs() as recorder:
+        run_sampler_loops(method, image_folder, "cpu")
+    assert recorder.seen == []
+    with RecordHostSyncs() as recorder:
+        bool(torch.ones(1).sum() > 0)
+    assert recorder.seen == ["_local_scalar_dense"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_no_host_sync_in_sampler_loops_cuda(method, image_folder):
+    run_sampler_loops(method, image_folder, "cuda")  # warm-up: cuDNN and allocator set-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_sampler_loops(method, image_folder, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,31 +1,43 @@
 """Speed of every method against its FLOP floor: one command, a table last, JSON with --out.
 
     python benchmarks/bench.py                # the GPU when there is one: every config timed
-    python benchmarks/bench.py --device cpu   # a minute or so: 2D timed, paper configs counted
+    python benchmarks/bench.py --device cpu   # a few minutes: 2D timed, paper configs counted
+    python benchmarks/bench.py --device cpu --overhead   # the overhead ratio at paper widths
 
 For each method at its paper image configuration (DA-EBM MNIST, CDRL CIFAR-10, DCD CelebA, each
 script's own PRESETS) and at its 2D quick-start configuration:
 - flops: matrix-multiply and convolution FLOPs of one training iteration (the method's step
   function: samplers, loss, backward, optimizer), counted with torch.utils.flop_counter's formulas
   on the meta device (shapes only, so paper scale is counted in seconds on any machine);
-- variants: eager fp32 and eager bf16 (`--amp bf16` of the scripts), each timed;
+- variants: eager fp32, eager bf16 (`--amp bf16` of the scripts), compiled fp32 and compiled bf16
+  (`--compile`), each timed (compilation happens in the warm-up, outside the timing);
 - it/s: training iterations per second on the device (synthetic data of the right shape, after
   warm-up), and the achieved TFLOP/s = flops x it/s;
 - floor: the share of the device's own measured matrix-multiply rate (fp32, or bf16 for the --amp
   bf16 rows) that this achieves (1.0 = the iteration runs at the speed of one large matmul);
 - sampler: the post-training sampler's throughput (CDRL and DCD: samples/s of `sample`; DA-EBM: MGMS
-  chain-transitions/s, since the transitions a kept sample needs depend on the trained model);
+  chain-transitions/s of --sample-chains chains, since the transitions a kept sample needs depend
+  on the trained model) and the minutes 50,000 samples take at that rate (DA-EBM: assuming 2,500
+  transitions per kept sample, the figure issue 13 gives for a trained MNIST model, not ours);
 - peak GPU memory of the training iterations (CUDA only).
 On a CPU the paper configurations are counted but not timed (one iteration takes many minutes
 there).
+
+--overhead: for each method at its paper widths and a batch small enough for a CPU, the iteration
+time against the time of the network passes it must do. The passes are counted while one iteration
+runs (every call of the energy network, and of CDRL's initializer, with its input shape and whether
+an input gradient or a parameter gradient follows), then each kind is timed in isolation; ratio =
+(sum of the isolated passes) / (iteration time), 1.0 meaning no time outside the network passes.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 
 import torch
+from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -58,9 +70,14 @@ class CountFlops(TorchDispatchMode):
         return out
 
 
-def method_args(method: str, config: str, amp: str = "none"):
+DAEBM_TRANSITIONS_PER_SAMPLE = 2500  # issue 13's figure for a trained MNIST model (not measured)
+VARIANTS = {"eager fp32": ("none", False), "eager bf16": ("bf16", False),
+            "compiled fp32": ("none", True), "compiled bf16": ("bf16", True)}
+
+
+def method_args(method: str, config: str, amp: str = "none", compile: bool = False):
     dataset = PAPER_DATASET[method] if config == "paper" else METHODS[method].Args().dataset
-    return METHODS[method].Args(dataset=dataset, device="cpu", amp=amp)
+    return METHODS[method].Args(dataset=dataset, device="cpu", amp=amp, compile=compile)
 
 
 def training_iteration(method: str, args, device):
@@ -142,26 +159,31 @@ def matmul_rate(device, dtype) -> float:
 
 
 def sampler_throughput(method: str, model, args, device, min_seconds: float):
-    """(value, unit): samples/s of the public sampler, or MGMS chain-transitions/s for DA-EBM."""
+    """(value, unit, minutes for 50,000 samples): samples/s of the public sampler, or MGMS
+    chain-transitions/s for DA-EBM."""
     module = METHODS[method]
     model.eval()
     if method == "daebm":
         n = args.sample_chains
         x = torch.randn((n,) + module.sample_shape(args), device=device)
         t = torch.randint(0, args.num_levels + 1, (n,), device=device)
-        return n * time_it(lambda: daebm.mgms_transition(model, x, t, args, True), device,
-                           min_seconds, warmup=1), "chain-transitions/s"
+        rate = n * time_it(lambda: daebm.mgms_transition(model, x, t, args, True), device,
+                           min_seconds, warmup=1)
+        return rate, "chain-transitions/s", 50_000 * DAEBM_TRANSITIONS_PER_SAMPLE / rate / 60
     n = args.sample_batch
-    return n * time_it(lambda: module.sample(model, n, args, device), device, min_seconds,
-                       warmup=1), "samples/s"
+    rate = n * time_it(lambda: module.sample(model, n, args, device), device, min_seconds,
+                       warmup=1)
+    return rate, "samples/s", 50_000 / rate / 60
 
 
-def measure(method: str, config: str, amp: str, device, rates: dict, min_seconds: float) -> dict:
+def measure(method: str, config: str, variant: str, device, rates: dict,
+            min_seconds: float) -> dict:
     """One row: FLOPs counted in fp32 (the same operations run in bf16), the rest timed."""
-    args = method_args(method, config, amp)
+    amp, compile = VARIANTS[variant]
+    args = method_args(method, config, amp, compile)
     rate = rates["bf16" if amp == "bf16" else "fp32"]
     row = {"method": method, "config": config, "dataset": args.dataset, "batch": args.batch_size,
-           "variant": f"eager {'bf16' if amp == 'bf16' else 'fp32'}",
+           "variant": variant,
            "flops_per_iteration": count_flops(method, method_args(method, config))}
     if device.type == "cpu" and config == "paper":
         row["timed"] = "not on cpu (one iteration takes many minutes)"
@@ -174,26 +196,134 @@ def measure(method: str, config: str, amp: str, device, rates: dict, min_seconds
                 "floor_fraction": row["flops_per_iteration"] * its / rate})
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    rate_and_unit = sampler_throughput(method, model, args, device, min_seconds)
-    row["sampler"], row["sampler_unit"] = rate_and_unit
+    row["sampler"], row["sampler_unit"], row["minutes_for_50k_samples"] = sampler_throughput(
+        method, model, args, device, min_seconds)
     return row
+
+
+# paper widths, batches small enough for a CPU (one pass of the energy network still >= 50 ms)
+OVERHEAD_BATCH = {"daebm": 16, "cdrl": 8, "dcd": 32}
+
+
+def networks(method: str, model):
+    return [model.ebm, model.initializer] if method == "cdrl" else [model.net]
+
+
+class RecordPasses:
+    """Counts the network passes while it is open: (network, input shapes, what follows) -> count,
+    with the first call's inputs kept to replay it. What follows: 'input-grad' when the input
+    requires grad (a sampler's energy_and_grad), 'param-grad' when grad mode is on otherwise (a
+    loss), 'none' under no_grad."""
+
+    def __init__(self, nets):
+        self.nets, self.counts, self.inputs, self.handles = nets, {}, {}, []
+
+    def hook(self, index):
+        def record(module, inputs):
+            tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
+            follows = ("input-grad" if tensors[0].requires_grad else
+                       "param-grad" if torch.is_grad_enabled() else "none")
+            key = (index, tuple(tuple(a.shape) for a in tensors), follows, module.training)
+            self.counts[key] = self.counts.get(key, 0) + 1
+            self.inputs.setdefault(key, [a.detach().clone() if isinstance(a, torch.Tensor)
+                                         else [c.detach().clone() for c in a] if
+                                         isinstance(a, list) else a for a in inputs])
+        return record
+
+    def __enter__(self):
+        self.handles = [net.register_forward_pre_hook(self.hook(i))
+                        for i, net in enumerate(self.nets)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def isolated_pass(net, inputs, follows: str):
+    """A closure that replays one recorded pass and what followed it."""
+    def run():
+        x = inputs[0].detach().requires_grad_(follows == "input-grad")
+        with torch.set_grad_enabled(follows != "none"), parametrize.cached() if not net.training \
+                else contextlib.nullcontext():
+            out = net(x, *inputs[1:])
+            if follows == "input-grad":
+                torch.autograd.grad(out.sum(), x)
+            elif follows == "param-grad":
+                out.sum().backward()
+    return run
+
+
+def overhead_row(method: str, device, min_seconds: float) -> dict:
+    args = method_args(method, "paper")
+    args.batch_size = OVERHEAD_BATCH[method]
+    if method == "daebm":
+        args.n_chains = 4 * args.batch_size
+    model, step = training_iteration(method, args, device)
+    step()  # warm-up
+    gibbs_inputs = []  # DA-EBM's Gibbs draw calls the net's halves directly: count it as a whole
+    if method == "daebm":
+        model.all_levels_logits = lambda x: (gibbs_inputs.append(x.detach().clone()),
+                                             type(model).all_levels_logits(model, x))[1]
+    with RecordPasses(networks(method, model)) as recorder:
+        step()
+    if method == "daebm":
+        del model.all_levels_logits
+    iteration = 1 / time_it(step, device, min_seconds, warmup=0)
+    nets = networks(method, model)
+    passes, slowest = 0.0, 0.0
+    for x in gibbs_inputs[:1]:
+        with torch.no_grad():
+            seconds = 1 / time_it(lambda: model.all_levels_logits(x), device, min_seconds / 4,
+                                  warmup=1)
+        passes += len(gibbs_inputs) * seconds
+    for key, count in recorder.counts.items():
+        net = nets[key[0]]
+        net.train(key[3])
+        seconds = 1 / time_it(isolated_pass(net, recorder.inputs[key], key[2]), device,
+                              min_seconds / 4, warmup=1)
+        passes += count * seconds
+        slowest = max(slowest, seconds)
+    model.train()
+    return {"method": method, "dataset": args.dataset, "batch": args.batch_size,
+            "iteration_s": iteration, "passes_s": passes, "ratio": passes / iteration,
+            "longest_pass_s": slowest, "pass_kinds": len(recorder.counts) + len(gibbs_inputs[:1]),
+            "passes": sum(recorder.counts.values()) + len(gibbs_inputs)}
+
+
+def overhead_table(methods, device, out):
+    rows = []
+    for method in methods:
+        print(f"{method} overhead ...", flush=True)
+        rows.append(overhead_row(method, device, min_seconds=3.0))
+        if out:
+            with open(out, "w") as f:
+                json.dump({"device": str(device), "rows": rows}, f, indent=2)
+    print(f"\n{'method':<7}{'dataset':<9}{'batch':>6}{'passes':>8}{'iteration s':>13}"
+          f"{'passes s':>10}{'ratio':>7}{'longest pass s':>16}")
+    for row in rows:
+        print(f"{row['method']:<7}{row['dataset']:<9}{row['batch']:>6}{row['passes']:>8}"
+              f"{row['iteration_s']:>13.3f}{row['passes_s']:>10.3f}{row['ratio']:>7.2f}"
+              f"{row['longest_pass_s']:>16.3f}")
 
 
 def print_table(result: dict):
     print(f"\ndevice: {result['device']}; measured matmul rate fp32 "
           f"{result['matmul_tflops_fp32']:.3f}, bf16 {result['matmul_tflops_bf16']:.3f} TFLOP/s")
-    header = (f"{'method':<7}{'config':<7}{'variant':<11}{'dataset':<14}{'batch':>6}"
-              f"{'TFLOP/it':>11}{'it/s':>9}{'TFLOP/s':>9}{'floor':>7}{'peak GiB':>9}  sampler")
+    header = (f"{'method':<7}{'config':<7}{'variant':<15}{'dataset':<14}{'batch':>6}"
+              f"{'TFLOP/it':>11}{'it/s':>9}{'TFLOP/s':>9}{'floor':>7}{'peak GiB':>9}"
+              f"{'50k min':>9}  sampler")
     print(header)
     for row in result["rows"]:
         timed = "it_per_s" in row
-        print(f"{row['method']:<7}{row['config']:<7}{row['variant']:<11}{row['dataset']:<14}"
+        print(f"{row['method']:<7}{row['config']:<7}{row['variant']:<15}{row['dataset']:<14}"
               f"{row['batch']:>6}"
               f"{row['flops_per_iteration'] / 1e12:>11.4g}"
               + (f"{row['it_per_s']:>9.3g}{row['tflops_achieved']:>9.3g}"
                  f"{row['floor_fraction']:>7.1%}" if timed else f"{'-':>9}{'-':>9}{'-':>7}")
               + (f"{row['peak_memory_gib']:>9.2f}" if "peak_memory_gib" in row else f"{'-':>9}")
-              + (f"  {row['sampler']:.4g} {row['sampler_unit']}" if timed else f"  {row['timed']}"))
+              + (f"{row['minutes_for_50k_samples']:>9.3g}  {row['sampler']:.4g} "
+                 f"{row['sampler_unit']}" if timed else f"{'-':>9}  {row['timed']}"))
 
 
 def main():
@@ -202,12 +332,16 @@ def main():
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
     parser.add_argument("--configs", nargs="+", default=["paper", "2d"], choices=["paper", "2d"])
-    parser.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=["none", "bf16"],
-                        help="precisions to time (each script's --amp)")
-    parser.add_argument("--seconds", type=float, default=5.0,
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        metavar="VARIANT", help=f"variants to time: {', '.join(VARIANTS)}")
+    parser.add_argument("--seconds", type=float, default=3.0,
                         help="minimum timing window per measurement")
+    parser.add_argument("--overhead", action="store_true",
+                        help="measure the overhead ratio instead (see the docstring)")
     options = parser.parse_args()
     device = common.pick_device(options.device)
+    if options.overhead:
+        return overhead_table(options.methods, device, options.out)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rates = {"fp32": matmul_rate(device, torch.float32),
              "bf16": matmul_rate(device, torch.bfloat16)}
@@ -216,9 +350,10 @@ def main():
               "matmul_tflops_bf16": rates["bf16"] / 1e12, "rows": []}
     for method in options.methods:
         for config in options.configs:
-            for amp in options.amp:
-                print(f"{method} {config} {amp} ...", flush=True)
-                result["rows"].append(measure(method, config, amp, device, rates, options.seconds))
+            for variant in options.variants:
+                print(f"{method} {config} {variant} ...", flush=True)
+                result["rows"].append(measure(method, config, variant, device, rates,
+                                              options.seconds))
             if options.out:
                 with open(options.out, "w") as f:
                     json.dump(result, f, indent=2)

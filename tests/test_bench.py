@@ -41,8 +41,8 @@ def test_paper_iteration_flops_scale_with_the_batch():
 def test_one_command_writes_the_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     script = os.path.join(ROOT, "benchmarks", "bench.py")
-    argv = ["--device", "cpu", "--methods", "dcd", "--configs", "2d", "--amp", "none", "--seconds",
-            "0.2", "--out", str(out)]
+    argv = ["--device", "cpu", "--methods", "dcd", "--configs", "2d", "--variants", "eager fp32",
+            "--seconds", "0.2", "--out", str(out)]
     proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -52,3 +52,21 @@ def test_one_command_writes_the_table_and_json(tmp_path):
     achieved = row["flops_per_iteration"] * row["it_per_s"]
     assert row["floor_fraction"] == pytest.approx(achieved / (result["matmul_tflops_fp32"] * 1e12))
     assert row["sampler_unit"] == "samples/s" and "TFLOP/it" in proc.stdout
+    assert row["minutes_for_50k_samples"] == pytest.approx(50_000 / row["sampler"] / 60)
+
+
+def test_pass_recorder_counts_each_kind_of_pass():
+    net = torch.nn.Linear(4, 1)
+    x = torch.randn(5, 4)
+    with bench.RecordPasses([net]) as recorder:
+        for _ in range(3):  # a sampler: forward, then the input gradient
+            x_var = x.clone().requires_grad_(True)
+            torch.autograd.grad(net(x_var).sum(), x_var)
+        net(x).sum().backward()  # a loss
+        with torch.no_grad():
+            net(torch.randn(7, 4))  # an evaluation at another batch size
+    assert recorder.counts == {(0, ((5, 4),), "input-grad", True): 3,
+                               (0, ((5, 4),), "param-grad", True): 1,
+                               (0, ((7, 4),), "none", True): 1}
+    for key, inputs in recorder.inputs.items():
+        bench.isolated_pass(net, inputs, key[2])()  # each replays

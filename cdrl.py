@@ -141,7 +141,7 @@ class Args:
     to fp32 (MH arithmetic, reductions, the Gibbs softmax and the EMA stay fp32); none: fp32"""
     compile: bool = False
     """torch.compile the samplers' energy-and-input-gradient pass (forward, input gradient and the
-    arithmetic around them in one fused graph per input shape; the first calls compile)"""
+    arithmetic around them in one fused, shape-generic graph; the first call compiles)"""
 
     # ---- CDRL ----
     initializer_lr: Optional[float] = None

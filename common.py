@@ -426,9 +426,9 @@ def compiled(function, enabled: bool):
     torch.autograd.grad (otherwise the graph breaks there), so an energy-and-input-gradient function
     becomes one graph: forward, input gradient and the elementwise work fused. Shape-generic
     (dynamic=True), so one compilation serves the training batch, the sampler's batch and the
-    pictures' sizes (half the compile time of a static first graph and a dynamic recompile, and no
-    slower per call on a CPU); torch.compile keeps its cache on the code object, so wrapping again
-    is cheap."""
+    pictures' sizes (about half the compile time of a static first graph plus a dynamic recompile:
+    docs/RESULTS.md); torch.compile keeps its cache on the code object, so wrapping again is
+    cheap."""
     if not enabled:
         return function
     torch._dynamo.config.trace_autograd_ops = True

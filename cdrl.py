@@ -142,6 +142,9 @@ class Args:
     compile: bool = False
     """torch.compile the samplers' energy-and-input-gradient pass (forward, input gradient and the
     arithmetic around them in one fused, shape-generic graph; the first call compiles)"""
+    channels_last: bool = False
+    """keep the image network's convolution weights (and so its activations) channels-last (NHWC),
+    the layout GPU tensor cores convolve without transposing; 2D networks have no convolutions"""
 
     # ---- CDRL ----
     initializer_lr: Optional[float] = None
@@ -740,8 +743,9 @@ def build_model(args) -> CDRL:
         initializer = UNetInitializer(args.image_channels, args.init_channels,
                                       args.init_channel_mult,
                                       args.init_blocks, args.init_dropout, num_classes)
-    return CDRL(ebm, initializer, level_tables(args), amp=args.amp == "bf16",
-                compile_sampler=args.compile)
+    model = CDRL(ebm, initializer, level_tables(args), amp=args.amp == "bf16",
+                 compile_sampler=args.compile)
+    return common.memory_layout(model, args.channels_last)
 
 
 def sample_labels(n: int, args, device):

@@ -435,6 +435,14 @@ def compiled(function, enabled: bool):
     return torch.compile(function, dynamic=True)
 
 
+def memory_layout(model, channels_last: bool):
+    """--channels-last: the model's 4D tensors (convolution weights) stored NHWC, so convolutions
+    return NHWC activations and their input gradients; nn.Module.to changes no other tensor, so a 2D
+    network is untouched. load_state_dict copies into these tensors and keeps their layout: a
+    checkpoint does not depend on it."""
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def every(done: int, interval: int, total: int) -> bool:
     """True at iterations that are a multiple of `interval` and at the last one (done counts from
     1)."""
@@ -573,12 +581,12 @@ def set_image_shape(args):
 # --------------------------------------------------------------------------------------------------
 # The run folder: refusal of a used folder, checks before training, metrics, signals
 # --------------------------------------------------------------------------------------------------
-# Args fields that may change on --resume in every script: run length, logging, saving, device and
-# precision, where the data are (their shape is re-read from the data); each script adds its
-# sampling options.
+# Args fields that may change on --resume in every script: run length, logging, saving, device,
+# precision and memory layout, where the data are (their shape is re-read from the data); each
+# script adds its sampling options.
 RESUMABLE = {"exp_name", "data_dir", "run_dir", "steps", "device", "log_every", "sample_every",
-             "save_every", "resume", "save_minutes", "amp", "compile", "image_size",
-             "image_channels"}
+             "save_every", "resume", "save_minutes", "amp", "compile", "channels_last",
+             "image_size", "image_channels"}
 
 
 def run_dir_of(args) -> str:

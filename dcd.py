@@ -158,6 +158,9 @@ class Args:
     compile: bool = False
     """torch.compile the samplers' energy-and-input-gradient pass (forward, input gradient and the
     arithmetic around them in one fused, shape-generic graph; the first call compiles)"""
+    channels_last: bool = False
+    """keep the image network's convolution weights (and so its activations) channels-last (NHWC),
+    the layout GPU tensor cores convolve without transposing; 2D networks have no convolutions"""
 
     # ---- DCD ----
     task: Literal["generate", "denoise"] = "generate"
@@ -544,7 +547,8 @@ def build_model(args) -> DCD:
     else:
         net = ResNetEnergy(args.image_channels, args.ebm_channels, args.ebm_channel_mult,
                            args.ebm_blocks, args.num_levels)
-    return DCD(net, level_tables(args), amp=args.amp == "bf16", compile_sampler=args.compile)
+    model = DCD(net, level_tables(args), amp=args.amp == "bf16", compile_sampler=args.compile)
+    return common.memory_layout(model, args.channels_last)
 
 
 def sample(model: DCD, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:

@@ -147,6 +147,9 @@ class Args:
     compile: bool = False
     """torch.compile the samplers' energy-and-input-gradient pass (forward, input gradient and the
     arithmetic around them in one fused, shape-generic graph; the first call compiles)"""
+    channels_last: bool = False
+    """keep the image network's convolution weights (and so its activations) channels-last (NHWC),
+    the layout GPU tensor cores convolve without transposing; 2D networks have no convolutions"""
 
     # ---- DA-EBM ----
     num_levels: Optional[int] = None
@@ -665,9 +668,10 @@ def build_model(args) -> DAEBM:
         net = ResNetTemb(args.image_channels, args.image_size, args.channels,
                          tuple(args.channel_mult), args.num_levels)
     betas, _ = sqrtcumlinear_schedule(args.num_levels, args.beta_start, args.beta_end)
-    return DAEBM(kaiming_init(net), args.num_levels, args.beta_start, args.beta_end,
-                 initial_step_sizes(args, betas), amp=args.amp == "bf16",
-                 compile_sampler=args.compile)
+    model = DAEBM(kaiming_init(net), args.num_levels, args.beta_start, args.beta_end,
+                  initial_step_sizes(args, betas), amp=args.amp == "bf16",
+                  compile_sampler=args.compile)
+    return common.memory_layout(model, args.channels_last)
 
 
 def sample(model: DAEBM, n: int, args, device, step_multiplier: int = 1) -> torch.Tensor:

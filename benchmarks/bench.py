@@ -10,7 +10,8 @@ script's own PRESETS) and at its 2D quick-start configuration:
   function: samplers, loss, backward, optimizer), counted with torch.utils.flop_counter's formulas
   on the meta device (shapes only, so paper scale is counted in seconds on any machine);
 - variants: eager fp32, eager bf16 (`--amp bf16` of the scripts), compiled fp32 and compiled bf16
-  (`--compile`), each timed (compilation happens in the warm-up, outside the timing);
+  (`--compile`), each timed (compilation happens in the warm-up, outside the timing), and for the
+  image configurations compiled bf16 with `--channels-last` ("NHWC");
 - it/s: training iterations per second on the device (synthetic data of the right shape, after
   warm-up), and the achieved TFLOP/s = flops x it/s;
 - floor: the share of the device's own measured matrix-multiply rate (fp32, or bf16 for the --amp
@@ -71,13 +72,17 @@ class CountFlops(TorchDispatchMode):
 
 
 DAEBM_TRANSITIONS_PER_SAMPLE = 2500  # issue 13's figure for a trained MNIST model (not measured)
-VARIANTS = {"eager fp32": ("none", False), "eager bf16": ("bf16", False),
-            "compiled fp32": ("none", True), "compiled bf16": ("bf16", True)}
+# variant -> (--amp, --compile, --channels-last)
+VARIANTS = {"eager fp32": ("none", False, False), "eager bf16": ("bf16", False, False),
+            "compiled fp32": ("none", True, False), "compiled bf16": ("bf16", True, False),
+            "compiled bf16 NHWC": ("bf16", True, True)}
 
 
-def method_args(method: str, config: str, amp: str = "none", compile: bool = False):
+def method_args(method: str, config: str, amp: str = "none", compile: bool = False,
+                channels_last: bool = False):
     dataset = PAPER_DATASET[method] if config == "paper" else METHODS[method].Args().dataset
-    return METHODS[method].Args(dataset=dataset, device="cpu", amp=amp, compile=compile)
+    return METHODS[method].Args(dataset=dataset, device="cpu", amp=amp, compile=compile,
+                                channels_last=channels_last)
 
 
 def training_iteration(method: str, args, device):
@@ -179,9 +184,8 @@ def sampler_throughput(method: str, model, args, device, min_seconds: float):
 def measure(method: str, config: str, variant: str, device, rates: dict,
             min_seconds: float) -> dict:
     """One row: FLOPs counted in fp32 (the same operations run in bf16), the rest timed."""
-    amp, compile = VARIANTS[variant]
-    args = method_args(method, config, amp, compile)
-    rate = rates["bf16" if amp == "bf16" else "fp32"]
+    args = method_args(method, config, *VARIANTS[variant])
+    rate = rates["bf16" if args.amp == "bf16" else "fp32"]
     row = {"method": method, "config": config, "dataset": args.dataset, "batch": args.batch_size,
            "variant": variant,
            "flops_per_iteration": count_flops(method, method_args(method, config))}
@@ -310,13 +314,13 @@ def overhead_table(methods, device, out):
 def print_table(result: dict):
     print(f"\ndevice: {result['device']}; measured matmul rate fp32 "
           f"{result['matmul_tflops_fp32']:.3f}, bf16 {result['matmul_tflops_bf16']:.3f} TFLOP/s")
-    header = (f"{'method':<7}{'config':<7}{'variant':<15}{'dataset':<14}{'batch':>6}"
+    header = (f"{'method':<7}{'config':<7}{'variant':<19}{'dataset':<14}{'batch':>6}"
               f"{'TFLOP/it':>11}{'it/s':>9}{'TFLOP/s':>9}{'floor':>7}{'peak GiB':>9}"
               f"{'50k min':>9}  sampler")
     print(header)
     for row in result["rows"]:
         timed = "it_per_s" in row
-        print(f"{row['method']:<7}{row['config']:<7}{row['variant']:<15}{row['dataset']:<14}"
+        print(f"{row['method']:<7}{row['config']:<7}{row['variant']:<19}{row['dataset']:<14}"
               f"{row['batch']:>6}"
               f"{row['flops_per_iteration'] / 1e12:>11.4g}"
               + (f"{row['it_per_s']:>9.3g}{row['tflops_achieved']:>9.3g}"
@@ -351,6 +355,8 @@ def main():
     for method in options.methods:
         for config in options.configs:
             for variant in options.variants:
+                if config == "2d" and VARIANTS[variant][2]:
+                    continue  # an MLP has no convolution weights to lay out
                 print(f"{method} {config} {variant} ...", flush=True)
                 result["rows"].append(measure(method, config, variant, device, rates,
                                               options.seconds))

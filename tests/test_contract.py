@@ -196,12 +196,14 @@ def test_resume_refuses_changed_method_settings_naming_all(method, tmp_path, cap
 
 @ALL
 def test_resume_may_switch_the_speed_paths(method, tmp_path):
-    # precision and compilation change how fast, not what is trained: both may change on --resume
+    # precision, compilation and memory layout change how fast, not what is trained: each may
+    # change on --resume
     run = tmp_path / "run"
     cli(method, as_argv(tiny_fields(method, run, steps=10)))
     resumed = common.parse_args(METHODS[method].Args, method,
-                                ["--resume", "--run-dir", str(run), "--amp", "bf16", "--compile"])
-    assert resumed.amp == "bf16" and resumed.compile
+                                ["--resume", "--run-dir", str(run), "--amp", "bf16", "--compile",
+                                 "--channels-last"])
+    assert resumed.amp == "bf16" and resumed.compile and resumed.channels_last
     saved = load(run / "ckpt.pt")["args"]
     common.check_resume_args(resumed, saved, METHODS[method].RESUMABLE, str(run))
     resumed.seed += 1

@@ -51,6 +51,33 @@ def test_bf16_input_gradient_matches_fp32(method, image_folder):
     assert cosine > 0.99, cosine
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_channels_last_input_gradient_matches_contiguous(method, image_folder):
+    def build(**overrides):
+        return METHODS[method].build_model(tiny_args(method, "unused", image_folder, image_size=8,
+                                                     image_channels=3, **overrides)).eval()
+
+    plain, nhwc = build(), build(channels_last=True)
+    nhwc.load_state_dict(plain.state_dict())
+    convs = [p for p in nhwc.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)  # the layout really changed (1x1: both)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                 nhwc.state_dict().values()))
+    x = torch.rand(16, 3, 8, 8) * 2 - 1
+    g_plain, g_nhwc = input_gradient(method, plain, x), input_gradient(method, nhwc, x)
+    # fp32 either way: only the convolution kernels' order of operations differs
+    assert ((g_nhwc - g_plain).norm() / g_plain.norm()).item() < 1e-4
+
+
+def test_channels_last_leaves_a_2d_network_alone():
+    args = tiny_args("cdrl", "unused")
+    plain = METHODS["cdrl"].build_model(args)
+    args.channels_last = True
+    nhwc = METHODS["cdrl"].build_model(args)
+    assert [p.stride() for p in plain.parameters()] == [p.stride() for p in nhwc.parameters()]
+
+
 class LinearGaussianNet(nn.Module):
     """f(x, t) = -||L (x - m)||² / 2 with L a Linear layer (so that autocast applies to it): the
     Gaussian N(m, (LᵀL)⁻¹) at every level."""

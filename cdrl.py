@@ -693,12 +693,14 @@ def cdrl_step(model: CDRL, x0, labels, args, optimizers):
                                 args.langevin_steps)
     f_neg = model.f(refined, level, labels)
     (weight * f_neg).mean().backward()
+    common.average_gradients(model.ebm.parameters())  # torchrun: the global batch's gradient
     ebm_grad = torch.nn.utils.clip_grad_norm_(model.ebm.parameters(), args.grad_clip)
     ebm_opt.step()
 
     # initializer: sum of squares over coordinates, mean over the batch
     init_loss = (refined - proposal).pow(2).flatten(1).sum(1).mean()
     init_loss.backward()
+    common.average_gradients(model.initializer.parameters())
     init_grad = torch.nn.utils.clip_grad_norm_(model.initializer.parameters(), args.grad_clip)
     init_opt.step()
     ebm_loss = (weight * (f_neg.detach() - f_pos.detach())).mean()
@@ -818,9 +820,10 @@ def save_pictures(model: CDRL, args, tag, device, box):
 
 
 def main(args: Args):
-    device = common.pick_device(args.device)
+    device = common.start_processes(args.device)
     ckpt = common.open_run(args, "cdrl", RESUMABLE)
     common.seed_everything(args.seed)
+    common.check_divisible(batch_size=args.batch_size)
 
     # ---- data ----
     train_data, box = common.training_data(args)
@@ -835,6 +838,7 @@ def main(args: Args):
 
     # ---- model, optimisers, EMA ----
     model = build_model(args).to(device)
+    common.broadcast_from_main(model)
     ema = copy.deepcopy(model).requires_grad_(False)
     ebm_opt = torch.optim.Adam(model.ebm.parameters(), lr=args.lr, betas=(0.9, 0.999))
     init_opt = torch.optim.AdamW(model.initializer.parameters(), lr=args.initializer_lr,
@@ -886,6 +890,8 @@ def main(args: Args):
             sample_now = common.every(done, args.sample_every, args.steps)
             save_now = common.every(done, args.save_every, args.steps) or guard.save_due()
             if log_now or sample_now or save_now:
+                loss, init_loss, energy_pos, energy_neg = common.mean_over_ranks(
+                    loss, init_loss, energy_pos, energy_neg)
                 common.stop_if_diverged(done, loss, energy_pos, energy_neg, args.run_dir,
                                         "Lower --lr or --step-scale.")
             if log_now:
@@ -893,7 +899,7 @@ def main(args: Args):
                                "energy_neg": energy_neg.item(), "grad_norm": grad_norm.item(),
                                "lr": ebm_opt.param_groups[0]["lr"], "init_loss": init_loss.item(),
                                "init_grad_norm": init_grad_norm.item()})
-            if sample_now:
+            if sample_now and common.is_main():
                 with common.own_rng(args.seed + done):
                     save_pictures(ema, args, f"{done:08d}", device, box)
             if save_now:
@@ -902,7 +908,7 @@ def main(args: Args):
                 guard.exit_if_stopped(args.run_dir, done, "cdrl.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")
     # resumed a finished run: only draw samples (e.g. with new sampling options)
-    if start_step >= args.steps:
+    if common.end_processes() and start_step >= args.steps:
         with common.own_rng(args.seed + args.steps):
             save_pictures(ema, args,
                           f"{args.steps:08d}_K{args.sample_langevin_steps}_w{args.guidance:g}",

@@ -1,8 +1,9 @@
 """Method-agnostic plumbing shared by the method scripts and the evaluator.
 
-Datasets (2D toys and image sets), seeding and devices, the run folder and metric log, checkpoint
-I/O, image grids and 2D pictures. Nothing here knows about energies, noise schedules, samplers or
-losses: those live in each method script so that one script plus this file can be copied alone.
+Datasets (2D toys and image sets), seeding and devices, several processes under torchrun, the run
+folder and metric log, checkpoint I/O, image grids and 2D pictures. Nothing here knows about
+energies, noise schedules, samplers or losses: those live in each method script so that one script
+plus this file can be copied alone.
 """
 import contextlib
 import dataclasses
@@ -18,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 TOY_2D = ("rings", "8gaussians", "checkerboard", "swissroll", "pinwheel", "2spirals")
 IMAGE_SETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn", "celeba")
@@ -339,13 +341,14 @@ class EpochLoader:
         return torch.randperm(len(self.data), generator=self.generator).to(self.data.device)
 
     def next(self) -> torch.Tensor:
+        """This rank's share (`shard`) of the next global batch; every rank keeps the same order."""
         # drop the ragged end, as drop_last does
         if self.position + self.batch_size > len(self.order):
             self.order = self.shuffled()
             self.position = 0
         idx = self.order[self.position: self.position + self.batch_size]
         self.position += self.batch_size
-        return self.data[idx]
+        return self.data[shard(idx)]
 
     def state_dict(self):
         return {"generator": self.generator.get_state(), "order": self.order,
@@ -377,6 +380,9 @@ def to_model_space(batch: torch.Tensor) -> torch.Tensor:
 # Seeding, devices, run folder, logging
 # --------------------------------------------------------------------------------------------------
 def seed_everything(seed: int):
+    """Seed the global generators; under torchrun rank r uses seed + r (rank 0 draws what one
+    process draws), so that the ranks' noise is independent."""
+    seed += rank_and_world()[0]
     torch.manual_seed(seed)
     np.random.seed(seed)
 
@@ -402,6 +408,152 @@ def pick_device(name: str) -> torch.device:
         torch.backends.cudnn.benchmark = True
         return device
     return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes (torchrun): data parallel, --batch-size is the global batch
+# --------------------------------------------------------------------------------------------------
+def rank_and_world() -> tuple:
+    """(this process's rank, number of processes); (0, 1) without torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """Rank 0, the one process that prints, logs, draws pictures and writes checkpoints."""
+    return rank_and_world()[0] == 0
+
+
+def start_processes(device_name: str) -> torch.device:
+    """This process's device. Under torchrun with several processes (WORLD_SIZE > 1): join the
+    process group (NCCL on CUDA, one GPU per process by LOCAL_RANK; gloo on a CPU) unless the caller
+    has joined one already, and silence stdout on every rank but 0 (errors still reach stderr). One
+    process, with or without torchrun, is the plain single-device run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return device
+    if device.type == "cuda":
+        if device.index is not None:
+            raise UserError(f"--device {device_name} under torchrun: each process takes the GPU "
+                            "of its LOCAL_RANK; use --device auto or cuda (choose GPUs with "
+                            "CUDA_VISIBLE_DEVICES)")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        _PROCESS_GROUP["ours"] = True
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        if dist.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")
+    return device
+
+
+_PROCESS_GROUP = {"ours": False}  # whether start_processes created the group (then it ends it)
+
+
+def end_processes() -> bool:
+    """After the training loop: the ranks wait for each other and leave the process group (unless
+    the caller made it); what follows (final pictures and samples) is rank 0's alone. True on rank
+    0 (and with one process)."""
+    rank, world = rank_and_world()
+    if world > 1:
+        dist.barrier()
+        if _PROCESS_GROUP["ours"]:
+            dist.destroy_process_group()
+    return rank == 0
+
+
+def check_divisible(**sizes):
+    """Global sizes (batch, chains) must split evenly over the processes: one clear line if not."""
+    world = rank_and_world()[1]
+    for name, value in sizes.items():
+        if value % world:
+            raise UserError(f"--{name.replace('_', '-')} {value} does not split over {world} "
+                            f"processes; use a multiple of {world}")
+
+
+def shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a global tensor, as its own tensor: rows rank, rank + world, ... (the
+    tensor itself with one process)."""
+    rank, world = rank_and_world()
+    return tensor[rank::world].contiguous() if world > 1 else tensor
+
+
+def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `shard` back into the global tensor in its global row order (a collective: every
+    rank calls it)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts, 1).flatten(0, 1)
+
+
+def average_gradients(parameters):
+    """Replace every rank's gradients by their mean over the ranks: one all-reduce of one flat
+    buffer (each rank's loss is a mean over its equal share of the global batch, so the mean of
+    the ranks' gradients is the gradient of the global batch's loss). Explicit rather than
+    DistributedDataParallel: the samplers run the network many times for input gradients only,
+    which DDP's one-forward-one-backward hooks do not expect; overlapping the all-reduce with the
+    loss's backward could hide it only behind that one pass of the many per iteration."""
+    if rank_and_world()[1] == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= rank_and_world()[1]
+    torch._foreach_copy_(grads, [part.view_as(g) for part, g in
+                                 zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def sum_over_ranks_(*tensors):
+    """In place: each tensor becomes its sum over the ranks (a collective)."""
+    if rank_and_world()[1] > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+
+
+def mean_over_ranks(*tensors) -> tuple:
+    """Each tensor's mean over the ranks, as new tensors (for logged figures)."""
+    if rank_and_world()[1] == 1:
+        return tensors
+    stacked = torch.stack([t.detach().float() for t in tensors])
+    dist.all_reduce(stacked)
+    return tuple(stacked / rank_and_world()[1])
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any (a collective): decisions that must be the same
+    everywhere (save, stop, diverged)."""
+    if rank_and_world()[1] == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast_from_main(module):
+    """Every parameter and buffer of `module` set to rank 0's (the ranks build their models from
+    different random streams)."""
+    if rank_and_world()[1] > 1:
+        for tensor in module.state_dict().values():
+            dense = tensor.contiguous()  # a channels-last weight travels as a dense copy
+            dist.broadcast(dense, 0)
+            tensor.copy_(dense)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (small: random states, statistics), in rank order, on every rank."""
+    out = [None] * rank_and_world()[1]
+    dist.all_gather_object(out, obj)
+    return out
 
 
 @contextlib.contextmanager
@@ -628,7 +780,14 @@ def open_run(args, method: str, resumable: set):
 def prepare_run_dir(args, step: int):
     """Create the run folder, remove temp files left by a killed save, cut metrics.jsonl back to
     `step` (the checkpoint's, so a resumed run has no duplicate records) and write args.json (the
-    resolved settings)."""
+    resolved settings). Rank 0 does it while the other ranks wait."""
+    if is_main():
+        _write_run_dir(args, step)
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def _write_run_dir(args, step: int):
     os.makedirs(args.run_dir, exist_ok=True)
     for name in os.listdir(args.run_dir):
         if name.endswith(".tmp"):
@@ -673,8 +832,10 @@ def stop_if_diverged(step: int, loss: torch.Tensor, energy_pos, energy_neg, run_
     a non-finite `also_finite` tensor (persistent chains), before it is logged or saved, saying
     whether a good checkpoint exists."""
     state_ok = also_finite is None or torch.isfinite(also_finite).all().item()
-    if state_ok and torch.isfinite(loss).item() and loss.abs().item() <= 1e8:
+    if not any_rank(not (state_ok and torch.isfinite(loss).item() and loss.abs().item() <= 1e8)):
         return
+    if not is_main():
+        sys.exit(1)
     path = os.path.join(run_dir, "ckpt.pt")
     kept = (f"the last good checkpoint {path} (step {torch.load(path, weights_only=True)['step']}) "
             "is kept"
@@ -692,6 +853,8 @@ class MetricLog:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.total, self.last_step, self.last_time = total_steps, start_step, time.time()
         self.tb = None
+        if not is_main():  # one log per run: rank 0's
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -700,6 +863,8 @@ class MetricLog:
             self.tb = None
 
     def log(self, step: int, metrics: dict, echo: bool = True):
+        if not is_main():
+            return
         now = time.time()
         rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
         self.last_step, self.last_time = step, now
@@ -748,10 +913,11 @@ class Progress:
 class StopGuard:
     """While training: SIGINT / SIGTERM (Ctrl-C, cluster preemption) ask the loop to finish the
     iteration, save and exit; a second signal stops at once. `save_due()` is also true every
-    `save_minutes` of wall clock."""
+    `save_minutes` of wall clock. Under torchrun the ranks agree every iteration (one tiny
+    all-reduce) so that all save and stop at the same step, whichever rank saw the signal."""
 
     def __init__(self, save_minutes: float):
-        self.signal_name, self.interval = None, save_minutes * 60
+        self.signal_name, self.interval, self.stopping = None, save_minutes * 60, False
         self.last_save = time.time()
         self.previous = {}
 
@@ -775,8 +941,9 @@ class StopGuard:
               file=sys.stderr, flush=True)
 
     def save_due(self) -> bool:
-        return self.signal_name is not None or (self.interval > 0 and time.time()
-                                                - self.last_save >= self.interval)
+        self.stopping = any_rank(self.signal_name is not None)
+        return self.stopping or any_rank(self.interval > 0 and time.time() - self.last_save
+                                         >= self.interval)
 
     def saved(self):
         self.last_save = time.time()
@@ -784,11 +951,13 @@ class StopGuard:
     def exit_if_stopped(self, run_dir: str, step: int, script: str):
         """After the save: tell how to resume and exit non-zero (130 for SIGINT, 143 for
         SIGTERM)."""
-        if self.signal_name is None:
+        if not self.stopping:
             return
-        print(f"stopped by {self.signal_name} at step {step}; checkpoint saved. Continue with:\n"
-              f"  python {script} --resume --run-dir {run_dir}", file=sys.stderr, flush=True)
-        sys.exit(130 if self.signal_name == "SIGINT" else 143)
+        name = self.signal_name or "SIGTERM"  # a rank the signal did not reach: another rank's
+        if is_main():
+            print(f"stopped by {name} at step {step}; checkpoint saved. Continue with:\n"
+                  f"  python {script} --resume --run-dir {run_dir}", file=sys.stderr, flush=True)
+        sys.exit(130 if name == "SIGINT" else 143)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -796,7 +965,10 @@ class StopGuard:
 # --------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if rank_and_world()[1] > 1:  # one GPU per process: only its own generator
+        if torch.cuda.is_initialized():
+            state["cuda_device"] = torch.cuda.get_rng_state()
+    elif torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -805,6 +977,8 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_device"])
 
 
 def update_ema(ema, model, decay: float, copy_buffers: bool):
@@ -816,12 +990,29 @@ def update_ema(ema, model, decay: float, copy_buffers: bool):
             torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
 
 
-def checkpoint_state(method: str, args, step: int, model, ema, **method_state) -> dict:
+def checkpoint_state(method: str, args, step: int, model, ema, rank_state=None,
+                     **method_state) -> dict:
     """The checkpoint dict: the part every method has, then the method's own entries (optimizer,
-    scheduler, loader, chains, ...)."""
-    return {"method": method, "format": CHECKPOINT_FORMAT, "args": args_to_dict(args), "step": step,
-            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "rng": rng_state(), **method_state}
+    scheduler, loader, chains, ...), all global (the same on every rank, or gathered). Under
+    torchrun also "ranks": each rank's random state and `rank_state` (its own statistics), for an
+    exact resume with the same number of processes (a collective: every rank calls it)."""
+    state = {"method": method, "format": CHECKPOINT_FORMAT, "args": args_to_dict(args),
+             "step": step, "model": model.state_dict(),
+             "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(),
+             **method_state}
+    if rank_and_world()[1] > 1:
+        own = {"rng": rng_state(), **{key: value.cpu() for key, value in
+                                      (rank_state or {}).items()}}
+        state["ranks"] = gather_objects(own)
+    return state
+
+
+def own_rank_state(ckpt: dict):
+    """This rank's entry of a checkpoint's "ranks" when it was written by as many processes as run
+    now; None otherwise (one process, or another number)."""
+    rank, world = rank_and_world()
+    saved = ckpt.get("ranks")
+    return saved[rank] if saved is not None and len(saved) == world and world > 1 else None
 
 
 def restore(ckpt: dict, model, ema, loader) -> int:
@@ -832,8 +1023,20 @@ def restore(ckpt: dict, model, ema, loader) -> int:
     if ema is not None:
         ema.load_state_dict(ckpt["ema"])
     loader.load_state_dict(ckpt["loader"])
-    set_rng_state(ckpt["rng"])
+    rank, world = rank_and_world()
+    saved_world = len(ckpt.get("ranks") or [None])
+    own = own_rank_state(ckpt)
+    if own is not None:
+        set_rng_state(own["rng"])
+    elif rank == 0:
+        set_rng_state(ckpt["rng"])
+    else:  # another number of processes: a new stream for this rank, reproducible from the step
+        torch.manual_seed(ckpt["args"]["seed"] + rank + 100_003 * ckpt["step"])
     print(f"resuming at step {ckpt['step']}")
+    if saved_world != world:
+        print(f"note: the checkpoint was written by {saved_world} process(es) and {world} run now: "
+              "chains and batches are re-split and the random streams of ranks other than 0 "
+              "re-seeded, so the run goes on correctly but not bitwise as it would have")
     return ckpt["step"]
 
 
@@ -857,7 +1060,9 @@ def _atomic_save(state: dict, path: str):
 def save_checkpoint(state: dict, run_dir: str, snapshot_step=None):
     """Write {run_dir}/ckpt.pt atomically (temp file + os.replace); optionally also ckpt_{step}.pt.
     A failed write (full disk, ...) removes its temp file and leaves the previous checkpoint as it
-    was."""
+    was. Rank 0 writes; the others return at once."""
+    if not is_main():
+        return
     _atomic_save(state, os.path.join(run_dir, "ckpt.pt"))
     if snapshot_step is not None:
         _atomic_save(state, os.path.join(run_dir, f"ckpt_{snapshot_step:08d}.pt"))

@@ -525,6 +525,7 @@ def dcd_step(model: DCD, x0, args, optimizer):
     optimizer.zero_grad(set_to_none=True)
     loss, e_pos, e_neg, diagnostic = dcd_loss(model, x0, args)
     loss.backward()
+    common.average_gradients(model.parameters())  # torchrun: the global batch's gradient
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip
                                                if args.grad_clip > 0 else math.inf)
     optimizer.step()
@@ -614,9 +615,10 @@ def save_pictures(model: DCD, args, tag, device, box):
 
 
 def main(args: Args):
-    device = common.pick_device(args.device)
+    device = common.start_processes(args.device)
     ckpt = common.open_run(args, "dcd", RESUMABLE)
     common.seed_everything(args.seed)
+    common.check_divisible(batch_size=args.batch_size)
 
     # ---- data ----
     train_data, box = common.training_data(args)
@@ -633,6 +635,7 @@ def main(args: Args):
 
     # ---- model, optimiser, EMA ----
     model = build_model(args).to(device)
+    common.broadcast_from_main(model)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     start_step = 0
@@ -668,10 +671,12 @@ def main(args: Args):
             sample_now = common.every(done, args.sample_every, args.steps)
             save_now = common.every(done, args.save_every, args.steps) or guard.save_due()
             if log_now or sample_now or save_now:
+                loss, energy_pos, energy_neg, diagnostic = common.mean_over_ranks(
+                    loss, energy_pos, energy_neg, diagnostic)
                 common.stop_if_diverged(done, loss, energy_pos, energy_neg, args.run_dir,
                                         "Lower --lr, --step-ratio or --cd-step-size.")
             scores = {}
-            if sample_now:
+            if sample_now and common.is_main():
                 with common.own_rng(args.seed + done):
                     save_pictures(ema, args, f"{done:08d}", device, box)
                     if heldout is not None:
@@ -690,6 +695,7 @@ def main(args: Args):
                 guard.saved()
                 guard.exit_if_stopped(args.run_dir, done, "dcd.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")
+    common.end_processes()
 
 
 if __name__ == "__main__":

@@ -498,8 +498,10 @@ def mgms_transition(model: DAEBM, x, t, args, metropolis: bool, stats=None):
 def adapt_step_sizes(model: DAEBM, accept_stats, metropolis: bool):
     """Every --adapt-every iterations: per level, step x 1.1 above 0.8 mean acceptance, / 1.2 below
     0.6 (levels no chain visited keep theirs; only once MH is on), then reset the window. On the
-    device, no sync. Returns the window's mean acceptance over all levels."""
+    device, no sync; under torchrun the window is summed over the ranks first, so that every rank
+    adapts alike. Returns the window's mean acceptance over all levels."""
     accept_sum, accept_count = accept_stats
+    common.sum_over_ranks_(accept_sum, accept_count)
     if metropolis:
         rate = accept_sum / accept_count.clamp_min(1)
         factor = torch.where(rate > 0.8, 1.1, torch.where(rate < 0.6, 1 / 1.2, 1.0))
@@ -619,16 +621,17 @@ def daebm_step(model: DAEBM, x0, chains, args, optimizer, accept_stats, metropol
     replacement, makes one MGMS transition and is written back (the negatives); the positives are
     fresh diffusion data x_t, t ~ U{0..T}; one Adam step on daebm_loss. Returns detached (loss,
     mean U(pos), mean U(neg), grad norm)."""
-    chains_x, chains_t = chains
-    idx = torch.randint(0, args.n_chains, (args.batch_size,), device=x0.device)
+    chains_x, chains_t = chains  # this rank's chains and batch under torchrun
+    idx = torch.randint(0, len(chains_x), (len(x0),), device=x0.device)
     x_neg, t_neg = mgms_transition(model, chains_x[idx], chains_t[idx], args, metropolis,
                                    accept_stats)
     chains_x[idx], chains_t[idx] = x_neg, t_neg
-    t_pos = torch.randint(0, model.num_levels + 1, (args.batch_size,), device=x0.device)
+    t_pos = torch.randint(0, model.num_levels + 1, (len(x0),), device=x0.device)
     x_pos = diffuse(model, x0, t_pos, torch.randn_like(x0))
     loss, u_pos, u_neg = daebm_loss(model, x_pos, t_pos, x_neg, t_neg)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    common.average_gradients(model.parameters())  # torchrun: the global batch's gradient
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     optimizer.step()
     return loss.detach(), u_pos.mean(), u_neg.mean(), grad_norm
@@ -770,9 +773,10 @@ def after_training(model: DAEBM, args, device, box, train_data, log):
 
 
 def main(args: Args):
-    device = common.pick_device(args.device)
+    device = common.start_processes(args.device)
     ckpt = common.open_run(args, "daebm", RESUMABLE)
     common.seed_everything(args.seed)
+    common.check_divisible(batch_size=args.batch_size, n_chains=args.n_chains)
 
     # ---- data ----
     train_data, box = common.training_data(args)
@@ -783,6 +787,7 @@ def main(args: Args):
 
     # ---- model, optimiser, EMA, chains ----
     model = build_model(args).to(device)
+    common.broadcast_from_main(model)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema_decay > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr,
                                  betas=(args.adam_beta1, args.adam_beta2))
@@ -791,23 +796,32 @@ def main(args: Args):
     chains_x = torch.randn((args.n_chains,) + sample_shape(args), device=device)
     chains_t = torch.arange(levels, device=device).repeat_interleave(args.n_chains // levels + 1)
     chains_t = chains_t[: args.n_chains]
+    chains_x, chains_t = common.shard(chains_x), common.shard(chains_t)  # torchrun: rank's chains
     accept_stats = (torch.zeros(levels, device=device), torch.zeros(levels, device=device))
     start_step = 0
     if ckpt is not None:
         start_step = common.restore(ckpt, model, ema, loader)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        chains_x, chains_t = ckpt["chains_x"].to(device), ckpt["chains_t"].to(device)
-        accept_stats = (ckpt["accept_sum"].to(device), ckpt["accept_count"].to(device))
+        chains_x = common.shard(ckpt["chains_x"].to(device))
+        chains_t = common.shard(ckpt["chains_t"].to(device))
+        # the acceptance window: this rank's own, else (another number of processes) all on rank 0
+        own = common.own_rank_state(ckpt) or (ckpt if common.is_main() else None)
+        if own is not None:
+            accept_stats = (own["accept_sum"].to(device), own["accept_count"].to(device))
     common.print_start(args,
                        f"DA-EBM on {args.dataset}: {common.count_parameters(model)}, device "
                        f"{device}")
 
     def checkpoint(step, snapshot):
+        window = [stat.clone() for stat in accept_stats]
+        common.sum_over_ranks_(*window)
         state = common.checkpoint_state(
             "daebm", args, step, model, ema, box=box, loader=loader.state_dict(),
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), chains_x=chains_x,
-            chains_t=chains_t, accept_sum=accept_stats[0], accept_count=accept_stats[1])
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            chains_x=common.gather_shards(chains_x), chains_t=common.gather_shards(chains_t),
+            accept_sum=window[0], accept_count=window[1],
+            rank_state={"accept_sum": accept_stats[0], "accept_count": accept_stats[1]})
         common.save_checkpoint(state, args.run_dir, snapshot_step=step if snapshot else None)
 
     log = common.MetricLog(args.run_dir, args.steps, start_step)
@@ -831,31 +845,36 @@ def main(args: Args):
             sample_now = common.every(done, args.sample_every, args.steps)
             save_now = common.every(done, args.save_every, args.steps) or guard.save_due()
             if log_now or sample_now or save_now:
+                loss, energy_pos, energy_neg, frac_t0 = common.mean_over_ranks(
+                    loss, energy_pos, energy_neg, (chains_t == 0).float().mean())
                 common.stop_if_diverged(done, loss, energy_pos, energy_neg, args.run_dir,
                                         "Lower --lr or --init-step-size.", also_finite=chains_x)
             if log_now:
                 metrics = {"loss": loss.item(), "energy_pos": energy_pos.item(),
                            "energy_neg": energy_neg.item(), "grad_norm": grad_norm.item(),
                            "lr": optimizer.param_groups[0]["lr"], "mh": int(metropolis),
-                           "frac_chains_t0": (chains_t == 0).float().mean().item(),
+                           "frac_chains_t0": frac_t0.item(),
                            "step_min": model.step_size.min().item(),
                            "step_max": model.step_size.max().item()}
                 if window_rate is not None:
                     metrics["accept"] = window_rate.item()
                 log.log(done, metrics)
             if sample_now:
-                with common.own_rng(args.seed + done):
-                    save_pictures(ema or model, args, f"{done:08d}", device, box, chains_x,
-                                  chains_t)
+                shown_x, shown_t = common.gather_shards(chains_x), common.gather_shards(chains_t)
+                if common.is_main():
+                    with common.own_rng(args.seed + done):
+                        save_pictures(ema or model, args, f"{done:08d}", device, box, shown_x,
+                                      shown_t)
             if save_now:
                 checkpoint(done, snapshot=done % args.save_every == 0)
                 guard.saved()
                 guard.exit_if_stopped(args.run_dir, done, "pcd_diffusion_ebm.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")
 
-    # ---- after training: the paper's sampler and the long-run stability check ----
-    with common.own_rng(args.seed + args.steps):
-        after_training(ema or model, args, device, box, train_data, log)
+    # ---- after training (rank 0): the paper's sampler and the long-run stability check ----
+    if common.end_processes():
+        with common.own_rng(args.seed + args.steps):
+            after_training(ema or model, args, device, box, train_data, log)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cdrl  # noqa: E402
+import common  # noqa: E402
 import dcd  # noqa: E402
 import pcd_diffusion_ebm as daebm  # noqa: E402
 
@@ -80,8 +81,6 @@ def as_argv(fields: dict) -> list:
 def run_command_line(method: str, argv, capsys):
     """main() through the script's command-line path (tyro, --resume resolution, one-line errors) in
     this process, for a command that exits: (exit code, stderr)."""
-    import common
-
     module = METHODS[method]
     with pytest.raises(SystemExit) as exit_info:
         common.run_cli(lambda: module.main(common.parse_args(module.Args, method, argv)))
@@ -92,6 +91,63 @@ def run_script(method: str, *argv, **popen):
     """The method script as a separate process (stdout and stderr captured as text)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, SCRIPTS[method]), *argv],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, **popen)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_ranks(argv, world: int = 2, timeout: float = 300):
+    """`python argv...` in `world` processes joined as torchrun joins them (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT; one thread each), without torchrun's agent process (seconds less
+    per launch). Returns each rank's CompletedProcess-like (returncode, stdout, stderr)."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+def one_training_step(method: str, model, x0, args, chains=None, lr: float = 0.0):
+    """One iteration of the method's step function on the batch x0 with plain SGD at `lr` (0: the
+    weights stay, the gradients stay in .grad); DA-EBM's chains (x, t) are updated in place."""
+    module = METHODS[method]
+    if method == "cdrl":
+        optimizers = (torch.optim.SGD(model.ebm.parameters(), lr=lr),
+                      torch.optim.SGD(model.initializer.parameters(), lr=lr))
+        module.cdrl_step(model, x0, None, args, optimizers)
+    elif method == "dcd":
+        module.dcd_step(model, x0, args, torch.optim.SGD(model.parameters(), lr=lr))
+    else:
+        stats = (torch.zeros(args.num_levels + 1), torch.zeros(args.num_levels + 1))
+        module.daebm_step(model, x0, chains, args, torch.optim.SGD(model.parameters(), lr=lr),
+                          stats, metropolis=True)
+
+
+def distributed_case(method: str):
+    """(args, global batch, global chains or None) of the gradient test in test_distributed.py,
+    the same in every rank and in the single-process reference. No gradient clipping: clipping the
+    averaged gradient is not the mean of clipped shard gradients."""
+    no_clip = {"daebm": {}, "cdrl": {"grad_clip": 1e9}, "dcd": {"grad_clip": 0.0}}[method]
+    args = tiny_args(method, "unused", **no_clip)
+    x0 = common.toy_2d(args.dataset, 32, seed=1)
+    generator = torch.Generator().manual_seed(2)
+    chains = (torch.randn(64, 2, generator=generator),
+              torch.randint(0, args.num_levels + 1, (64,), generator=generator)) \
+        if method == "daebm" else None
+    return args, x0, chains
 
 
 def flatten(tree, prefix=""):

@@ -1,5 +1,5 @@
 """common.py: toy data, the epoch loader's exact resume, folders of images, checkpoint errors,
-pictures."""
+pictures, the split over processes."""
 import pytest
 import torch
 
@@ -103,3 +103,16 @@ def test_update_ema_is_the_exponential_moving_average():
     assert torch.equal(ema[1].running_mean, torch.zeros(4))
     common.update_ema(ema, model, 0.9, copy_buffers=True)
     assert torch.equal(ema[1].running_mean, model[1].running_mean)
+
+
+def test_an_uneven_split_over_processes_is_one_clear_line(monkeypatch):
+    common.check_divisible(batch_size=33)  # one process: anything splits
+    monkeypatch.setattr(common, "rank_and_world", lambda: (0, 2))
+    common.check_divisible(batch_size=32, n_chains=64)
+    with pytest.raises(common.UserError, match="--n-chains 63 does not split over 2 processes"):
+        common.check_divisible(batch_size=32, n_chains=63)
+
+
+def test_shard_and_gather_are_identities_in_one_process():
+    rows = torch.arange(12.0).view(6, 2)
+    assert common.shard(rows) is rows and common.gather_shards(rows) is rows

@@ -18,9 +18,12 @@ amortise the MCMC). Sampling runs from noise level by level: proposal, Langevin,
 then one Tweedie denoising step. The energy at the lowest level scores OOD inputs.
 
 Deliberate differences from the official code (github.com/AlvinZhuyx/CDRL):
-1. One process, one device: the official CIFAR-10 run is 8 GPUs x 32 images; here one batch of 256
-   gives the same effective batch (spectral norm and the initializer have no batch statistics, so
-   nothing else changes).
+1. Several GPUs: the official CIFAR-10 run is 8 GPUs x 32 images with DistributedDataParallel;
+   here `torchrun --nproc_per_node=8` splits the global `--batch-size` 256 the same way, but
+   averages the gradients with one explicit all-reduce after each backward (DDP's hooks expect one
+   forward per backward, the Langevin loop makes many), so nothing overlaps the loss's backward. One
+   process with one batch of 256 gives the same effective batch (spectral norm and the initializer
+   have no batch statistics, so nothing else changes).
 2. The final Tweedie step uses the official code's half step scale (score = ∇f / (s²/2)), which
    doubles the score of the recovery marginal f / s² (an apparent slip: the Langevin step and the
    paper's appendix use s²). Kept for comparable numbers; `--exact-tweedie` uses s².

@@ -50,6 +50,10 @@ Deliberate differences from the official code (github.com/XinweiZhang/DAEBM):
    only the number of chains in flight differs, which changes speed, not what a chain does.
 12. The 2D net's per-row softplus is written as log(1 + e^x) (`softplus`), equal to the official
    F.softplus to float rounding (within 1e-6 relative, `tests/test_daebm.py`), for CPU speed.
+13. Under torchrun (the official code runs one GPU) the persistent chains are split over the ranks
+   (rows rank, rank + N, ...) and each rank draws its share of the batch of chains, with
+   replacement, from its own rows; the step sizes adapt on the acceptance summed over all ranks.
+   With one process this is the official single pool.
 """
 import copy
 import math

@@ -913,8 +913,8 @@ class Progress:
 class StopGuard:
     """While training: SIGINT / SIGTERM (Ctrl-C, cluster preemption) ask the loop to finish the
     iteration, save and exit; a second signal stops at once. `save_due()` is also true every
-    `save_minutes` of wall clock. Under torchrun the ranks agree every iteration (one tiny
-    all-reduce) so that all save and stop at the same step, whichever rank saw the signal."""
+    `save_minutes` of wall clock. Under torchrun the ranks agree every iteration (two tiny
+    all-reduces) so that all save and stop at the same step, whichever rank saw the signal."""
 
     def __init__(self, save_minutes: float):
         self.signal_name, self.interval, self.stopping = None, save_minutes * 60, False

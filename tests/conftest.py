@@ -101,10 +101,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch_ranks(argv, world: int = 2, timeout: float = 300):
+def start_ranks(argv, world: int = 2):
     """`python argv...` in `world` processes joined as torchrun joins them (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT; one thread each), without torchrun's agent process (seconds less
-    per launch). Returns each rank's CompletedProcess-like (returncode, stdout, stderr)."""
+    per launch): the running processes, rank order."""
     port = free_port()
     procs = []
     for rank in range(world):
@@ -113,6 +113,12 @@ def launch_ranks(argv, world: int = 2, timeout: float = 300):
                    OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def launch_ranks(argv, world: int = 2, timeout: float = 300):
+    """start_ranks, waited for: each rank's CompletedProcess (returncode, stdout, stderr)."""
+    procs = start_ranks(argv, world)
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=timeout)

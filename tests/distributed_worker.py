@@ -53,6 +53,10 @@ def main(out_dir: str):
         out[method] = result
     rows = torch.arange(30.0).view(10, 3)
     out["shard_round_trip"] = torch.equal(common.gather_shards(common.shard(rows)), rows)
+    # decisions every rank must share: true on all when true on one
+    out["any_rank"] = (common.any_rank(rank == 1), common.any_rank(False))
+    out["mean_over_ranks"] = common.mean_over_ranks(torch.tensor(float(rank)),
+                                                    torch.tensor(2.0 * rank))
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     for method in METHODS:
         train_and_resume(method, out_dir)

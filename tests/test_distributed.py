@@ -1,18 +1,21 @@
 """torchrun: several processes with the gloo backend on the CPU (2 ranks, started as torchrun
 starts them). The averaged gradient of one step equals the single-process one on the same global
 batch; the ranks' parameters stay identical; DA-EBM's chains are sharded and gathered back in order;
-each script trains under 2 processes and resumes exactly; a checkpoint of 2 processes resumes in 1;
-the command line under torchrun itself."""
+each script trains under 2 processes and resumes exactly; a checkpoint of 2 processes resumes in 1
+(DA-EBM, whose chains are re-split); a SIGTERM that reaches one rank stops both at the same step
+with a checkpoint; the command line under torchrun itself."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from conftest import (METHODS, ROOT, SCRIPTS, as_argv, assert_same_state, distributed_case,
-                      free_port, launch_ranks, one_training_step, tiny_fields)
+                      free_port, launch_ranks, one_training_step, start_ranks, tiny_fields)
 
 import common
 
@@ -54,7 +57,9 @@ def single_process_reference(method):
 
 def test_ranks_average_the_global_gradient_and_stay_identical(worker_out):
     ranks = [load(worker_out / f"rank{r}.pt") for r in range(2)]
-    assert ranks[0]["shard_round_trip"] and ranks[1]["shard_round_trip"]
+    for rank in ranks:
+        assert rank["shard_round_trip"] and rank["any_rank"] == (True, False)
+        assert [t.item() for t in rank["mean_over_ranks"]] == [0.5, 1.0]
     for method in METHODS:
         mean, shard_grads, chains = single_process_reference(method)
         assert any(not torch.allclose(a, b) for a, b in zip(*shard_grads))  # shards differ
@@ -106,3 +111,19 @@ def test_torchrun_command_line(tmp_path):
     assert proc.stdout.count("step 4/4") == 1  # rank 0 speaks
     assert load(run / "ckpt.pt")["step"] == 4
     assert os.path.exists(run / "density_samples_00000004.png")  # rank 0 draws
+
+
+def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    fields = tiny_fields("dcd", run, steps=100_000, log_every=1, sample_every=100_000)
+    procs = start_ranks([os.path.join(ROOT, SCRIPTS["dcd"]), *as_argv(fields)])
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # rank 0 never sees the signal
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], errors
+    assert "--resume --run-dir" in errors[0]
+    ckpt = load(run / "ckpt.pt")
+    assert ckpt["step"] >= 1 and len(ckpt["ranks"]) == 2

@@ -31,12 +31,15 @@ def input_gradient(method, model, x):
     return energy_and_grad(model, x, torch.zeros(len(x), dtype=torch.long))[1]
 
 
+def image_model(method, image_folder, **overrides):
+    """The method's tiny 8x8 RGB image model in eval mode, built with the given Args overrides."""
+    return METHODS[method].build_model(tiny_args(method, "unused", image_folder, image_size=8,
+                                                 image_channels=3, **overrides)).eval()
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_bf16_input_gradient_matches_fp32(method, image_folder):
-    fp32 = METHODS[method].build_model(tiny_args(method, "unused", image_folder, image_size=8,
-                                                 image_channels=3)).eval()
-    bf16 = METHODS[method].build_model(tiny_args(method, "unused", image_folder, image_size=8,
-                                                 image_channels=3, amp="bf16")).eval()
+    fp32, bf16 = image_model(method, image_folder), image_model(method, image_folder, amp="bf16")
     bf16.load_state_dict(fp32.state_dict())
     assert bf16.amp and not fp32.amp
     x = torch.rand(16, 3, 8, 8) * 2 - 1  # fresh random inputs in the data range
@@ -53,11 +56,8 @@ def test_bf16_input_gradient_matches_fp32(method, image_folder):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_channels_last_input_gradient_matches_contiguous(method, image_folder):
-    def build(**overrides):
-        return METHODS[method].build_model(tiny_args(method, "unused", image_folder, image_size=8,
-                                                     image_channels=3, **overrides)).eval()
-
-    plain, nhwc = build(), build(channels_last=True)
+    plain, nhwc = image_model(method, image_folder), image_model(method, image_folder,
+                                                                 channels_last=True)
     nhwc.load_state_dict(plain.state_dict())
     convs = [p for p in nhwc.parameters() if p.dim() == 4]
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
@@ -123,11 +123,8 @@ def test_mala_under_bf16_samples_the_gaussian_target():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_compiled_input_gradient_matches_eager(method, image_folder):
     """(The compiled bf16 path: the learning tests train with it.)"""
-    def build(**overrides):
-        return METHODS[method].build_model(tiny_args(method, "unused", image_folder, image_size=8,
-                                                     image_channels=3, **overrides)).eval()
-
-    eager, compiled = build(), build(compile=True)
+    eager = image_model(method, image_folder)
+    compiled = image_model(method, image_folder, compile=True)
     compiled.load_state_dict(eager.state_dict())
     for seed in range(2):  # the second call runs the compiled graph again on new inputs
         torch.manual_seed(seed)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 TOY_2D = ("rings", "8gaussians", "checkerboard", "swissroll", "pinwheel", "2spirals")
-IMAGE_SETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn", "celeba")
+IMAGE_SETS = ("mnist", "fashionmnist", "cifar10", "cifar100", "svhn", "celeba", "imagenet32")
 CHECKPOINT_FORMAT = 1
 
 
@@ -180,7 +180,7 @@ def image_shape(dataset: str):
     loaded)."""
     if dataset in ("mnist", "fashionmnist"):
         return (1, 28, 28)
-    if dataset in ("cifar10", "cifar100", "svhn", "celeba"):
+    if dataset in ("cifar10", "cifar100", "svhn", "celeba", "imagenet32"):
         return (3, 32, 32)
     raise UserError(f"no fixed image shape for {dataset!r}")
 
@@ -216,6 +216,44 @@ def _mnist_file(dataset, data_dir, stem, train):
     return next(p for p in candidates if os.path.exists(p))
 
 
+IMAGENET32_FILES = {True: [f"train_data_batch_{i}.npz" for i in range(1, 11)],
+                    False: ["val_data.npz"]}
+
+
+def _imagenet32(data_dir: str, train: bool, key: str) -> torch.Tensor:
+    """One array of downsampled ImageNet 32x32 (Chrabaszcz, Loshchilov, Hutter 2017) over its .npz
+    batch files in {data_dir}/imagenet32, read without the other (an .npz member is read on
+    access): key "data" -> images uint8 (N, 3, 32, 32) (each row of the files' (n, 3072) holds
+    the R, G and B planes in row-major order), "labels" -> classes 0..999 int64 (1..1000 in the
+    files)."""
+    where = os.path.join(data_dir, "imagenet32")
+    files = IMAGENET32_FILES[train]
+    missing = [f for f in files if not os.path.exists(os.path.join(where, f))]
+    if missing:
+        raise _missing("imagenet32", where, missing,
+                       "download Imagenet32_train_npz.zip and Imagenet32_val_npz.zip "
+                       "(image-net.org, 'Downsampled ImageNet', login needed) and put the "
+                       ".npz files they hold there")
+    parts = []
+    for name in files:
+        path = os.path.join(where, name)
+        try:
+            with np.load(path) as batch:
+                array = batch[key]
+        except (OSError, ValueError, KeyError) as error:
+            raise UserError(f"cannot read {path} ({type(error).__name__}: {str(error)[:80]}); "
+                            "expected an .npz with 'data' (n, 3072) uint8 and 'labels' "
+                            "1..1000") from None
+        if key == "data":
+            if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != 3 * 32 * 32:
+                raise UserError(f"{path}: 'data' is {array.dtype} {array.shape}, expected uint8 "
+                                "(n, 3072)")
+            parts.append(torch.from_numpy(array.reshape(-1, 3, 32, 32)))
+        else:
+            parts.append(torch.from_numpy(np.asarray(array, dtype=np.int64).reshape(-1) - 1))
+    return torch.cat(parts)
+
+
 def load_images(dataset: str, data_dir: str, train: bool = True, image_size=None) -> torch.Tensor:
     """The whole split as a uint8 tensor (N, C, H, W). Convert batches with `to_unit_range`.
 
@@ -231,6 +269,8 @@ def load_images(dataset: str, data_dir: str, train: bool = True, image_size=None
         path = _mnist_file(dataset, data_dir, f"{'train' if train else 't10k'}-images-idx3-ubyte",
                            train)
         return torch.from_numpy(_read_idx(path).copy()).unsqueeze(1)
+    if dataset == "imagenet32":
+        return _imagenet32(data_dir, train, "data")
     if dataset not in IMAGE_SETS:
         check_dataset_name(dataset)
         raise UserError(f"{dataset!r} is not an image dataset")
@@ -333,10 +373,12 @@ def load_labels(dataset: str, data_dir: str, train: bool = True) -> torch.Tensor
         path = _mnist_file(dataset, data_dir, f"{'train' if train else 't10k'}-labels-idx1-ubyte",
                            train)
         return torch.from_numpy(_read_idx(path).astype(np.int64))
+    if dataset == "imagenet32":
+        return _imagenet32(data_dir, train, "labels")
     if dataset not in ("cifar10", "cifar100", "svhn"):
         raise UserError(f"{dataset} has no class labels; class-conditional training needs mnist, "
-                        "fashionmnist, cifar10, cifar100, svhn or folder:PATH with class "
-                        "subfolders")
+                        "fashionmnist, cifar10, cifar100, svhn, imagenet32 or folder:PATH with "
+                        "class subfolders")
     try:
         if dataset == "svhn":
             ds = torchvision.datasets.SVHN(os.path.join(data_dir, "svhn"), split="train" if train
@@ -687,7 +729,8 @@ def show_preset_defaults(args_class, presets: dict):
         if field.default is not None:
             continue
         if field.name in presets["2d"]:
-            values = ", ".join(f"{kind} {table[field.name]}" for kind, table in presets.items())
+            values = ", ".join(f"{kind} {table[field.name]}" for kind, table in presets.items()
+                               if field.name in table)
             hint = f"(default: {values})"
         else:
             hint = ""
@@ -767,8 +810,10 @@ def check_resume_args(args, saved: dict, resumable: set, path: str):
 
 def apply_presets(args, presets: dict):
     """Fill the Args fields left at None from the script's PRESETS table ("2d" for the toys,
-    "images" for every image set), then check the shared fields."""
-    for key, value in presets["2d" if is_2d(args.dataset) else "images"].items():
+    "images" for every image set, overridden by a table named after the dataset where the script
+    has one, e.g. cdrl.py's "imagenet32"), then check the shared fields."""
+    table = {**presets["2d" if is_2d(args.dataset) else "images"], **presets.get(args.dataset, {})}
+    for key, value in table.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     check_positive(args, ["steps", "batch_size", "log_every", "sample_every", "save_every"])
@@ -787,9 +832,10 @@ def check_positive(args, names):
 
 
 def flips_by_default(dataset: str) -> bool:
-    """Random horizontal flips suit natural images (CIFAR, CelebA, folders), not digits or house
-    numbers."""
-    return dataset in ("cifar10", "cifar100", "celeba") or dataset.startswith("folder:")
+    """Random horizontal flips suit natural images (CIFAR, CelebA, ImageNet, folders), not digits or
+    house numbers."""
+    return (dataset in ("cifar10", "cifar100", "celeba", "imagenet32")
+            or dataset.startswith("folder:"))
 
 
 def set_image_shape(args):

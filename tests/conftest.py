@@ -241,3 +241,20 @@ def class_folder(tmp_path):
             img[corner:corner + 3, corner:corner + 3] = rng.integers(150, 255, size=3)
             Image.fromarray(img).save(tmp_path / "classes" / name / f"{i:02d}.png")
     return str(tmp_path / "classes")
+
+
+def write_imagenet32(folder, per_file=3, seed=0):
+    """Synthetic downsampled-ImageNet files in the official layout: rows of 3,072 bytes, the R, G
+    and B planes of a 32x32 image in turn; labels 1..1000. Returns the images as (N, 32, 32, 3)
+    and the 1-based labels, in file order (train batches 1..10, then val)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    pictures, classes = [], []
+    for name in [f"train_data_batch_{i}.npz" for i in range(1, 11)] + ["val_data.npz"]:
+        hwc = rng.integers(0, 256, (per_file, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(1, 1001, per_file)
+        rows = hwc.transpose(0, 3, 1, 2).reshape(per_file, 3072)  # R plane, G plane, B plane
+        np.savez(os.path.join(folder, name), data=rows, labels=list(labels), mean=rows.mean(0))
+        pictures.append(hwc)
+        classes.append(labels)
+    return np.concatenate(pictures), np.concatenate(classes)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import cdrl
 import common
 import eval_fid_ood
-from conftest import run_command_line
+from conftest import run_command_line, write_imagenet32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,6 +330,31 @@ def test_smoke_conditional_and_guided_resample(tmp_path, class_folder):
     assert (run / "samples_00000006_K1_w1.png").exists()
     module, loaded_args, model = eval_fid_ood.load_method(ckpt, "cpu")
     assert module.sample(model, 4, loaded_args, "cpu").shape == (4, 3, 8, 8)
+
+
+def test_imagenet32_trains_the_official_conditional_configuration(tmp_path):
+    # the preset is main_cond.py's: 1M iterations, initializer U-Net with 2 blocks per level,
+    # class-conditional over 1,000 classes with label dropout 0.1, guidance 1 for its samples; the
+    # rest as CIFAR-10
+    preset = cdrl.Args(dataset="imagenet32")
+    assert (preset.steps, preset.init_blocks, preset.conditional, preset.num_classes,
+            preset.label_dropout, preset.guidance) == (1_000_000, 2, True, 1000, 0.1, 1.0)
+    cifar = cdrl.Args(dataset="cifar10")
+    assert (cifar.init_blocks, cifar.conditional, cifar.guidance, cifar.steps) == (3, False, 0.0,
+                                                                                  500_000)
+    same = ("batch_size", "lr", "initializer_lr", "warmup_steps", "ema_decay", "ebm_channels",
+            "ebm_blocks", "init_dropout", "step_scale", "hflip")
+    assert [getattr(preset, f) for f in same] == [getattr(cifar, f) for f in same]
+    write_imagenet32(tmp_path / "data" / "imagenet32", per_file=2)
+    run = tmp_path / "run"
+    cdrl.main(cdrl.Args(dataset="imagenet32", data_dir=str(tmp_path / "data"), run_dir=str(run),
+                        device="cpu", steps=2, batch_size=4, langevin_steps=1, ebm_channels=8,
+                        ebm_channel_mult=(1, 2), ebm_blocks=1, init_channels=8,
+                        init_channel_mult=(1, 1), init_blocks=1, warmup_steps=1, log_every=1,
+                        sample_every=2, save_every=2, n_grid=4, sample_batch=4))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["num_classes"] == 1000 and ckpt["args"]["guidance"] == 1.0
+    assert (run / "samples_00000002.png").exists()
 
 
 def test_folder_labels_follow_subfolders(class_folder):

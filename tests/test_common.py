@@ -1,10 +1,13 @@
 """common.py: toy data, the epoch loader's exact resume, folders of images, checkpoint errors,
-pictures, the split over processes."""
+pictures, the split over processes, downsampled ImageNet."""
+import os
+
 import numpy as np
 import pytest
 import torch
 
 import common
+from conftest import write_imagenet32
 
 
 @pytest.mark.parametrize("name", common.TOY_2D)
@@ -154,3 +157,38 @@ def test_an_uneven_split_over_processes_is_one_clear_line(monkeypatch):
 def test_shard_and_gather_are_identities_in_one_process():
     rows = torch.arange(12.0).view(6, 2)
     assert common.shard(rows) is rows and common.gather_shards(rows) is rows
+
+
+def test_imagenet32_reads_the_official_layout(tmp_path):
+    hwc, labels = write_imagenet32(tmp_path / "imagenet32")
+    train = common.load_images("imagenet32", str(tmp_path))
+    assert train.shape == (30, 3, 32, 32) and train.dtype == torch.uint8
+    # pixel (row 5, column 7) of image 4 in every channel: the planes are read as planes
+    assert train[4, :, 5, 7].tolist() == hwc[4, 5, 7].tolist()
+    assert torch.equal(train.permute(0, 2, 3, 1), torch.from_numpy(hwc[:30]))
+    assert common.load_labels("imagenet32", str(tmp_path)).tolist() == (labels[:30] - 1).tolist()
+    val = common.load_images("imagenet32", str(tmp_path), train=False)
+    assert torch.equal(val.permute(0, 2, 3, 1), torch.from_numpy(hwc[30:]))
+    assert common.load_labels("imagenet32", str(tmp_path), train=False).tolist() == \
+        (labels[30:] - 1).tolist()
+    assert common.image_shape("imagenet32") == (3, 32, 32) and common.flips_by_default("imagenet32")
+
+
+def test_imagenet32_missing_or_foreign_files_are_named(tmp_path):
+    folder = tmp_path / "imagenet32"
+    with pytest.raises(common.UserError, match=r"imagenet32 data not found: missing "
+                       r"train_data_batch_1.npz, .*train_data_batch_10.npz in .*imagenet32"):
+        common.load_images("imagenet32", str(tmp_path))
+    write_imagenet32(folder)
+    os.remove(folder / "val_data.npz")
+    with pytest.raises(common.UserError, match="missing val_data.npz"):
+        common.load_labels("imagenet32", str(tmp_path), train=False)
+    np.savez(folder / "train_data_batch_3.npz", data=np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(common.UserError, match=r"train_data_batch_3.npz: 'data' is uint8 \(2, 32, "
+                       r"32, 3\), expected uint8 \(n, 3072\)"):
+        common.load_images("imagenet32", str(tmp_path))
+    with pytest.raises(common.UserError, match="cannot read .*train_data_batch_3.npz .*KeyError"):
+        common.load_labels("imagenet32", str(tmp_path))
+    open(folder / "train_data_batch_2.npz", "wb").write(b"not a zip file")
+    with pytest.raises(common.UserError, match="cannot read .*train_data_batch_2.npz"):
+        common.load_images("imagenet32", str(tmp_path))

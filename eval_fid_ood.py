@@ -3,6 +3,7 @@
     python eval_fid_ood.py --ckpt runs/<run> [--device cpu] [--inception-weights PATH]
                            [--ood svhn cifar100 uniform] [--long-run 100]
     python eval_fid_ood.py --ckpt runs/<run> --save-samples 10000
+    python eval_fid_ood.py --ckpt runs/<conditional cdrl run> --guidance-sweep 0,0.5,1,2
 
 --ckpt takes a checkpoint or a run folder (its ckpt.pt).
 
@@ -20,6 +21,11 @@ Images
   torch-fidelity's Frechet formula. The network runs in full fp32 (TF32 off) on every device. The
   training split's statistics are computed once per dataset, image size and weights file and cached
   in --stats-dir.
+- guidance_sweep (--guidance-sweep w1,w2,...; class-conditional CDRL checkpoints): the FID above
+  once per classifier-free guidance weight w, each from the same --seed (the same noise, only w
+  differs), with its mean sample energy and a picture eval_samples_w{w}.png; it replaces the
+  single FID at the checkpoint's own --guidance. The official code's sweep (main_cond.py,
+  mode 'fid_vs_w') uses w = 0, 0.1, ..., 1, 2, 3.
 - ood: AUROC of the score -energy(x) at the clean level for telling the in-distribution test split
   (positives) from each OOD set; 0.5 = chance, 1 = every in-distribution image scores higher. Ties
   count one half (the Mann-Whitney statistic). Sets: any image dataset name or folder:PATH
@@ -118,6 +124,9 @@ class EvalArgs:
     steps)"""
     long_run_samples: int = 10_000
     """samples per step count of the long-run check"""
+    guidance_sweep: Optional[str] = None
+    """conditional CDRL checkpoints: FID at each classifier-free guidance weight of a comma list,
+    e.g. 0,0.5,1,2 (instead of the single FID at the checkpoint's --guidance)"""
     save_samples: int = 0
     """N > 0: only draw N samples with the method's own sampler and write them as samples.npz (key
     'samples') and samples.png beside the JSON; no metrics, no training data needed"""
@@ -133,6 +142,14 @@ class EvalArgs:
             raise common.UserError("a covariance needs at least 2 samples: --fid-samples / "
                                    "--long-run-samples >= 2")
         self.ood = () if tuple(self.ood) == ("none",) else tuple(self.ood)
+        if self.guidance_sweep is not None:
+            try:
+                self.guidance_sweep = tuple(float(w) for w in self.guidance_sweep.split(","))
+            except ValueError:
+                raise common.UserError("--guidance-sweep takes numbers separated by commas, e.g. "
+                                       f"0,0.5,1; got {self.guidance_sweep!r}") from None
+            if not self.fid_samples:
+                raise common.UserError("--guidance-sweep measures FID: --fid-samples must be > 0")
         for name in self.ood:
             known = name in SYNTHETIC_OOD or name in common.IMAGE_SETS or name.startswith("folder:")
             if not known:
@@ -565,7 +582,22 @@ def evaluate_images(module, model, args, ea: EvalArgs, device, results: dict, ou
                                "inception_weights_sha256_prefix": weights_tag,
                                "reference": f"{args.dataset} training split",
                                "reference_stats": stats_path}
-    if ea.fid_samples:
+    if ea.guidance_sweep:
+        results["guidance_sweep"] = []
+        for weight in ea.guidance_sweep:
+            args.guidance = weight
+            fid, mean_energy, first = fid_of_samples(module, model, args, ea, network, reference,
+                                                     ea.fid_samples, device, 1,
+                                                     f"FID samples, guidance {weight:g}")
+            results["guidance_sweep"].append({"guidance": weight, "fid": fid,
+                                              "sample_mean_energy": mean_energy})
+            print(f"  guidance {weight:g}: FID {fid:.4f}", flush=True)
+            if common.is_main():
+                common.save_image_grid(first, os.path.join(out_dir,
+                                                           f"eval_samples_w{weight:g}.png"))
+            save()
+        results["fid_samples"] = ea.fid_samples
+    elif ea.fid_samples:
         fid, mean_energy, first = fid_of_samples(module, model, args, ea, network, reference,
                                                  ea.fid_samples, device, 1, "FID samples")
         results.update({"fid": fid, "fid_samples": ea.fid_samples,
@@ -596,6 +628,9 @@ def print_table(results: dict):
             for name, row in value.items():
                 print(f"{'ood ' + name:>24}: AUROC {row['auroc']:.4f} (n {row['n']}, "
                       f"mean score {row['mean_score']:.4g})")
+        elif key == "guidance_sweep":
+            for row in value:
+                print(f"{'guidance ' + format(row['guidance'], 'g'):>24}: FID {row['fid']:.4f}")
         elif key == "long_run":
             print(f"{'long run':>24}: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in value.items() if k != "records"))
@@ -610,6 +645,10 @@ def evaluate(ea: EvalArgs) -> dict:
     device = common.start_processes(ea.device)
     ckpt = common.load_checkpoint(ea.ckpt)
     module, args, model = load_method(ckpt, device, ea.ckpt)
+    if ea.guidance_sweep and (common.is_2d(args.dataset) or ea.save_samples
+                              or not getattr(args, "conditional", False)):
+        raise common.UserError("--guidance-sweep measures FID of a class-conditional image "
+                               f"checkpoint (cdrl.py --conditional); {ea.ckpt} is not one")
     run_dir = ea.ckpt if os.path.isdir(ea.ckpt) else os.path.dirname(os.path.abspath(ea.ckpt))
     out = ea.out or os.path.join(run_dir, "eval.json")
     out_dir = os.path.dirname(os.path.abspath(out))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import cdrl
 import common
 import eval_fid_ood
 from conftest import METHODS, ROOT, tiny_args
@@ -387,6 +388,38 @@ def test_eval_image_checkpoint_of_every_method(tmp_path, method, image_folder, o
     score = lambda x: -module.energy(model, common.to_unit_range(x), args)  # noqa: E731
     expected = brute_force_auroc(score(in_test), score(out))
     assert results["ood"]["constant"]["auroc"] == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_guidance_sweep_gives_one_fid_per_weight(tmp_path, class_folder, random_inception):
+    run = tmp_path / "run"
+    cdrl.main(tiny_args("cdrl", run, class_folder, conditional=True))
+    where = dict(device="cpu", fid_samples=6, batch_size=4, ood=("none",),
+                 inception_weights=random_inception.weights, stats_dir=random_inception.stats_dir)
+    swept = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run), guidance_sweep="0,2.5",
+                                                        out=str(tmp_path / "sweep.json"), **where))
+    assert [row["guidance"] for row in swept["guidance_sweep"]] == [0.0, 2.5]
+    assert "fid" not in swept and swept["fid_samples"] == 6
+    assert all((tmp_path / f"eval_samples_w{w}.png").exists() for w in ("0", "2.5"))
+    # w = 0 is the checkpoint's own setting (--guidance 0): the same samples, the same FID as the
+    # plain evaluation; guidance changes the samples
+    plain = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run), out=str(tmp_path / "p.json"),
+                                                        **where))
+    zero, strong = swept["guidance_sweep"]
+    assert zero["fid"] == plain["fid"] and zero["sample_mean_energy"] == plain["sample_mean_energy"]
+    assert math.isfinite(strong["fid"]) and strong["fid"] != zero["fid"]
+
+
+@pytest.mark.slow
+def test_guidance_sweep_refuses_bad_input(tmp_path, image_folder):
+    with pytest.raises(common.UserError, match="numbers separated by commas"):
+        eval_fid_ood.EvalArgs(ckpt="x", guidance_sweep="0;1")
+    with pytest.raises(common.UserError, match="--fid-samples must be > 0"):
+        eval_fid_ood.EvalArgs(ckpt="x", guidance_sweep="0,1", fid_samples=0)
+    run = image_checkpoint(tmp_path, "cdrl", image_folder)  # unconditional
+    with pytest.raises(common.UserError, match="FID of a class-conditional image checkpoint"):
+        eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(ckpt=str(run), device="cpu",
+                                                    guidance_sweep="0,1"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -56,6 +56,12 @@ Deliberate differences from the official code (github.com/AlvinZhuyx/CDRL):
    configuration) reads the downsampled-ImageNet .npz batches of Chrabaszcz et al. (2017), the
    standard 32x32 benchmark set; the official code instead reads ImageNet at 64x64 from image files
    and resizes each to 32x32 with torchvision's Resize + CenterCrop when it loads it.
+10. Compositional generation (`--compose c1 c2 ...`, ours: neither the official code nor the parts
+   of the paper available to us give the rule): every level's EBM is the sum of the (guided)
+   conditional networks, f(y) = Σ_k [(1+w) f(y, c_k) - w f(y, ∅)], a product of the conditional
+   densities, in the Langevin steps and the Tweedie step; the initializer's Gaussian proposals
+   N(g(x, c_k), std²) are multiplied the same way, giving mean (1/K) Σ_k [(1+w) g(x, c_k) - w
+   g(x, ∅)] and std / sqrt(K). One class is exactly conditional sampling.
 """
 import copy
 import math
@@ -198,6 +204,10 @@ class Args:
     guidance: Optional[float] = None
     """conditional sampling: classifier-free guidance w, f = (1+w) f(y, c) - w f(y, ∅) (same for the
     initializer)"""
+    compose: Tuple[int, ...] = ()
+    """conditional sampling: classes (0-based, as in the dataset) whose energies are summed for
+    every sample, e.g. --compose 1 3 (compositional generation, docstring item 10); empty: each
+    sample its own class, balanced"""
     num_classes: Optional[int] = None
     """set from the dataset when --conditional; stored so build_model can rebuild the nets"""
     hflip: Optional[bool] = None
@@ -260,6 +270,17 @@ class Args:
             raise common.UserError("--logsnr-min must be below --logsnr-max")
         if self.guidance != 0 and not self.conditional:
             raise common.UserError("--guidance needs a --conditional model")
+        self.compose = tuple(self.compose)
+        if self.compose and not self.conditional:
+            raise common.UserError("--compose needs a --conditional model")
+        self.check_compose()
+
+    def check_compose(self):
+        """--compose names classes of the model (folder: datasets know theirs once loaded)."""
+        known = self.num_classes if self.num_classes is not None else math.inf
+        if not all(0 <= c < known for c in self.compose):
+            raise common.UserError(f"--compose takes classes 0..{known - 1}, got "
+                                   f"{list(self.compose)}")
 
 
 common.show_preset_defaults(Args, PRESETS)
@@ -603,22 +624,31 @@ def as_batch(per_example: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ==================================================================================================
 # SAMPLER
 # ==================================================================================================
-def guided(cond, uncond, guidance: float):
-    """Classifier-free guidance of a network output: (1+w) cond() - w uncond(); w = 0 calls cond()
-    only."""
+def conditions(labels: Optional[torch.Tensor]) -> list:
+    """The conditions a sampler composes: [None] (unconditional), [labels] for labels (n,) (one
+    class per row), or the K columns of labels (n, K) (--compose: K classes for every row)."""
+    if labels is None:
+        return [None]
+    return list(labels.view(len(labels), -1).unbind(1))
+
+
+def guided(output, conds: list, cond_null, guidance: float):
+    """The sum over composed conditions c_k of classifier-free-guided outputs, Σ_k (1+w) output(c_k)
+    - w output(∅) (a product of the conditional densities for an energy); with one condition plain
+    guidance, with w = 0 output(∅) is not computed."""
+    total = sum(output(cond) for cond in conds)
     if guidance == 0:
-        return cond()
-    return (1 + guidance) * cond() - guidance * uncond()
+        return total
+    return (1 + guidance) * total - guidance * len(conds) * output(cond_null)
 
 
-def energy_and_grad(model: CDRL, y, cond, guidance: float = 0.0, cond_null=None):
-    """The energy -f(y) (the network's output before the 1/s² scale, guided by w = guidance with the
-    null class's embedding cond_null) and its gradient in y, without touching parameter
-    gradients."""
+def energy_and_grad(model: CDRL, y, conds: list, guidance: float = 0.0, cond_null=None):
+    """The energy -f(y) (the network's output before the 1/s² scale; the sum over the composed
+    conditions' embeddings conds, guided by w = guidance with the null class's embedding cond_null)
+    and its gradient in y, without touching parameter gradients."""
     with torch.enable_grad():
         y = y.detach().requires_grad_(True)
-        f = guided(lambda: model.f_embedded(y, cond), lambda: model.f_embedded(y, cond_null),
-                   guidance)
+        f = guided(lambda cond: model.f_embedded(y, cond), conds, cond_null, guidance)
         (grad,) = torch.autograd.grad(f.sum(), y)
     return -f.detach(), -grad
 
@@ -629,10 +659,11 @@ def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guid
     c² / 2 (0 at the top). The EBM should be in eval mode; nothing here syncs with the host."""
     step = as_batch(model.step_sq[level], y).sqrt()
     quad = as_batch(model.quad_coef[level], y)
+    columns = conditions(labels)
     with torch.no_grad():
-        cond = model.ebm.embed(model.logsnr[level - 1], labels)
-        cond_null = (model.ebm.embed(model.logsnr[level - 1], torch.zeros_like(labels)) if guidance
-                     else None)
+        conds = [model.ebm.embed(model.logsnr[level - 1], column) for column in columns]
+        cond_null = (model.ebm.embed(model.logsnr[level - 1], torch.zeros_like(columns[0]))
+                     if guidance else None)
     y = y.detach()
     grad_pass = common.compiled(energy_and_grad, model.compile_sampler)
     with parametrize.cached():  # spectral-normalised weights computed once for the whole run
@@ -641,7 +672,7 @@ def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guid
                 if parametrize.is_parametrized(module, "weight"):
                     module.weight
         for _ in range(n_steps):
-            _, grad = grad_pass(model, y, cond, guidance, cond_null)  # grad = -∇f
+            _, grad = grad_pass(model, y, conds, guidance, cond_null)  # grad = -∇f
             y = y - 0.5 * grad - quad * (y - x_noisy) + step * torch.randn_like(y)
     return y
 
@@ -654,8 +685,9 @@ def tweedie_step(model: CDRL, x, labels, guidance: float, exact: bool):
     with torch.enable_grad():
         x_var = x.detach().requires_grad_(True)
         y = model.alpha_mul[1] * x_var
-        f = guided(lambda: model.f(y, one, labels),
-                   lambda: model.f(y, one, torch.zeros_like(labels)), guidance)
+        columns = conditions(labels)
+        f = guided(lambda column: model.f(y, one, column), columns,
+                   None if labels is None else torch.zeros_like(columns[0]), guidance)
         (score,) = torch.autograd.grad(f.sum() / scale, x_var)
     return ((x + (1 - model.alpha_bar[0]) * score) / model.alpha_bar[0].sqrt()).detach()
 
@@ -666,15 +698,18 @@ def generate(model: CDRL, n: int, args, device, step_multiplier: int = 1, labels
     on the recovery density (step_multiplier x --sample-langevin-steps, --guidance), x_{i-1} = y /
     α_mul; then one Tweedie step. Returns x_0 (and x_{L-1}..x_0 if keep_levels)."""
     x, per_level = torch.randn((n,) + sample_shape(args), device=device), []
+    columns = conditions(labels)
+    null = None if labels is None else torch.zeros_like(columns[0])
     progress = common.Progress("sampler, levels", model.num_levels, interval=30, quiet=True)
     for i in range(model.num_levels, 0, -1):
         level = torch.full((len(x),), i, dtype=torch.long, device=x.device)
+        # composed (K conditions): the product of the K Gaussian proposals N(mean_k, std²), i.e.
+        # their average mean and std / sqrt(K) (our choice, docstring item 10)
         with torch.no_grad():
-            mean = guided(lambda: model.initializer(x, model.logsnr[level], labels),
-                          lambda: model.initializer(x, model.logsnr[level],
-                                                    torch.zeros_like(labels)),
-                          args.guidance)
-        y = mean + as_batch(model.proposal_std[level], x) * torch.randn_like(x)
+            mean = guided(lambda column: model.initializer(x, model.logsnr[level], column),
+                          columns, null, args.guidance) / len(columns)
+        std = as_batch(model.proposal_std[level], x) / math.sqrt(len(columns))
+        y = mean + std * torch.randn_like(x)
         y = recovery_langevin(model, y, x, level, labels, args.sample_langevin_steps
                               * step_multiplier, args.guidance)
         x = y / model.alpha_mul[i]
@@ -773,9 +808,12 @@ def build_model(args) -> CDRL:
 
 
 def sample_labels(n: int, args, device):
-    """Balanced class labels 1..K (sample k has class k mod K), None for an unconditional model."""
+    """Balanced class labels 1..K (sample k has class k mod K), None for an unconditional model;
+    with --compose the composed classes for every sample, (n, K)."""
     if not args.conditional:
         return None
+    if args.compose:
+        return (torch.tensor(args.compose, device=device) + 1).expand(n, -1)
     return torch.arange(n, device=device) % args.num_classes + 1
 
 
@@ -810,7 +848,7 @@ def energy(model: CDRL, x: torch.Tensor, args) -> torch.Tensor:
 # ==================================================================================================
 # settings that may change on --resume besides common.RESUMABLE (sampling options)
 RESUMABLE = common.RESUMABLE | {"sample_langevin_steps", "sample_batch", "n_grid", "n_points",
-                                "exact_tweedie", "guidance", "num_classes"}
+                                "exact_tweedie", "guidance", "compose", "num_classes"}
 
 
 def save_pictures(model: CDRL, args, tag, device, box):
@@ -853,6 +891,7 @@ def main(args: Args):
     if args.conditional:
         all_labels = common.load_labels(args.dataset, args.data_dir, train=True).to(device)
         args.num_classes = args.num_classes or int(all_labels.max()) + 1
+        args.check_compose()
     indices = torch.arange(len(train_data), device=device)
     loader = common.EpochLoader(indices, args.batch_size, args.seed)
     train_data = train_data.to(device)
@@ -933,7 +972,8 @@ def main(args: Args):
     if common.end_processes() and start_step >= args.steps:
         with common.own_rng(args.seed + args.steps):
             save_pictures(ema, args,
-                          f"{args.steps:08d}_K{args.sample_langevin_steps}_w{args.guidance:g}",
+                          f"{args.steps:08d}_K{args.sample_langevin_steps}_w{args.guidance:g}"
+                          + ("_c" + "+".join(map(str, args.compose)) if args.compose else ""),
                           device, box)
 
 

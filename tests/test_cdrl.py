@@ -316,6 +316,70 @@ def test_cdrl_step_gradients_closed_form():
     assert energy_pos.item() == pytest.approx(-(pos @ theta0).mean().item(), abs=1e-5)
 
 
+class ClassQuadraticEBM(nn.Module):
+    """f(y, c) = -a ||y - m_c||² / 2 at every level: the embedding carries the class."""
+
+    def __init__(self, a, means):
+        super().__init__()
+        self.a = a
+        self.register_buffer("means", means)
+
+    def embed(self, logsnr, labels):
+        return labels
+
+    def forward(self, y, labels):
+        return -0.5 * self.a * (y - self.means[labels]).pow(2).sum(1)
+
+
+def test_composing_one_class_is_conditional_sampling():
+    model, args = tiny_conditional_model()
+    args.guidance, labels = 0.5, torch.tensor([1, 2, 3, 10])
+    torch.manual_seed(2)
+    conditional = cdrl.generate(model, 4, args, "cpu", labels=labels)
+    torch.manual_seed(2)
+    composed = cdrl.generate(model, 4, args, "cpu", labels=labels[:, None])
+    assert torch.equal(conditional, composed)
+
+
+def test_composed_classes_sample_the_product_of_their_densities():
+    """Two Gaussian classes m_1 = (-1, 0), m_2 = (1, 1) at the top level (no quadratic term): the
+    sum of their energies is the Gaussian with mean (m_1 + m_2) / 2 and precision 2a / s², where
+    both conditional densities are high; Langevin with step h = s² has stationary variance (1/P) /
+    (1 - hP/4). Guided with w = 1 (null class at the origin) the energy is 2 f_1 + 2 f_2 - 2 f_∅:
+    the same precision, mean (2 m_1 + 2 m_2 - 2 m_∅) / 2 = m_1 + m_2."""
+    torch.manual_seed(0)
+    a = 0.05
+    means = torch.tensor([[0.0, 0.0], [-1.0, 0.0], [1.0, 1.0]])  # row 0: the null class
+    model = cdrl.CDRL(ClassQuadraticEBM(a, means), nn.Identity(),
+                      cdrl.level_tables(cdrl.Args(dataset="cifar10")))
+    n, top = 20_000, 6
+    s_sq = model.step_sq[top].double().item()
+    level = torch.full((n,), top, dtype=torch.long)
+    labels = torch.tensor([1, 2]).expand(n, 2)
+    precision = 2 * a / s_sq
+    var = (1 / precision) / (1 - s_sq * precision / 4)
+    for guidance, mean in ((0.0, (means[1] + means[2]) / 2), (1.0, means[1] + means[2])):
+        y = cdrl.recovery_langevin(model, torch.zeros(n, 2), torch.zeros(n, 2), level, labels,
+                                   600, guidance).double()
+        assert torch.allclose(y.mean(0), mean.double(), atol=4 * math.sqrt(var / n))
+        assert torch.allclose(y.var(0), torch.full((2,), var, dtype=torch.float64),
+                              atol=4 * var * math.sqrt(2 / (n - 1)))
+    # one class alone: its own mean (precision a / s², about twice the variance)
+    one = cdrl.recovery_langevin(model, torch.zeros(n, 2), torch.zeros(n, 2), level,
+                                 labels[:, :1], 600).double()
+    assert torch.allclose(one.mean(0), means[1].double(), atol=4 * math.sqrt(2 * var / n))
+
+
+def test_compose_is_checked():
+    args = cdrl.Args(dataset="cifar10", conditional=True, compose=[1, 3])
+    assert args.compose == (1, 3)
+    assert cdrl.sample_labels(2, args, "cpu").tolist() == [[2, 4], [2, 4]]  # 0 = the null class
+    with pytest.raises(common.UserError, match="--compose needs a --conditional model"):
+        cdrl.Args(dataset="cifar10", compose=(1,))
+    with pytest.raises(common.UserError, match=r"--compose takes classes 0..9, got \[10\]"):
+        cdrl.Args(dataset="cifar10", conditional=True, compose=(10,))
+
+
 # --------------------------------------------------------------------------------------------------
 # smoke, resume, failures
 # --------------------------------------------------------------------------------------------------
@@ -328,6 +392,12 @@ def test_smoke_conditional_and_guided_resample(tmp_path, class_folder):
     cdrl.main(tiny_image_args(run, class_folder, conditional=True, resume=True, guidance=1.0,
                               sample_langevin_steps=1))
     assert (run / "samples_00000006_K1_w1.png").exists()
+    cdrl.main(tiny_image_args(run, class_folder, conditional=True, resume=True, compose=(0, 1),
+                              sample_langevin_steps=1))
+    assert (run / "samples_00000006_K1_w0_c0+1.png").exists()
+    with pytest.raises(common.UserError, match=r"--compose takes classes 0..1, got \[0, 2\]"):
+        cdrl.main(tiny_image_args(run, class_folder, conditional=True, resume=True,
+                                  compose=(0, 2)))
     module, loaded_args, model = eval_fid_ood.load_method(ckpt, "cpu")
     assert module.sample(model, 4, loaded_args, "cpu").shape == (4, 3, 8, 8)
 

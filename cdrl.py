@@ -62,6 +62,11 @@ Deliberate differences from the official code (github.com/AlvinZhuyx/CDRL):
    densities, in the Langevin steps and the Tweedie step; the initializer's Gaussian proposals
    N(g(x, c_k), std²) are multiplied the same way, giving mean (1/K) Σ_k [(1+w) g(x, c_k) - w
    g(x, ∅)] and std / sqrt(K). One class is exactly conditional sampling.
+11. Inpainting (`inpaint`, `python eval_fid_ood.py --inpaint center`; neither the official code nor
+   the parts of the paper available to us give the scheme): the replacement method (Song et al.
+   2021; RePaint without resampling): at each level the known pixels are the diffused observation
+   and stay fixed through the Langevin steps, so those steps sample the missing pixels from the
+   recovery density given the known ones; the final image keeps the known pixels exactly.
 """
 import copy
 import math
@@ -653,10 +658,13 @@ def energy_and_grad(model: CDRL, y, conds: list, guidance: float = 0.0, cond_nul
     return -f.detach(), -grad
 
 
-def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guidance: float = 0.0):
+def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guidance: float = 0.0,
+                      known=None):
     """n_steps of Langevin on the recovery density f(y)/s² - ||y - x_noisy||²/(2σ²) (the marginal
     f(y)/s² at the top level), step s²:  y <- y + ½∇f(y) - q (y - x_noisy) + s ε with q = step_scale
-    c² / 2 (0 at the top). The EBM should be in eval mode; nothing here syncs with the host."""
+    c² / 2 (0 at the top); known = (mask, values) holds the masked entries of y at the values after
+    every step (inpainting: Langevin on the other entries given them). The EBM should be in eval
+    mode; nothing here syncs with the host."""
     step = as_batch(model.step_sq[level], y).sqrt()
     quad = as_batch(model.quad_coef[level], y)
     columns = conditions(labels)
@@ -674,6 +682,8 @@ def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guid
         for _ in range(n_steps):
             _, grad = grad_pass(model, y, conds, guidance, cond_null)  # grad = -∇f
             y = y - 0.5 * grad - quad * (y - x_noisy) + step * torch.randn_like(y)
+            if known is not None:
+                y = torch.where(known[0], known[1], y)
     return y
 
 
@@ -693,16 +703,27 @@ def tweedie_step(model: CDRL, x, labels, guidance: float, exact: bool):
 
 
 def generate(model: CDRL, n: int, args, device, step_multiplier: int = 1, labels=None,
-             keep_levels: bool = False):
+             keep_levels: bool = False, known=None):
     """The paper's sampler from x_L ~ N(0, I): for i = L..1, y = g(x_i) + proposal noise, Langevin
     on the recovery density (step_multiplier x --sample-langevin-steps, --guidance), x_{i-1} = y /
-    α_mul; then one Tweedie step. Returns x_0 (and x_{L-1}..x_0 if keep_levels)."""
+    α_mul; then one Tweedie step. Returns x_0 (and x_{L-1}..x_0 if keep_levels).
+
+    Inpainting (known = (mask, x_clean), our replacement scheme, docstring item 11): at level i the
+    masked entries of x_i are replaced by the diffused observation sqrt(ᾱ_i) x_clean + sqrt(1-ᾱ_i) ε
+    and held at α_mul times its level-(i-1) twin (the same ε, as the training pairs) through the
+    Langevin steps; the result has the clean masked entries."""
     x, per_level = torch.randn((n,) + sample_shape(args), device=device), []
     columns = conditions(labels)
     null = None if labels is None else torch.zeros_like(columns[0])
     progress = common.Progress("sampler, levels", model.num_levels, interval=30, quiet=True)
     for i in range(model.num_levels, 0, -1):
         level = torch.full((len(x),), i, dtype=torch.long, device=x.device)
+        held = None
+        if known is not None:
+            mask, clean = known
+            noise = torch.randn_like(x)
+            x = torch.where(mask, diffuse(model, clean, level, noise), x)
+            held = (mask, model.alpha_mul[i] * diffuse(model, clean, level - 1, noise))
         # composed (K conditions): the product of the K Gaussian proposals N(mean_k, std²), i.e.
         # their average mean and std / sqrt(K) (our choice, docstring item 10)
         with torch.no_grad():
@@ -711,12 +732,14 @@ def generate(model: CDRL, n: int, args, device, step_multiplier: int = 1, labels
         std = as_batch(model.proposal_std[level], x) / math.sqrt(len(columns))
         y = mean + std * torch.randn_like(x)
         y = recovery_langevin(model, y, x, level, labels, args.sample_langevin_steps
-                              * step_multiplier, args.guidance)
+                              * step_multiplier, args.guidance, held)
         x = y / model.alpha_mul[i]
         if keep_levels:
             per_level.append(x)
         progress.update(1)
     x = tweedie_step(model, x, labels, args.guidance, args.exact_tweedie)
+    if known is not None:
+        x = torch.where(known[0], known[1], x)
     return (x, per_level) if keep_levels else x
 
 
@@ -829,6 +852,21 @@ def sample(model: CDRL, n: int, args, device, step_multiplier: int = 1) -> torch
         batch = generate(model, count, args, device, step_multiplier,
                          None if labels is None else labels[first:first + count])
         out.append(batch if common.is_2d(args.dataset) else batch.clamp(-1, 1))
+    return torch.cat(out)
+
+
+def inpaint(model: CDRL, x: torch.Tensor, known: torch.Tensor, args, device) -> torch.Tensor:
+    """Images x in [-1, 1] with the entries where `known` (a bool mask of x's shape) is False
+    missing -> the same images with those entries sampled given the others (generate's replacement
+    scheme; conditional models: balanced labels, --guidance), in batches of --sample-batch."""
+    model.eval()
+    out = []
+    labels = sample_labels(len(x), args, device)
+    for first in range(0, len(x), args.sample_batch):
+        rows = slice(first, first + args.sample_batch)
+        batch = (x[rows].to(device), known[rows].to(device))
+        out.append(generate(model, len(batch[0]), args, device, known=(batch[1], batch[0]),
+                            labels=None if labels is None else labels[rows]).clamp(-1, 1))
     return torch.cat(out)
 
 

@@ -4,6 +4,7 @@
                            [--ood svhn cifar100 uniform] [--long-run 100]
     python eval_fid_ood.py --ckpt runs/<run> --save-samples 10000
     python eval_fid_ood.py --ckpt runs/<conditional cdrl run> --guidance-sweep 0,0.5,1,2
+    python eval_fid_ood.py --ckpt runs/<cdrl run> --inpaint center --fid-samples 0 --ood none
 
 --ckpt takes a checkpoint or a run folder (its ckpt.pt).
 
@@ -32,6 +33,12 @@ Images
   (converted to the model's channels and size), interp (the pixel mean of two random in-distribution
   test images), uniform (i.i.d. uniform pixels), constant (one random colour per image). ood_mean is
   the average AUROC over the sets.
+- inpaint (--inpaint center|right|bottom; methods with an `inpaint` function: cdrl.py): --n-inpaint
+  images of the test split (a seeded subset) with the central square of half the side, or the
+  right or bottom half, missing; the method fills them in given the rest. mse: mean squared error
+  over the missing pixels against the held-out truth, on the [0, 1] scale; mse_known_mean: the same
+  for filling each image's missing pixels with its known pixels' per-channel mean (a floor any
+  model should beat); picture eval_inpaint.png (rows: truth, masked input, inpainted).
 2D
 - nll: mean -log p_θ of --n-test fresh points of the toy, with p_θ = exp(-energy) normalised exactly
   on a --grid-resolution² grid over the data box (logsumexp over the cells); true_nll: the same
@@ -68,7 +75,7 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -124,6 +131,11 @@ class EvalArgs:
     steps)"""
     long_run_samples: int = 10_000
     """samples per step count of the long-run check"""
+    inpaint: Optional[Literal["center", "right", "bottom"]] = None
+    """images, methods that inpaint (cdrl.py): fill in this region of --n-inpaint test images and
+    report the mean squared error there (see the docstring)"""
+    n_inpaint: int = 1000
+    """images inpainted for --inpaint"""
     guidance_sweep: Optional[str] = None
     """conditional CDRL checkpoints: FID at each classifier-free guidance weight of a comma list,
     e.g. 0,0.5,1,2 (instead of the single FID at the checkpoint's --guidance)"""
@@ -132,7 +144,8 @@ class EvalArgs:
     'samples') and samples.png beside the JSON; no metrics, no training data needed"""
 
     def __post_init__(self):
-        for key in ("batch_size", "n_ood", "n_test", "grid_resolution", "long_run_samples"):
+        for key in ("batch_size", "n_ood", "n_test", "grid_resolution", "long_run_samples",
+                    "n_inpaint"):
             if getattr(self, key) <= 0:
                 raise common.UserError(f"--{key.replace('_', '-')} must be positive, got "
                                        f"{getattr(self, key)}")
@@ -424,6 +437,58 @@ def evaluate_ood(module, model, args, ea: EvalArgs, data_dir: str, device, resul
 
 
 # --------------------------------------------------------------------------------------------------
+# Inpainting
+# --------------------------------------------------------------------------------------------------
+def known_mask(region: str, shape) -> torch.Tensor:
+    """Bool (C, H, W), False on the missing region: the central square of half the side, or the
+    right or bottom half."""
+    known = torch.ones(shape, dtype=torch.bool)
+    height, width = shape[1:]
+    if region == "center":
+        top, left = height // 4, width // 4
+        known[:, top: top + height // 2, left: left + width // 2] = False
+    elif region == "right":
+        known[:, :, width // 2:] = False
+    else:
+        known[:, height // 2:, :] = False
+    return known
+
+
+def evaluate_inpainting(module, model, args, ea: EvalArgs, data_dir: str, device, results: dict,
+                        out_dir: str):
+    if not hasattr(module, "inpaint"):
+        raise common.UserError(f"--inpaint: {module.__name__}.py has no inpainting (cdrl.py has)")
+    generator = torch.Generator().manual_seed(ea.seed)
+    test = common.load_images(args.dataset, data_dir, train=False, image_size=args.image_size)
+    test = test[torch.randperm(len(test), generator=generator)[:ea.n_inpaint]]
+    known = known_mask(ea.inpaint, test.shape[1:])
+    mine = common.batches_of_this_rank(len(test), ea.batch_size)
+    progress, filled = common.Progress("inpainting", sum(rows for _, _, rows in mine)), []
+    for index, first, rows in mine:
+        torch.manual_seed(batch_seed(ea.seed, index))
+        x = common.to_unit_range(test[first:first + rows])
+        filled.append(module.inpaint(model, x, known.expand_as(x), args, device).float().cpu())
+        progress.update(rows)
+    filled = common.gather_batches(filled, len(test), ea.batch_size)
+    truth = common.to_unit_range(test)
+    missing = ~known.expand_as(truth)
+    # baseline: each image's missing pixels set to its known pixels' per-channel mean
+    known_mean = (truth * ~missing).sum((2, 3), keepdim=True) / (~missing).sum((2, 3), keepdim=True)
+
+    def mse(estimate):  # over the missing pixels, on the [0, 1] scale
+        return ((estimate - truth) / 2).pow(2)[missing].mean().item()
+    results["inpaint"] = {"region": ea.inpaint, "n": len(test), "mse": mse(filled),
+                          "mse_known_mean": mse(known_mean.expand_as(truth))}
+    print(f"  inpainting ({ea.inpaint}): MSE {results['inpaint']['mse']:.5f} (known-mean fill "
+          f"{results['inpaint']['mse_known_mean']:.5f})", flush=True)
+    if common.is_main():
+        rows = min(8, len(test))
+        common.save_image_grid(torch.cat([truth[:rows], torch.where(missing[:rows], 0.0,
+                                                                    truth[:rows]), filled[:rows]]),
+                               os.path.join(out_dir, "eval_inpaint.png"), nrow=rows)
+
+
+# --------------------------------------------------------------------------------------------------
 # 2D: exact density on a grid, and the long-run drift
 # --------------------------------------------------------------------------------------------------
 def grid_log_density(energy_fn, lo: float, hi: float, resolution: int, chunk: int = 65536):
@@ -567,6 +632,9 @@ def long_run_multipliers(n: int):
 # --------------------------------------------------------------------------------------------------
 def evaluate_images(module, model, args, ea: EvalArgs, device, results: dict, out_dir: str, save):
     data_dir = ea.data_dir or args.data_dir
+    if ea.inpaint:
+        evaluate_inpainting(module, model, args, ea, data_dir, device, results, out_dir)
+        save()
     if ea.ood:
         evaluate_ood(module, model, args, ea, data_dir, device, results, save)
         save()
@@ -645,6 +713,10 @@ def evaluate(ea: EvalArgs) -> dict:
     device = common.start_processes(ea.device)
     ckpt = common.load_checkpoint(ea.ckpt)
     module, args, model = load_method(ckpt, device, ea.ckpt)
+    if ea.inpaint and (common.is_2d(args.dataset) or ea.save_samples):
+        raise common.UserError(f"--inpaint fills in images; {ea.ckpt} is a 2D checkpoint"
+                               if common.is_2d(args.dataset) else
+                               "--inpaint and --save-samples do not go together")
     if ea.guidance_sweep and (common.is_2d(args.dataset) or ea.save_samples
                               or not getattr(args, "conditional", False)):
         raise common.UserError("--guidance-sweep measures FID of a class-conditional image "

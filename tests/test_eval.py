@@ -391,6 +391,44 @@ def test_eval_image_checkpoint_of_every_method(tmp_path, method, image_folder, o
 
 
 @pytest.mark.slow
+def test_inpainting_mse_against_a_reference_computation(tmp_path, image_folder, monkeypatch):
+    run = image_checkpoint(tmp_path, "cdrl", image_folder)
+    calls = []
+
+    def recorded(model, x, known, args, device):  # the method's inpainting, its calls recorded
+        calls.append((x.clone(), known.clone(), torch.get_rng_state()))
+        calls[-1] += (inpaint(model, x, known, args, device),)
+        return calls[-1][-1]
+    inpaint = cdrl.inpaint
+    monkeypatch.setattr(cdrl, "inpaint", recorded)
+    ea = eval_fid_ood.EvalArgs(ckpt=str(run), device="cpu", inpaint="center", n_inpaint=6,
+                               batch_size=4, fid_samples=0, ood=("none",))
+    results = eval_fid_ood.evaluate(ea)["inpaint"]
+    assert results["region"] == "center" and results["n"] == 6
+    assert (run / "eval_inpaint.png").exists()
+    # by hand: the seeded subset of the test split (here the folder) in batches of 4, each seeded
+    # by batch_seed, with the central 4x4 of the 8x8 images missing
+    test = common.load_images(f"folder:{image_folder}", "unused", train=False)
+    test = test[torch.randperm(len(test), generator=torch.Generator().manual_seed(ea.seed))[:6]]
+    truth = common.to_unit_range(test)
+    known = torch.ones_like(truth, dtype=torch.bool)
+    known[:, :, 2:6, 2:6] = False
+    assert len(calls) == 2
+    for index, (first, (x, mask, rng_state, _)) in enumerate(zip((0, 4), calls)):
+        assert torch.equal(x, truth[first:first + 4]) and torch.equal(mask, known[first:first + 4])
+        torch.manual_seed(eval_fid_ood.batch_seed(ea.seed, index))
+        assert torch.equal(rng_state, torch.get_rng_state())
+    filled = torch.cat([call[-1] for call in calls])
+    assert torch.equal(filled[known], truth[known])
+    expected = ((filled - truth)[~known] / 2).pow(2).mean().item()
+    assert results["mse"] == pytest.approx(expected, rel=1e-6)
+    fill = torch.stack([truth[i][:, known[i, 0]].mean(1) for i in range(6)])  # (6, 3)
+    baseline = ((fill[:, :, None, None] - truth)[:, :, 2:6, 2:6] / 2).pow(2).mean().item()
+    assert results["mse_known_mean"] == pytest.approx(baseline, rel=1e-5)
+    assert results["mse"] != results["mse_known_mean"]
+
+
+@pytest.mark.slow
 def test_guidance_sweep_gives_one_fid_per_weight(tmp_path, class_folder, random_inception):
     run = tmp_path / "run"
     cdrl.main(tiny_args("cdrl", run, class_folder, conditional=True))

@@ -341,6 +341,7 @@ def test_composing_one_class_is_conditional_sampling():
     assert torch.equal(conditional, composed)
 
 
+@pytest.mark.slow  # 20,000 chains x 600 steps
 def test_composed_classes_sample_the_product_of_their_densities():
     """Two Gaussian classes m_1 = (-1, 0), m_2 = (1, 1) at the top level (no quadratic term): the
     sum of their energies is the Gaussian with mean (m_1 + m_2) / 2 and precision 2a / s², where
@@ -394,6 +395,7 @@ class CorrelatedQuadraticEBM(nn.Module):
         return -0.5 * ((y @ self.A) * y).sum(1)
 
 
+@pytest.mark.slow  # 20,000 chains x 600 steps
 def test_held_entries_make_langevin_sample_the_conditional():
     """At the top level the density is exp(f/s²): holding y_1 = 2, y_2 is Gaussian with mean
     -ρ·2 and precision P = a/s² (ULA variance (1/P) / (1 - hP/4), h = s²)."""
@@ -449,6 +451,7 @@ def test_smoke_conditional_and_guided_resample(tmp_path, class_folder):
     assert module.sample(model, 4, loaded_args, "cpu").shape == (4, 3, 8, 8)
 
 
+@pytest.mark.slow  # a 32x32 training run
 def test_imagenet32_trains_the_official_conditional_configuration(tmp_path):
     # the preset is main_cond.py's: 1M iterations, initializer U-Net with 2 blocks per level,
     # class-conditional over 1,000 classes with label dropout 0.1, guidance 1 for its samples; the

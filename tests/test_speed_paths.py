@@ -27,7 +27,7 @@ def input_gradient(method, model, x):
         level = torch.ones(len(x), dtype=torch.long)
         with torch.no_grad():
             cond = model.ebm.embed(model.logsnr[level - 1], None)
-        return energy_and_grad(model, x, cond)[1]
+        return energy_and_grad(model, x, [cond])[1]
     return energy_and_grad(model, x, torch.zeros(len(x), dtype=torch.long))[1]
 
 

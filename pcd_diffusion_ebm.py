@@ -28,9 +28,9 @@ Deliberate differences from the official code (github.com/XinweiZhang/DAEBM):
    and 500 iterations of 100,000; images: 6,000 and 6,000 of 120,000) scaled by --steps / that
    length, so that a shorter run (the 2D quick start: 20,000, MH from 100) goes through the same
    phases. The step-size adaptation interval is not scaled (2D 500 = once per official epoch of
-   50k points at batch 100; images 100): adapted 5x as often, the steps at t = 0 grew from 0.001
-   to about 0.2 within 3,000-6,400 iterations and both runs measured so diverged there; at 500
-   two seeds of the quick start trained to 1.56 and 1.59 nats (docs/RESULTS.md).
+   50k points at batch 100; images 100): adapted as often as the scaled schedule would, the step
+   sizes at t = 0 outgrew the model and short runs diverged, while at the paper's interval they
+   trained (measurements: docs/RESULTS.md, DA-EBM quick start).
 5. Data batches come from shuffled epochs of an in-memory tensor (`common.EpochLoader`), not a
    DataLoader; the 2D training set is 50,000 fixed points drawn once, as in the official toy script.
 6. Optional EMA of the weights (`--ema-decay`, off by default as in the official code): when on, the

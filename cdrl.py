@@ -67,6 +67,12 @@ Deliberate differences from the official code (github.com/AlvinZhuyx/CDRL):
    2021; RePaint without resampling): at each level the known pixels are the diffused observation
    and stay fixed through the Langevin steps, so those steps sample the missing pixels from the
    recovery density given the known ones; the final image keeps the known pixels exactly.
+12. FID during training is an option (`--fid-every N --fid-samples M`, off by default, as in every
+   script); the official code always measures it, every 20,000 iterations on 5,000 EMA samples, and
+   keeps the lowest as best.pth.tar. It compares against 5,000 test images with
+   pytorch_fid_wrapper; ours against the whole training split with torch-fidelity's Inception, the
+   evaluator's protocol and cached statistics, so the curve matches eval_fid_ood.py's numbers, not
+   the official log's. Every measurement draws from the same seeds.
 """
 import copy
 import math
@@ -175,6 +181,15 @@ class Args:
     channels_last: bool = False
     """keep the image network's convolution weights (and so its activations) channels-last (NHWC),
     the layout GPU tensor cores convolve without transposing; 2D networks have no convolutions"""
+    fid_every: int = 0
+    """images: iterations between FIDs of --fid-samples EMA samples against the training split
+    (the evaluator's protocol), logged to metrics.jsonl; the checkpoint with the lowest is kept as
+    best.pt (0 = off)"""
+    fid_samples: int = 5000
+    """samples per FID of --fid-every (the official CDRL code: 5,000 every 20,000 iterations)"""
+    inception_weights: Optional[str] = None
+    """torch-fidelity's Inception weights file for --fid-every on machines without internet
+    (default: downloaded)"""
 
     # ---- CDRL ----
     initializer_lr: Optional[float] = None
@@ -955,13 +970,15 @@ def main(args: Args):
     common.print_start(args, f"CDRL on {args.dataset}: EBM {common.count_parameters(model.ebm)}, "
                              f"initializer {common.count_parameters(model.initializer)}, device "
                              f"{device}")
+    fid = common.TrainingFid(args, train_data, device, ckpt, start_step)
 
-    def checkpoint(step, snapshot):
+    def checkpoint(step, snapshot, best=False):
         state = common.checkpoint_state(
-            "cdrl", args, step, model, ema, box=box, loader=loader.state_dict(),
+            "cdrl", args, step, model, ema, best_fid=fid.best, box=box, loader=loader.state_dict(),
             optimizer={"ebm": ebm_opt.state_dict(), "initializer": init_opt.state_dict()},
             scheduler={"ebm": ebm_sched.state_dict(), "initializer": init_sched.state_dict()})
-        common.save_checkpoint(state, args.run_dir, snapshot_step=step if snapshot else None)
+        common.save_checkpoint(state, args.run_dir, snapshot_step=step if snapshot else None,
+                               best=best)
 
     log = common.MetricLog(args.run_dir, args.steps, start_step)
     model.train()
@@ -987,7 +1004,9 @@ def main(args: Args):
             done = step + 1
             log_now = common.every(done, args.log_every, args.steps)
             sample_now = common.every(done, args.sample_every, args.steps)
-            save_now = common.every(done, args.save_every, args.steps) or guard.save_due()
+            fid_now = common.every(done, args.fid_every, args.steps)
+            save_now = (common.every(done, args.save_every, args.steps) or guard.save_due()
+                        or fid_now)
             if log_now or sample_now or save_now:
                 loss, init_loss, energy_pos, energy_neg = common.mean_over_ranks(
                     loss, init_loss, energy_pos, energy_neg)
@@ -1001,8 +1020,9 @@ def main(args: Args):
             if sample_now and common.is_main():
                 with common.own_rng(args.seed + done):
                     save_pictures(ema, args, f"{done:08d}", device, box)
+            best = fid_now and fid.measure(sample, ema, done, log)
             if save_now:
-                checkpoint(done, snapshot=done % args.save_every == 0)
+                checkpoint(done, snapshot=done % args.save_every == 0, best=best)
                 guard.saved()
                 guard.exit_if_stopped(args.run_dir, done, "cdrl.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")

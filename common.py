@@ -1,13 +1,14 @@
 """Method-agnostic plumbing shared by the method scripts and the evaluator.
 
 Datasets (2D toys and image sets), seeding and devices, several processes under torchrun, the run
-folder and metric log, checkpoint I/O, image grids and 2D pictures. Nothing here knows about
-energies, noise schedules, samplers or losses: those live in each method script so that one script
-plus this file can be copied alone.
+folder and metric log, checkpoint I/O, FID (the evaluator's and --fid-every's), image grids and 2D
+pictures. Nothing here knows about energies, noise schedules, samplers or losses: those live in each
+method script so that one script plus this file can be copied alone.
 """
 import contextlib
 import dataclasses
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -709,8 +710,8 @@ def memory_layout(model, channels_last: bool):
 
 def every(done: int, interval: int, total: int) -> bool:
     """True at iterations that are a multiple of `interval` and at the last one (done counts from
-    1)."""
-    return done % interval == 0 or done == total
+    1); never for interval 0 (an option that is off)."""
+    return interval > 0 and (done % interval == 0 or done == total)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -823,6 +824,12 @@ def apply_presets(args, presets: dict):
         raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if not args.save_minutes >= 0:
         raise UserError(f"--save-minutes must be >= 0, got {args.save_minutes}")
+    if args.fid_every < 0 or args.fid_samples < 2:
+        raise UserError(f"--fid-every must be >= 0 and --fid-samples >= 2 (a covariance), got "
+                        f"{args.fid_every} and {args.fid_samples}")
+    if args.fid_every and is_2d(args.dataset):
+        raise UserError("--fid-every scores images; a 2D run is scored by eval_fid_ood.py's exact "
+                        "NLL")
 
 
 def check_positive(args, names):
@@ -854,7 +861,7 @@ def set_image_shape(args):
 # script adds its sampling options.
 RESUMABLE = {"exp_name", "data_dir", "run_dir", "steps", "device", "log_every", "sample_every",
              "save_every", "resume", "save_minutes", "amp", "compile", "channels_last",
-             "image_size", "image_channels"}
+             "fid_every", "fid_samples", "inception_weights", "image_size", "image_channels"}
 
 
 def run_dir_of(args) -> str:
@@ -997,6 +1004,21 @@ class MetricLog:
                      v in metrics.items()]
             print(f"step {step}/{self.total} | " + " | ".join(parts) +
                   f" | {rate:.2f} it/s | ETA {format_seconds(eta)}", flush=True)
+
+
+    def note(self, step: int, metrics: dict):
+        """A record of an evaluation during training (no it/s): its time is left out of the next
+        record's it/s."""
+        if not is_main():
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+        print(f"step {step}/{self.total} | " + " | ".join(f"{k} {v:.4g}" for k, v in
+                                                          metrics.items()), flush=True)
+        self.last_time = time.time()
 
 
 def format_seconds(seconds: float) -> str:
@@ -1173,15 +1195,18 @@ def _atomic_save(state: dict, path: str):
                         "--resume") from None
 
 
-def save_checkpoint(state: dict, run_dir: str, snapshot_step=None):
-    """Write {run_dir}/ckpt.pt atomically (temp file + os.replace); optionally also ckpt_{step}.pt.
-    A failed write (full disk, ...) removes its temp file and leaves the previous checkpoint as it
-    was. Rank 0 writes; the others return at once."""
+def save_checkpoint(state: dict, run_dir: str, snapshot_step=None, best: bool = False):
+    """Write {run_dir}/ckpt.pt atomically (temp file + os.replace); optionally also ckpt_{step}.pt
+    and best.pt (the lowest FID of --fid-every so far). A failed write (full disk, ...) removes its
+    temp file and leaves the previous checkpoint as it was. Rank 0 writes; the others return at
+    once."""
     if not is_main():
         return
     _atomic_save(state, os.path.join(run_dir, "ckpt.pt"))
     if snapshot_step is not None:
         _atomic_save(state, os.path.join(run_dir, f"ckpt_{snapshot_step:08d}.pt"))
+    if best:
+        _atomic_save(state, os.path.join(run_dir, "best.pt"))
 
 
 def load_checkpoint(path: str, method=None) -> dict:
@@ -1206,6 +1231,185 @@ def load_checkpoint(path: str, method=None) -> dict:
         raise UserError(f"checkpoint {path} was written by method {ckpt['method']!r}, not "
                         f"{method!r}")
     return ckpt
+
+
+# --------------------------------------------------------------------------------------------------
+# FID: torch-fidelity's Inception, statistics and Frechet formula (eval_fid_ood.py and --fid-every)
+# --------------------------------------------------------------------------------------------------
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of sample batch `index`: its own stream, whichever process draws it."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def sample_batches(sample_fn, n: int, batch_size: int, seed: int, label: str):
+    """Yield this process's batches of sample_fn(rows) (batches_of_this_rank: all of them, n rows
+    in all, with one process); batch i starts from the random state seeded by batch_seed(seed, i),
+    so the samples do not depend on the number of processes."""
+    mine = batches_of_this_rank(n, batch_size)
+    progress = Progress(label, sum(rows for _, _, rows in mine))
+    for index, _, rows in mine:
+        torch.manual_seed(batch_seed(seed, index))
+        batch = sample_fn(rows)
+        progress.update(rows)
+        yield batch
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """TF32 off inside (pick_device turns it on for training): Inception features in full fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def load_inception(weights_path, device):
+    """torch-fidelity's InceptionV3 giving 2048-d features -> (network, weights tag for cache names:
+    the first 8 hex digits of the weights file's sha256, which torch-fidelity's own file name
+    carries). torch-fidelity is imported here: only FID needs it."""
+    from torch_fidelity.feature_extractor_inceptionv3 import (URL_INCEPTION_V3,
+                                                              FeatureExtractorInceptionV3)
+
+    if weights_path is None:
+        tag = URL_INCEPTION_V3.rsplit("-", 1)[1].split(".")[0]
+        try:
+            network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        except Exception as error:
+            raise UserError("could not download torch-fidelity's Inception weights "
+                            f"({type(error).__name__}); fetch {URL_INCEPTION_V3} on a connected "
+                            "machine and pass --inception-weights PATH") from None
+        return network.to(device), tag
+    if not os.path.isfile(weights_path):
+        raise UserError(f"--inception-weights {weights_path} does not exist")
+    # torch-fidelity opens the file with weights_only=False: refuse anything that needs more than
+    # tensors first
+    try:
+        torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"--inception-weights {weights_path} is not a state dict of tensors "
+                        f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
+    try:
+        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                              feature_extractor_weights_path=weights_path)
+    except RuntimeError as error:
+        raise UserError(f"--inception-weights {weights_path} does not hold torch-fidelity's "
+                        f"InceptionV3 ({str(error).splitlines()[0][:120]})") from None
+    with open(weights_path, "rb") as f:
+        tag = hashlib.sha256(f.read()).hexdigest()[:8]
+    return network.to(device), tag
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 with 3 channels (the exact inverse of to_unit_range on uint8
+    data)."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def inception_features(network, uint8_batches, device, n: int, batch_size: int) -> torch.Tensor:
+    """2048-d features of this process's uint8 (rows, 3, H, W) batches, those of
+    batches_of_this_rank(n, batch_size), gathered from every process -> float32 (n, 2048) on the
+    CPU in the global order."""
+    out = []
+    with torch.no_grad(), full_fp32():
+        for batch in uint8_batches:
+            out.append(network(batch.to(device))[0].cpu())
+    return gather_batches(out, n, batch_size)
+
+
+def feature_statistics(features: torch.Tensor) -> dict:
+    """torch-fidelity's FID statistics: float32 mean and float64 unbiased covariance (numpy)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    return fid_features_to_statistics(features)
+
+
+def frechet_distance(stats_a: dict, stats_b: dict) -> float:
+    """||μa - μb||² + tr(Σa + Σb - 2 (Σa Σb)^½), torch-fidelity's formula (tr sqrt from eigvals of
+    Σa Σb)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    return fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID]
+
+
+def dataset_tag(dataset: str) -> str:
+    if dataset.startswith("folder:"):
+        path = os.path.abspath(dataset[len("folder:"):])
+        return f"folder-{os.path.basename(path)}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    return dataset
+
+
+def reference_statistics(dataset: str, image_size: int, load_train_images, network,
+                         weights_tag: str, stats_dir: str, batch_size: int, device):
+    """Inception statistics of the whole training split (uint8 images from load_train_images(),
+    called only when the cache lacks them), cached in stats_dir (computed again by every process
+    when any lacks the file, e.g. machines without a shared disk) -> (stats, cache path)."""
+    path = os.path.join(stats_dir, f"{dataset_tag(dataset)}-train-{image_size}x{image_size}-"
+                                   f"inception-{weights_tag}-pool2048.pt")
+    if not any_rank(not os.path.isfile(path)):
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        return {"mu": cached["mu"].numpy(), "sigma": cached["sigma"].numpy()}, path
+    images = load_train_images()
+    mine = batches_of_this_rank(len(images), batch_size)
+    progress = Progress(f"Inception statistics of the {dataset} training split",
+                        sum(rows for _, _, rows in mine))
+
+    def batches():
+        for _, first, rows in mine:
+            progress.update(rows)
+            # the samples' conversion (exact on uint8 data)
+            yield to_uint8_rgb(to_unit_range(images[first:first + rows]))
+    stats = feature_statistics(inception_features(network, batches(), device, len(images),
+                                                  batch_size))
+    if not is_main():
+        return stats, path
+    os.makedirs(stats_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save({"mu": torch.from_numpy(np.asarray(stats["mu"])),
+                "sigma": torch.from_numpy(stats["sigma"]), "n": len(images)}, tmp)
+    os.replace(tmp, path)
+    return stats, path
+
+
+class TrainingFid:
+    """--fid-every N: every N iterations (and at the last) the FID of --fid-samples samples of the
+    EMA model, drawn by the script's post-training sampler, against the training split's Inception
+    statistics (the evaluator's protocol and cache, {data_dir}/fid_stats). Every measurement draws
+    from the same seeds (--seed), so the curve's changes are the model's and not the noise's.
+    `best` is the lowest FID so far (kept in the checkpoint, None before the first); measure says
+    whether a measurement beat it, and then the script writes best.pt. A collective under torchrun:
+    each rank draws its share of the batches."""
+
+    def __init__(self, args, train_images: torch.Tensor, device, ckpt, start_step: int):
+        self.args, self.device = args, device
+        self.best = ckpt.get("best_fid") if ckpt else None
+        if not args.fid_every or start_step >= args.steps:
+            return
+        self.network, tag = load_inception(args.inception_weights, device)
+        self.reference, _ = reference_statistics(
+            args.dataset, args.image_size, lambda: train_images, self.network, tag,
+            os.path.join(args.data_dir, "fid_stats"), args.batch_size, device)
+
+    def measure(self, sample, model, step: int, log) -> bool:
+        """FID of the samples of the script's sample(model, n, args, device), recorded in the
+        metric log; True if it is the lowest so far. Training's random state and the model's
+        train / eval mode are left as they were."""
+        start, n, batch_size = time.time(), self.args.fid_samples, self.args.batch_size
+        was_training = model.training
+        with own_rng(self.args.seed):
+            uint8 = (to_uint8_rgb(batch) for batch in sample_batches(
+                lambda rows: sample(model, rows, self.args, self.device), n, batch_size,
+                self.args.seed, f"FID samples at step {step}"))
+            features = inception_features(self.network, uint8, self.device, n, batch_size)
+        model.train(was_training)
+        fid = frechet_distance(feature_statistics(features), self.reference)
+        improved = self.best is None or fid < self.best
+        self.best = fid if improved else self.best
+        log.note(step, {"fid": fid, "best_fid": self.best, "fid_samples": n,
+                        "fid_seconds": time.time() - start})
+        return improved
 
 
 # --------------------------------------------------------------------------------------------------

@@ -171,6 +171,15 @@ class Args:
     channels_last: bool = False
     """keep the image network's convolution weights (and so its activations) channels-last (NHWC),
     the layout GPU tensor cores convolve without transposing; 2D networks have no convolutions"""
+    fid_every: int = 0
+    """images: iterations between FIDs of --fid-samples EMA samples against the training split
+    (the evaluator's protocol), logged to metrics.jsonl; the checkpoint with the lowest is kept as
+    best.pt (0 = off)"""
+    fid_samples: int = 5000
+    """samples per FID of --fid-every (the official CDRL code: 5,000 every 20,000 iterations)"""
+    inception_weights: Optional[str] = None
+    """torch-fidelity's Inception weights file for --fid-every on machines without internet
+    (default: downloaded)"""
 
     # ---- DCD ----
     task: Literal["generate", "denoise"] = "generate"
@@ -713,12 +722,14 @@ def main(args: Args):
     method = "CD" if args.kernel == "cd" else f"DCD-{args.kernel.upper()} ({args.estimator})"
     common.print_start(args, f"{method} on {args.dataset}, {args.num_levels} level(s): "
                              f"{common.count_parameters(model)}, device {device}")
+    fid = common.TrainingFid(args, train_data, device, ckpt, start_step)
 
-    def checkpoint(step, snapshot):
-        state = common.checkpoint_state("dcd", args, step, model, ema, box=box,
+    def checkpoint(step, snapshot, best=False):
+        state = common.checkpoint_state("dcd", args, step, model, ema, best_fid=fid.best, box=box,
                                         optimizer=optimizer.state_dict(),
                                         loader=loader.state_dict())
-        common.save_checkpoint(state, args.run_dir, snapshot_step=step if snapshot else None)
+        common.save_checkpoint(state, args.run_dir, snapshot_step=step if snapshot else None,
+                               best=best)
 
     log = common.MetricLog(args.run_dir, args.steps, start_step)
     model.train()
@@ -737,7 +748,9 @@ def main(args: Args):
             done = step + 1
             log_now = common.every(done, args.log_every, args.steps)
             sample_now = common.every(done, args.sample_every, args.steps)
-            save_now = common.every(done, args.save_every, args.steps) or guard.save_due()
+            fid_now = common.every(done, args.fid_every, args.steps)
+            save_now = (common.every(done, args.save_every, args.steps) or guard.save_due()
+                        or fid_now)
             if log_now or sample_now or save_now:
                 loss, energy_pos, energy_neg, diagnostic = common.mean_over_ranks(
                     loss, energy_pos, energy_neg, diagnostic)
@@ -757,8 +770,9 @@ def main(args: Args):
                                "energy_neg": energy_neg.item(), "grad_norm": grad_norm.item(),
                                "lr": optimizer.param_groups[0]["lr"],
                                diagnostic_name: diagnostic.item(), **scores})
+            best = fid_now and fid.measure(sample, ema, done, log)
             if save_now:
-                checkpoint(done, snapshot=done % args.save_every == 0)
+                checkpoint(done, snapshot=done % args.save_every == 0, best=best)
                 guard.saved()
                 guard.exit_if_stopped(args.run_dir, done, "dcd.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")

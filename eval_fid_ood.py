@@ -21,7 +21,8 @@ Images
   mean and unbiased covariance (torch_fidelity.metric_fid.fid_features_to_statistics) and
   torch-fidelity's Frechet formula. The network runs in full fp32 (TF32 off) on every device. The
   training split's statistics are computed once per dataset, image size and weights file and cached
-  in --stats-dir.
+  in --stats-dir. This is common.py's FID, the same that the scripts' --fid-every measures during
+  training (their cache: {data_dir}/fid_stats, this default).
 - guidance_sweep (--guidance-sweep w1,w2,...; class-conditional CDRL checkpoints): the FID above
   once per classifier-free guidance weight w, each from the same --seed (the same noise, only w
   differs), with its mean sample energy and a picture eval_samples_w{w}.png; it replaces the
@@ -68,12 +69,10 @@ Several processes (torchrun --nproc_per_node N eval_fid_ood.py ...)
 Any failure (bad input, missing data, a sampler that gives up, Ctrl-C) still writes the results
 computed so far, with an "error" entry, before the one-line message and non-zero exit.
 """
-import hashlib
 import importlib
 import json
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
@@ -82,10 +81,6 @@ import torch
 import torch.nn.functional as F
 import torch_fidelity
 import tyro
-from torch_fidelity.feature_extractor_inceptionv3 import (URL_INCEPTION_V3,
-                                                          FeatureExtractorInceptionV3)
-from torch_fidelity.metric_fid import (KEY_METRIC_FID, fid_features_to_statistics,
-                                      fid_statistics_to_metric)
 
 import common
 
@@ -187,23 +182,12 @@ def load_method(ckpt: dict, device, ckpt_path: str = "the checkpoint"):
     return module, args, model.to(device).eval()
 
 
-def batch_seed(seed: int, index: int) -> int:
-    """The seed of sample batch `index`: its own stream, whichever process draws it."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
 def sample_batches(module, model, args, n: int, batch_size: int, device, step_multiplier: int,
                    seed: int, label: str):
-    """Yield this process's batches of the method's samples (common.batches_of_this_rank: all of
-    them, n in all, with one process); batch i starts from the random state seeded by
-    batch_seed(seed, i), so the samples do not depend on the number of processes."""
-    mine = common.batches_of_this_rank(n, batch_size)
-    progress = common.Progress(label, sum(rows for _, _, rows in mine))
-    for index, _, rows in mine:
-        torch.manual_seed(batch_seed(seed, index))
-        batch = module.sample(model, rows, args, device, step_multiplier=step_multiplier)
-        progress.update(rows)
-        yield batch
+    """This process's batches of the method's samples, seeded per batch (common.sample_batches)."""
+    return common.sample_batches(
+        lambda rows: module.sample(model, rows, args, device, step_multiplier=step_multiplier), n,
+        batch_size, seed, label)
 
 
 def gathered_samples(module, model, args, n: int, batch_size: int, device, step_multiplier: int,
@@ -226,123 +210,8 @@ def energies(module, model, args, images_uint8: torch.Tensor, batch_size: int, d
 
 
 # --------------------------------------------------------------------------------------------------
-# FID (torch-fidelity's Inception, statistics and Frechet formula)
+# FID (common.py: torch-fidelity's Inception, statistics and Frechet formula)
 # --------------------------------------------------------------------------------------------------
-@contextmanager
-def full_fp32():
-    """TF32 off inside (common.pick_device turns it on for training): Inception features in full
-    fp32."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def load_inception(weights_path: Optional[str], device):
-    """torch-fidelity's InceptionV3 giving 2048-d features -> (network, weights tag for cache names:
-    the first 8 hex digits of the weights file's sha256, which torch-fidelity's own file name
-    carries)."""
-    if weights_path is None:
-        tag = URL_INCEPTION_V3.rsplit("-", 1)[1].split(".")[0]
-        try:
-            network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-        except Exception as error:
-            raise common.UserError("could not download torch-fidelity's Inception weights "
-                                   f"({type(error).__name__}); fetch {URL_INCEPTION_V3} on a "
-                                   "connected machine and pass --inception-weights PATH") from None
-        return network.to(device), tag
-    if not os.path.isfile(weights_path):
-        raise common.UserError(f"--inception-weights {weights_path} does not exist")
-    # torch-fidelity opens the file with weights_only=False: refuse anything that needs more than
-    # tensors first
-    try:
-        torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise common.UserError(f"--inception-weights {weights_path} is not a state dict of tensors "
-                               f"({type(error).__name__}: {str(error).splitlines()[0][:120]})"
-                               ) from None
-    try:
-        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                              feature_extractor_weights_path=weights_path)
-    except RuntimeError as error:
-        raise common.UserError(f"--inception-weights {weights_path} does not hold torch-fidelity's "
-                               f"InceptionV3 ({str(error).splitlines()[0][:120]})") from None
-    with open(weights_path, "rb") as f:
-        tag = hashlib.sha256(f.read()).hexdigest()[:8]
-    return network.to(device), tag
-
-
-def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 with 3 channels (the exact inverse of common.to_unit_range on
-    uint8 data)."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-
-def inception_features(network, uint8_batches, device, n: int, batch_size: int) -> torch.Tensor:
-    """2048-d features of this process's uint8 (rows, 3, H, W) batches, those of
-    common.batches_of_this_rank(n, batch_size), gathered from every process -> float32 (n, 2048)
-    on the CPU in the global order."""
-    out = []
-    with torch.no_grad(), full_fp32():
-        for batch in uint8_batches:
-            out.append(network(batch.to(device))[0].cpu())
-    return common.gather_batches(out, n, batch_size)
-
-
-def feature_statistics(features: torch.Tensor) -> dict:
-    """torch-fidelity's FID statistics: float32 mean and float64 unbiased covariance (numpy)."""
-    return fid_features_to_statistics(features)
-
-
-def frechet_distance(stats_a: dict, stats_b: dict) -> float:
-    """||μa - μb||² + tr(Σa + Σb - 2 (Σa Σb)^½), torch-fidelity's formula (tr sqrt from eigvals of
-    Σa Σb)."""
-    return fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID]
-
-
-def dataset_tag(dataset: str) -> str:
-    if dataset.startswith("folder:"):
-        path = os.path.abspath(dataset[len("folder:"):])
-        return f"folder-{os.path.basename(path)}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
-    return dataset
-
-
-def reference_statistics(args, data_dir: str, network, weights_tag: str, stats_dir: str,
-                         batch_size: int, device):
-    """Inception statistics of the whole training split, cached (computed again by every process
-    when any lacks the file, e.g. machines without a shared disk) -> (stats, cache path)."""
-    path = os.path.join(stats_dir,
-                        f"{dataset_tag(args.dataset)}-train-{args.image_size}x{args.image_size}-"
-                                   f"inception-{weights_tag}-pool2048.pt")
-    if not common.any_rank(not os.path.isfile(path)):
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        return {"mu": cached["mu"].numpy(), "sigma": cached["sigma"].numpy()}, path
-    images = common.load_images(args.dataset, data_dir, train=True, image_size=args.image_size)
-    mine = common.batches_of_this_rank(len(images), batch_size)
-    progress = common.Progress(f"Inception statistics of the {args.dataset} training split",
-                               sum(rows for _, _, rows in mine))
-
-    def batches():
-        for _, first, rows in mine:
-            progress.update(rows)
-            # the samples' conversion (exact on uint8 data)
-            yield to_uint8_rgb(common.to_unit_range(images[first:first + rows]))
-    stats = feature_statistics(inception_features(network, batches(), device, len(images),
-                                                  batch_size))
-    if not common.is_main():
-        return stats, path
-    os.makedirs(stats_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"mu": torch.from_numpy(np.asarray(stats["mu"])),
-                "sigma": torch.from_numpy(stats["sigma"]),
-                "n": len(images)}, tmp)
-    os.replace(tmp, path)
-    return stats, path
-
-
 def fid_of_samples(module, model, args, ea: EvalArgs, network, reference: dict, n: int, device,
                    step_multiplier, label: str):
     """FID of n fresh samples against the reference statistics -> (FID, mean energy of the samples,
@@ -355,10 +224,11 @@ def fid_of_samples(module, model, args, ea: EvalArgs, network, reference: dict, 
             sample_energies.append(module.energy(model, batch, args).double().cpu())
             if not first:
                 first.append(batch[:64].cpu())
-            yield to_uint8_rgb(batch)
-    stats = feature_statistics(inception_features(network, batches(), device, n, ea.batch_size))
+            yield common.to_uint8_rgb(batch)
+    stats = common.feature_statistics(common.inception_features(network, batches(), device, n,
+                                                                ea.batch_size))
     mean_energy = common.gather_batches(sample_energies, n, ea.batch_size).mean().item()
-    return frechet_distance(stats, reference), mean_energy, first[0] if first else None
+    return common.frechet_distance(stats, reference), mean_energy, first[0] if first else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,7 +335,7 @@ def evaluate_inpainting(module, model, args, ea: EvalArgs, data_dir: str, device
     mine = common.batches_of_this_rank(len(test), ea.batch_size)
     progress, filled = common.Progress("inpainting", sum(rows for _, _, rows in mine)), []
     for index, first, rows in mine:
-        torch.manual_seed(batch_seed(ea.seed, index))
+        torch.manual_seed(common.batch_seed(ea.seed, index))
         x = common.to_unit_range(test[first:first + rows])
         filled.append(module.inpaint(model, x, known.expand_as(x), args, device).float().cpu())
         progress.update(rows)
@@ -640,11 +510,12 @@ def evaluate_images(module, model, args, ea: EvalArgs, device, results: dict, ou
         save()
     if not (ea.fid_samples or ea.long_run):
         return
-    network, weights_tag = load_inception(ea.inception_weights, device)
-    reference, stats_path = reference_statistics(args, data_dir, network, weights_tag,
-                                                 ea.stats_dir
-                                                 or os.path.join(data_dir, "fid_stats"),
-                                                 ea.batch_size, device)
+    network, weights_tag = common.load_inception(ea.inception_weights, device)
+    reference, stats_path = common.reference_statistics(
+        args.dataset, args.image_size,
+        lambda: common.load_images(args.dataset, data_dir, train=True, image_size=args.image_size),
+        network, weights_tag, ea.stats_dir or os.path.join(data_dir, "fid_stats"), ea.batch_size,
+        device)
     results["fid_protocol"] = {"library": f"torch-fidelity {torch_fidelity.__version__}",
                                "features": "inception-v3-compat pool3 2048",
                                "inception_weights_sha256_prefix": weights_tag,

@@ -162,6 +162,15 @@ class Args:
     channels_last: bool = False
     """keep the image network's convolution weights (and so its activations) channels-last (NHWC),
     the layout GPU tensor cores convolve without transposing; 2D networks have no convolutions"""
+    fid_every: int = 0
+    """images: iterations between FIDs of --fid-samples EMA samples against the training split
+    (the evaluator's protocol), logged to metrics.jsonl; the checkpoint with the lowest is kept as
+    best.pt (0 = off)"""
+    fid_samples: int = 5000
+    """samples per FID of --fid-every (the official CDRL code: 5,000 every 20,000 iterations)"""
+    inception_weights: Optional[str] = None
+    """torch-fidelity's Inception weights file for --fid-every on machines without internet
+    (default: downloaded)"""
 
     # ---- DA-EBM ----
     num_levels: Optional[int] = None
@@ -832,17 +841,19 @@ def main(args: Args):
     common.print_start(args,
                        f"DA-EBM on {args.dataset}: {common.count_parameters(model)}, device "
                        f"{device}")
+    fid = common.TrainingFid(args, train_data, device, ckpt, start_step)
 
-    def checkpoint(step, snapshot):
+    def checkpoint(step, snapshot, best=False):
         window = [stat.clone() for stat in accept_stats]
         common.sum_over_ranks_(*window)
         state = common.checkpoint_state(
-            "daebm", args, step, model, ema, box=box, loader=loader.state_dict(),
+            "daebm", args, step, model, ema, best_fid=fid.best, box=box, loader=loader.state_dict(),
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             chains_x=common.gather_shards(chains_x), chains_t=common.gather_shards(chains_t),
             accept_sum=window[0], accept_count=window[1],
             rank_state={"accept_sum": accept_stats[0], "accept_count": accept_stats[1]})
-        common.save_checkpoint(state, args.run_dir, snapshot_step=step if snapshot else None)
+        common.save_checkpoint(state, args.run_dir, snapshot_step=step if snapshot else None,
+                               best=best)
 
     log = common.MetricLog(args.run_dir, args.steps, start_step)
     model.train()
@@ -863,7 +874,9 @@ def main(args: Args):
             done = step + 1
             log_now = common.every(done, args.log_every, args.steps)
             sample_now = common.every(done, args.sample_every, args.steps)
-            save_now = common.every(done, args.save_every, args.steps) or guard.save_due()
+            fid_now = common.every(done, args.fid_every, args.steps)
+            save_now = (common.every(done, args.save_every, args.steps) or guard.save_due()
+                        or fid_now)
             if log_now or sample_now or save_now:
                 loss, energy_pos, energy_neg, frac_t0 = common.mean_over_ranks(
                     loss, energy_pos, energy_neg, (chains_t == 0).float().mean())
@@ -885,8 +898,9 @@ def main(args: Args):
                     with common.own_rng(args.seed + done):
                         save_pictures(ema or model, args, f"{done:08d}", device, box, shown_x,
                                       shown_t)
+            best = fid_now and fid.measure(sample, ema or model, done, log)
             if save_now:
-                checkpoint(done, snapshot=done % args.save_every == 0)
+                checkpoint(done, snapshot=done % args.save_every == 0, best=best)
                 guard.saved()
                 guard.exit_if_stopped(args.run_dir, done, "pcd_diffusion_ebm.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")

@@ -287,6 +287,63 @@ def test_training_outside_the_main_thread(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# FID during training (--fid-every): best.pt, the curve in metrics.jsonl, resume
+# --------------------------------------------------------------------------------------------------
+def fake_fids(monkeypatch, values):
+    """--fid-every without Inception: a stand-in network, empty reference statistics, and these
+    FIDs in turn; the FID calls' sample counts are recorded."""
+    values, calls = list(values), []
+
+    def network(batch):
+        return [batch.float().flatten(1)[:, :4]]
+
+    def frechet(stats, reference):
+        calls.append(len(stats["mu"]))
+        return values.pop(0)
+    monkeypatch.setattr(common, "load_inception", lambda path, device: (network, "fake"))
+    monkeypatch.setattr(common, "reference_statistics", lambda *args: ({}, "unused"))
+    monkeypatch.setattr(common, "feature_statistics", lambda features: {"mu": features.mean(1)})
+    monkeypatch.setattr(common, "frechet_distance", frechet)
+    return calls
+
+
+def fid_records(run):
+    with open(run / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if "fid" in r]
+
+
+@ALL
+def test_best_checkpoint_follows_the_lowest_fid_across_a_resume(method, tmp_path, monkeypatch,
+                                                                image_folder):
+    calls = fake_fids(monkeypatch, [5.0, 3.0, 4.0, 6.0, 2.5, 2.7])
+    run = tmp_path / "run"
+    fields = dict(fid_every=1, fid_samples=6, save_every=1)
+    METHODS[method].main(tiny_args(method, run, image_folder, steps=3, **fields))
+    assert load(run / "best.pt")["step"] == 2 and load(run / "ckpt.pt")["best_fid"] == 3.0
+    # the lowest FID so far comes back with the checkpoint: step 4's 6.0 does not replace step 2
+    METHODS[method].main(tiny_args(method, run, image_folder, steps=6, resume=True, **fields))
+    assert calls == [6] * 6
+    records = fid_records(run)
+    assert [(r["step"], r["fid"], r["best_fid"]) for r in records] == [
+        (1, 5.0, 5.0), (2, 3.0, 3.0), (3, 4.0, 3.0), (4, 6.0, 3.0), (5, 2.5, 2.5), (6, 2.7, 2.5)]
+    best = load(run / "best.pt")
+    assert best["step"] == 5 and best["best_fid"] == 2.5
+    assert_same_state(best, load(run / "ckpt_00000005.pt"), ["model", "ema", "optimizer", "rng"])
+    # the curve does not disturb training: the same weights as the same run without it
+    METHODS[method].main(tiny_args(method, tmp_path / "plain", image_folder, steps=3))
+    METHODS[method].main(tiny_args(method, tmp_path / "plain", image_folder, steps=6, resume=True))
+    assert_same_state(load(run / "ckpt.pt"), load(tmp_path / "plain" / "ckpt.pt"),
+                      ["model", "ema", "optimizer", "rng"])
+
+
+@ALL
+def test_fid_every_refuses_2d_and_one_sample(method, capsys):
+    assert "exact NLL" in cli_error(method, ["--fid-every", "10"], capsys)
+    assert "--fid-samples >= 2" in cli_error(method, ["--dataset", "cifar10", "--fid-every", "10",
+                                                      "--fid-samples", "1"], capsys)
+
+
+# --------------------------------------------------------------------------------------------------
 # failures: divergence, bad input, full disk
 # --------------------------------------------------------------------------------------------------
 @ALL

@@ -4,7 +4,7 @@ batch; the ranks' parameters stay identical; DA-EBM's chains are sharded and gat
 each script trains under 2 processes and resumes exactly; a checkpoint of 2 processes resumes in 1
 (DA-EBM, whose chains are re-split); a SIGTERM that reaches one rank stops both at the same step
 with a checkpoint; the command line under torchrun itself. The evaluator split over 2 processes
-gives the one-process results."""
+gives the one-process results, and so does --fid-every during a 2-process training run."""
 import json
 import math
 import os
@@ -147,6 +147,33 @@ def test_evaluator_in_two_processes_gives_the_one_process_results(tmp_path, imag
                                     save_samples=150)
     assert torch.equal(*(torch.from_numpy(np.load(folder / "samples.npz")["samples"])
                          for folder in (two, one)))
+
+
+def test_fid_during_training_in_two_processes(tmp_path, image_folder, random_inception):
+    """--fid-every under 2 processes: each rank draws its share of the samples, every rank joins
+    the gathers, rank 0 logs and writes best.pt; the FID is the one-process evaluator's."""
+    small = tmp_path / "small"  # 12 images: the CPU Inception takes ~0.15 s per image
+    small.mkdir()
+    for name in sorted(os.listdir(image_folder))[:12]:
+        shutil.copy(os.path.join(image_folder, name), small / name)
+    run, data_dir = tmp_path / "run", tmp_path / "data"
+    fields = tiny_fields("dcd", run, small, fid_every=3, fid_samples=6, data_dir=str(data_dir),
+                         inception_weights=random_inception.weights)
+    procs = launch_ranks([os.path.join(ROOT, SCRIPTS["dcd"]), *as_argv(fields)])
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr + procs[1].stderr
+    with open(run / "metrics.jsonl") as f:
+        curve = {r["step"]: r["fid"] for r in map(json.loads, f) if "fid" in r}
+    assert sorted(curve) == [3, 6]
+    assert load(run / "best.pt")["step"] == min(curve, key=curve.get)
+    torch.set_num_threads(1)  # as each rank: the same float arithmetic
+    try:
+        results = eval_fid_ood.evaluate(eval_fid_ood.EvalArgs(
+            ckpt=str(run / "ckpt_00000006.pt"), device="cpu", seed=load(run / "ckpt.pt")["args"][
+                "seed"], fid_samples=6, batch_size=fields["batch_size"], ood=("none",),
+            inception_weights=random_inception.weights, out=str(tmp_path / "eval.json")))
+    finally:
+        torch.set_num_threads(THREADS)
+    assert results["fid"] == pytest.approx(curve[6], rel=1e-9)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -76,21 +76,21 @@ def test_frechet_distance_against_float64_reference(d):
                                                                                dtype=torch.float64)
     cov_a, cov_b = random_spd(d, g), random_spd(d, g)
     expected = reference_frechet(mu_a, cov_a, mu_b, cov_b)
-    distance = eval_fid_ood.frechet_distance(stats(mu_a, cov_a), stats(mu_b, cov_b))
+    distance = common.frechet_distance(stats(mu_a, cov_a), stats(mu_b, cov_b))
     assert abs(distance - expected) < 1e-8 * (1 + expected)
-    assert abs(eval_fid_ood.frechet_distance(stats(mu_a, cov_a), stats(mu_a, cov_a))) < 1e-8
+    assert abs(common.frechet_distance(stats(mu_a, cov_a), stats(mu_a, cov_a))) < 1e-8
     # diagonal covariances: ||Δμ||² + Σ (sqrt(a_i) - sqrt(b_i))²
     var_a = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
     var_b = torch.rand(d, generator=g, dtype=torch.float64)
     closed = ((mu_a - mu_b).pow(2).sum() + (var_a.sqrt() - var_b.sqrt()).pow(2).sum()).item()
-    got = eval_fid_ood.frechet_distance(stats(mu_a, torch.diag(var_a)),
+    got = common.frechet_distance(stats(mu_a, torch.diag(var_a)),
                                         stats(mu_b, torch.diag(var_b)))
     assert abs(got - closed) < 1e-10 * (1 + closed)
 
 
 def test_feature_statistics_are_mean_and_unbiased_covariance():
     x = torch.randn(50, 6) * torch.arange(1.0, 7.0) + 3
-    result = eval_fid_ood.feature_statistics(x)
+    result = common.feature_statistics(x)
     centred = x.double() - x.double().mean(0)
     assert np.allclose(result["mu"], x.double().mean(0).numpy(), atol=1e-6)
     assert np.allclose(result["sigma"], (centred.T @ centred / 49).numpy(), atol=1e-9)
@@ -268,22 +268,24 @@ def test_fid_pipeline_self_zero_rising_with_noise_and_equal_to_torch_fidelity(tm
     small.mkdir()
     for name in sorted(os.listdir(image_folder))[:16]:
         shutil.copy(os.path.join(image_folder, name), small / name)
-    network, tag = eval_fid_ood.load_inception(random_inception.weights, "cpu")
-    data = SimpleNamespace(dataset=f"folder:{small}", image_size=8, image_channels=3)
-    reference, path = eval_fid_ood.reference_statistics(data, "unused", network, tag,
-                                                        random_inception.stats_dir, 16,
-                                                        "cpu")
-    assert path.endswith(f"-train-8x8-inception-{tag}-pool2048.pt")
-    cached, _ = eval_fid_ood.reference_statistics(data, "unused", network, tag,
+    network, tag = common.load_inception(random_inception.weights, "cpu")
+    dataset = f"folder:{small}"
+    images = common.load_images(dataset, "unused")
+    reference, path = common.reference_statistics(dataset, 8, lambda: images, network, tag,
                                                   random_inception.stats_dir, 16, "cpu")
+    assert path.endswith(f"-train-8x8-inception-{tag}-pool2048.pt")
+
+    def not_read():
+        raise AssertionError("the cached statistics are used without reading the images")
+    cached, _ = common.reference_statistics(dataset, 8, not_read, network, tag,
+                                            random_inception.stats_dir, 16, "cpu")
     assert np.array_equal(cached["mu"], reference["mu"]) and np.array_equal(cached["sigma"],
                                                                             reference["sigma"])
-    images = common.load_images(data.dataset, "unused")
 
     def fid(batch):
-        uint8 = eval_fid_ood.to_uint8_rgb(common.to_unit_range(batch))
-        features = eval_fid_ood.inception_features(network, [uint8], "cpu", len(batch), len(batch))
-        return eval_fid_ood.frechet_distance(eval_fid_ood.feature_statistics(features), reference)
+        uint8 = common.to_uint8_rgb(common.to_unit_range(batch))
+        features = common.inception_features(network, [uint8], "cpu", len(batch), len(batch))
+        return common.frechet_distance(common.feature_statistics(features), reference)
     scale = reference["sigma"].trace()
     fids = [fid(images), fid(noisy(images, 15)), fid(noisy(images, 60))]
     # the set against its own cached statistics (eigvals rounding)
@@ -303,11 +305,37 @@ def test_fid_pipeline_self_zero_rising_with_noise_and_equal_to_torch_fidelity(tm
     assert theirs == pytest.approx(fids[2], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_fid_during_training_is_the_evaluators_fid(tmp_path, image_folder, random_inception):
+    """--fid-every's curve: each FID in metrics.jsonl is what the evaluator gives that step's
+    checkpoint with the run's seed, sample count and batch size (and the cached statistics the run
+    computed); best.pt is the lower one's."""
+    small = tmp_path / "small"  # 16 of the images: the CPU Inception takes ~0.15 s per image
+    small.mkdir()
+    for name in sorted(os.listdir(image_folder))[:16]:
+        shutil.copy(os.path.join(image_folder, name), small / name)
+    run, data_dir = tmp_path / "run", tmp_path / "data"
+    args = tiny_args("cdrl", run, small, steps=6, save_every=3, fid_every=3, fid_samples=4,
+                     inception_weights=random_inception.weights, data_dir=str(data_dir))
+    cdrl.main(args)
+    with open(run / "metrics.jsonl") as f:
+        curve = {r["step"]: r["fid"] for r in map(json.loads, f) if "fid" in r}
+    assert sorted(curve) == [3, 6] and len(os.listdir(data_dir / "fid_stats")) == 1
+    for step, fid in curve.items():
+        ea = eval_fid_ood.EvalArgs(ckpt=str(run / f"ckpt_{step:08d}.pt"), device="cpu",
+                                   seed=args.seed, fid_samples=4, batch_size=args.batch_size,
+                                   inception_weights=random_inception.weights, ood=("none",),
+                                   out=str(tmp_path / f"eval_{step}.json"))
+        assert eval_fid_ood.evaluate(ea)["fid"] == pytest.approx(fid, rel=1e-9, abs=0)
+    best_step = min(curve, key=curve.get)
+    assert torch.load(run / "best.pt", weights_only=True)["step"] == best_step
+
+
 def test_to_uint8_rgb_inverts_the_training_conversion():
     images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
-    assert torch.equal(eval_fid_ood.to_uint8_rgb(common.to_unit_range(images)), images)
+    assert torch.equal(common.to_uint8_rgb(common.to_unit_range(images)), images)
     grey = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
-    assert torch.equal(eval_fid_ood.to_uint8_rgb(common.to_unit_range(grey)),
+    assert torch.equal(common.to_uint8_rgb(common.to_unit_range(grey)),
                        grey.expand(-1, 3, -1, -1))
 
 
@@ -416,7 +444,7 @@ def test_inpainting_mse_against_a_reference_computation(tmp_path, image_folder, 
     assert len(calls) == 2
     for index, (first, (x, mask, rng_state, _)) in enumerate(zip((0, 4), calls)):
         assert torch.equal(x, truth[first:first + 4]) and torch.equal(mask, known[first:first + 4])
-        torch.manual_seed(eval_fid_ood.batch_seed(ea.seed, index))
+        torch.manual_seed(common.batch_seed(ea.seed, index))
         assert torch.equal(rng_state, torch.get_rng_state())
     filled = torch.cat([call[-1] for call in calls])
     assert torch.equal(filled[known], truth[known])
@@ -506,7 +534,7 @@ def test_unavailable_ood_set_fails_with_one_line_and_keeps_partial_results(tmp_p
 def test_inception_weights_that_need_unpickling_are_refused(tmp_path):
     torch.save({"layer": SimpleNamespace(a=1)}, tmp_path / "pickled.pth")
     with pytest.raises(common.UserError, match="not a state dict of tensors"):
-        eval_fid_ood.load_inception(str(tmp_path / "pickled.pth"), "cpu")
+        common.load_inception(str(tmp_path / "pickled.pth"), "cpu")
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(common.UserError, match="does not hold torch-fidelity's InceptionV3"):
-        eval_fid_ood.load_inception(str(tmp_path / "other.pth"), "cpu")
+        common.load_inception(str(tmp_path / "other.pth"), "cpu")

@@ -744,20 +744,18 @@ def show_preset_defaults(args_class, presets: dict):
         args_class.__annotations__[field.name] = field.type
 
 
-def given_on_command_line(args_class, argv) -> set:
-    """Names of the Args fields that argv sets (--run-dir / --run_dir, --flag / --no-flag,
-    --key=value)."""
-    names = {field.name for field in dataclasses.fields(args_class)}
-    given = set()
-    for token in argv:
-        if not token.startswith("--"):
-            continue
-        name = token[2:].split("=", 1)[0].replace("-", "_")
-        if name not in names and name.startswith("no_"):
-            name = name[3:]
-        if name in names:
-            given.add(name)
-    return given
+def resume_target(argv):
+    """(--resume given, the --run-dir value) from raw command-line tokens (--run-dir / --run_dir,
+    'R' as the next token or after '=', --resume / --no-resume: the last one counts)."""
+    resume, run_dir = False, None
+    for index, token in enumerate(argv):
+        key, has_value, value = token.partition("=")
+        key = key.replace("_", "-")
+        if key in ("--resume", "--no-resume"):
+            resume = key == "--resume"
+        elif key == "--run-dir":
+            run_dir = value if has_value else (argv[index + 1] if index + 1 < len(argv) else None)
+    return resume, run_dir
 
 
 def args_from_checkpoint(args_class, saved: dict, path: str, overrides=None):
@@ -784,15 +782,16 @@ def parse_args(args_class, method: str, argv=None):
     import tyro
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = tyro.cli(args_class, args=argv)
-    if not args.resume:
-        return args
-    if not args.run_dir:
+    resume, run_dir = resume_target(argv)
+    if not resume or "-h" in argv or "--help" in argv:
+        return tyro.cli(args_class, args=argv)
+    if not run_dir:
         raise UserError("--resume needs --run-dir pointing at the run to continue")
-    path = os.path.join(args.run_dir, "ckpt.pt")
-    saved = load_checkpoint(path, method)["args"]
-    given = given_on_command_line(args_class, argv)
-    return args_from_checkpoint(args_class, saved, path, {k: getattr(args, k) for k in given})
+    # the checkpoint's settings are the defaults the flags are parsed over, so that a flag is
+    # checked together with the run's own settings (e.g. --guidance with a conditional run)
+    path = os.path.join(run_dir, "ckpt.pt")
+    saved = args_from_checkpoint(args_class, load_checkpoint(path, method)["args"], path)
+    return tyro.cli(args_class, args=argv, default=saved)
 
 
 def check_resume_args(args, saved: dict, resumable: set, path: str):

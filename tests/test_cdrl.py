@@ -437,12 +437,13 @@ def test_smoke_conditional_and_guided_resample(tmp_path, class_folder):
     cdrl.main(tiny_image_args(run, class_folder, conditional=True))
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["args"]["num_classes"] == 2 and ckpt["args"]["conditional"]
-    # resuming a finished run only draws samples, here with other sampling options
-    cdrl.main(tiny_image_args(run, class_folder, conditional=True, resume=True, guidance=1.0,
-                              sample_langevin_steps=1))
+    # resuming a finished run only draws samples, here with other sampling options, given on the
+    # command line as the README says (they are checked against the run's own settings:
+    # --guidance and --compose need its --conditional)
+    for flags in (["--guidance", "1"], ["--compose", "0", "1"]):
+        cdrl.main(common.parse_args(cdrl.Args, "cdrl", ["--resume", f"--run-dir={run}",
+                                                        "--sample-langevin-steps", "1", *flags]))
     assert (run / "samples_00000006_K1_w1.png").exists()
-    cdrl.main(tiny_image_args(run, class_folder, conditional=True, resume=True, compose=(0, 1),
-                              sample_langevin_steps=1))
     assert (run / "samples_00000006_K1_w0_c0+1.png").exists()
     with pytest.raises(common.UserError, match=r"--compose takes classes 0..1, got \[0, 2\]"):
         cdrl.main(tiny_image_args(run, class_folder, conditional=True, resume=True,

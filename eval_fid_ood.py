@@ -39,7 +39,9 @@ Images
   right or bottom half, missing; the method fills them in given the rest. mse: mean squared error
   over the missing pixels against the held-out truth, on the [0, 1] scale; mse_known_mean: the same
   for filling each image's missing pixels with its known pixels' per-channel mean (a floor any
-  model should beat); picture eval_inpaint.png (rows: truth, masked input, inpainted).
+  model should beat); picture eval_inpaint.png (rows: truth, masked input, inpainted). A folder:PATH
+  set has no test split: its "test split" here and in ood is the folder itself (the "split" entry
+  says so).
 2D
 - nll: mean -log p_θ of --n-test fresh points of the toy, with p_θ = exp(-energy) normalised exactly
   on a --grid-resolution² grid over the data box (logsumexp over the cells); true_nll: the same
@@ -279,6 +281,12 @@ def ood_images(name: str, in_test: torch.Tensor, shape, data_dir: str, n: int,
     return match_shape(images[keep], shape)
 
 
+def test_split_name(dataset: str) -> str:
+    """What the evaluator's 'test split' of an image set is."""
+    return ("training images (folder datasets have no test split)" if dataset.startswith("folder:")
+            else "test")
+
+
 def evaluate_ood(module, model, args, ea: EvalArgs, data_dir: str, device, results: dict, save):
     shape = (args.image_channels, args.image_size, args.image_size)
     generator = torch.Generator().manual_seed(ea.seed)
@@ -288,9 +296,7 @@ def evaluate_ood(module, model, args, ea: EvalArgs, data_dir: str, device, resul
                           "energies, test split")
     results["ood_in_distribution"] = {
         "set": args.dataset, "n": len(in_test), "mean_score": scores_in.mean().item(),
-        "split": "training images (folder datasets have no test split)"
-        if args.dataset.startswith("folder:")
-        else "test"}
+        "split": test_split_name(args.dataset)}
     results["ood"] = {}
     for name in ea.ood:
         if name == args.dataset:
@@ -347,7 +353,8 @@ def evaluate_inpainting(module, model, args, ea: EvalArgs, data_dir: str, device
 
     def mse(estimate):  # over the missing pixels, on the [0, 1] scale
         return ((estimate - truth) / 2).pow(2)[missing].mean().item()
-    results["inpaint"] = {"region": ea.inpaint, "n": len(test), "mse": mse(filled),
+    results["inpaint"] = {"region": ea.inpaint, "n": len(test),
+                          "split": test_split_name(args.dataset), "mse": mse(filled),
                           "mse_known_mean": mse(known_mean.expand_as(truth))}
     print(f"  inpainting ({ea.inpaint}): MSE {results['inpaint']['mse']:.5f} (known-mean fill "
           f"{results['inpaint']['mse_known_mean']:.5f})", flush=True)

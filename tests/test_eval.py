@@ -433,6 +433,7 @@ def test_inpainting_mse_against_a_reference_computation(tmp_path, image_folder, 
                                batch_size=4, fid_samples=0, ood=("none",))
     results = eval_fid_ood.evaluate(ea)["inpaint"]
     assert results["region"] == "center" and results["n"] == 6
+    assert results["split"] == "training images (folder datasets have no test split)"
     assert (run / "eval_inpaint.png").exists()
     # by hand: the seeded subset of the test split (here the folder) in batches of 4, each seeded
     # by batch_seed, with the central 4x4 of the 8x8 images missing

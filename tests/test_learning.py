@@ -87,7 +87,7 @@ def test_cdrl_learns_8gaussians(tmp_path, amp, compile):
 
 @SPEED_PATHS
 def test_dcd_learns_8gaussians(tmp_path, amp, compile):
-    # the 2D default (DCD-VE, importance estimator with 6 proposals, σ 0.1) with a width-64 MLP,
+    # the 2D default (DCD-VE, importance estimator with 6 proposals, σ 0.3) with a width-64 MLP,
     # batch 256
     args = dcd.Args(dataset="8gaussians", run_dir=str(tmp_path), device="cpu", amp=amp,
                     compile=compile, steps=1000,

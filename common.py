@@ -1391,10 +1391,16 @@ class TrainingFid:
             args.dataset, args.image_size, lambda: train_images, self.network, tag,
             os.path.join(args.data_dir, "fid_stats"), args.batch_size, device)
 
-    def measure(self, sample, model, step: int, log) -> bool:
+    def measure(self, sample, model, step: int, log, stopping: bool) -> bool:
         """FID of the samples of the script's sample(model, n, args, device), recorded in the
         metric log; True if it is the lowest so far. Training's random state and the model's
-        train / eval mode are left as they were."""
+        train / eval mode are left as they were. Skipped when a SIGINT / SIGTERM is pending
+        (`stopping`): the save comes first, and 5,000 samples can outlast a preemption's grace."""
+        if stopping:
+            if is_main():
+                print(f"FID at step {step} skipped: stopping (score this step's checkpoint with "
+                      "eval_fid_ood.py)", file=sys.stderr, flush=True)
+            return False
         start, n, batch_size = time.time(), self.args.fid_samples, self.args.batch_size
         was_training = model.training
         with own_rng(self.args.seed):

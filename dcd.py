@@ -751,7 +751,7 @@ def main(args: Args):
             log_now = common.every(done, args.log_every, args.steps)
             sample_now = common.every(done, args.sample_every, args.steps)
             fid_now = common.every(done, args.fid_every, args.steps)
-            save_now = (common.every(done, args.save_every, args.steps) or guard.save_due()
+            save_now = (guard.save_due() or common.every(done, args.save_every, args.steps)
                         or fid_now)
             if log_now or sample_now or save_now:
                 loss, energy_pos, energy_neg, diagnostic = common.mean_over_ranks(
@@ -772,7 +772,7 @@ def main(args: Args):
                                "energy_neg": energy_neg.item(), "grad_norm": grad_norm.item(),
                                "lr": optimizer.param_groups[0]["lr"],
                                diagnostic_name: diagnostic.item(), **scores})
-            best = fid_now and fid.measure(sample, ema, done, log)
+            best = fid_now and fid.measure(sample, ema, done, log, guard.stopping)
             if save_now:
                 checkpoint(done, snapshot=done % args.save_every == 0, best=best)
                 guard.saved()

@@ -875,7 +875,7 @@ def main(args: Args):
             log_now = common.every(done, args.log_every, args.steps)
             sample_now = common.every(done, args.sample_every, args.steps)
             fid_now = common.every(done, args.fid_every, args.steps)
-            save_now = (common.every(done, args.save_every, args.steps) or guard.save_due()
+            save_now = (guard.save_due() or common.every(done, args.save_every, args.steps)
                         or fid_now)
             if log_now or sample_now or save_now:
                 loss, energy_pos, energy_neg, frac_t0 = common.mean_over_ranks(
@@ -898,7 +898,7 @@ def main(args: Args):
                     with common.own_rng(args.seed + done):
                         save_pictures(ema or model, args, f"{done:08d}", device, box, shown_x,
                                       shown_t)
-            best = fid_now and fid.measure(sample, ema or model, done, log)
+            best = fid_now and fid.measure(sample, ema or model, done, log, guard.stopping)
             if save_now:
                 checkpoint(done, snapshot=done % args.save_every == 0, best=best)
                 guard.saved()

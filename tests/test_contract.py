@@ -337,6 +337,23 @@ def test_best_checkpoint_follows_the_lowest_fid_across_a_resume(method, tmp_path
 
 
 @ALL
+def test_a_stop_at_a_fid_step_saves_without_measuring(method, tmp_path, monkeypatch, capsys,
+                                                      image_folder):
+    calls = fake_fids(monkeypatch, [5.0, 4.0])
+    run = tmp_path / "run"
+    fields = dict(fid_every=1, fid_samples=6, save_every=1)  # a save due too: stop still seen
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 2)
+        with pytest.raises(SystemExit) as exit_info:
+            METHODS[method].main(tiny_args(method, run, image_folder, steps=3, **fields))
+    assert exit_info.value.code == 143 and calls == [6]
+    assert "FID at step 2 skipped: stopping" in capsys.readouterr().err
+    assert load(run / "ckpt.pt")["step"] == 2 and load(run / "best.pt")["step"] == 1
+    METHODS[method].main(tiny_args(method, run, image_folder, steps=3, resume=True, **fields))
+    assert [(r["step"], r["fid"]) for r in fid_records(run)] == [(1, 5.0), (3, 4.0)]
+
+
+@ALL
 def test_fid_every_refuses_2d_and_one_sample(method, capsys):
     assert "exact NLL" in cli_error(method, ["--fid-every", "10"], capsys)
     assert "--fid-samples >= 2" in cli_error(method, ["--dataset", "cifar10", "--fid-every", "10",

@@ -1,6 +1,7 @@
 """common.py: toy data, the epoch loader's exact resume, folders of images, checkpoint errors,
-pictures, the split over processes, downsampled ImageNet."""
+pictures, the split over processes, downsampled ImageNet, the FID measurement during training."""
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -192,3 +193,34 @@ def test_imagenet32_missing_or_foreign_files_are_named(tmp_path):
     open(folder / "train_data_batch_2.npz", "wb").write(b"not a zip file")
     with pytest.raises(common.UserError, match="cannot read .*train_data_batch_2.npz"):
         common.load_images("imagenet32", str(tmp_path))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_training_fid_keeps_the_mode_the_random_state_and_its_seeds(training):
+    """--fid-every's measurement: the model's train / eval mode and training's random state come
+    back as they were, and every measurement draws the same samples (the same FID twice, the second
+    not an improvement)."""
+    args = SimpleNamespace(fid_every=0, steps=1, fid_samples=8, batch_size=3, seed=4)
+    fid = common.TrainingFid(args, None, "cpu", None, 0)  # fid_every 0: no Inception loaded
+    fid.network = lambda batch: [batch.float().flatten(1)[:, :4]]
+    fid.reference = common.feature_statistics(torch.randn(50, 4, generator=torch.Generator()
+                                                          .manual_seed(0)) * 60 + 128)
+
+    def sample(model, rows, args, device):
+        model.eval()  # as the scripts' samplers do
+        return torch.rand(rows, 1, 2, 2) * 2 - 1
+
+    class Log:
+        records = []
+
+        def note(self, step, record):
+            self.records.append((step, record))
+
+    model, log = torch.nn.Linear(1, 1).train(training), Log()
+    torch.manual_seed(9)
+    state = torch.get_rng_state()
+    assert fid.measure(sample, model, 1, log, stopping=False)
+    assert model.training == training and torch.equal(torch.get_rng_state(), state)
+    assert not fid.measure(sample, model, 2, log, stopping=False)
+    (_, first), (_, second) = log.records
+    assert first["fid"] == second["fid"] == fid.best and first["fid"] > 0

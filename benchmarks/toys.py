@@ -3,6 +3,7 @@
     python benchmarks/toys.py dcd-vs-cd          # DCD's estimators against CD, equal cost
     python benchmarks/toys.py methods            # each script's 2D default command on every toy
     python benchmarks/toys.py methods --table    # only the table of the runs recorded so far
+    python benchmarks/toys.py dcd-vs-cd --table --per-seed   # each seed's NLL, not mean ± sd
 
 Each run is `python <script> --dataset TOY --seed S --device cpu --run-dir R <flags>` followed by
 `python eval_fid_ood.py --ckpt R --device cpu` (exact NLL of 20,000 fresh points under the model
@@ -137,7 +138,8 @@ def describe(record: dict) -> str:
 
 def table(suite: str, ns) -> str:
     """Markdown: one row per config, one column per toy (mean ± sd over the seeds recorded, n when
-    fewer than asked; 'failed k' when k seeds failed), then the true NLL and the mean wall time."""
+    fewer than asked; 'failed k' when k seeds failed; with --per-seed each seed's NLL in seed order,
+    'failed' or '-' where there is none), then the true NLL and the mean wall time."""
     folder = os.path.join(ns.records, suite)
     records = [json.load(open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))
                if name.endswith(".json")] if os.path.isdir(folder) else []
@@ -153,6 +155,10 @@ def table(suite: str, ns) -> str:
             walls += [r["train_wall_s"] for r in mine]
             true_nll.update({toy: r["true_nll"] for r in mine if "true_nll" in r})
             cell = ""
+            if ns.per_seed and mine:
+                by_seed = {r["seed"]: f"{r['nll']:.3f}" if "nll" in r else "failed" for r in mine}
+                cells.append(" / ".join(by_seed.get(seed, "-") for seed in ns.seeds))
+                continue
             if done:
                 mean = sum(done) / len(done)
                 sd = math.sqrt(sum((v - mean) ** 2 for v in done) / max(len(done) - 1, 1))
@@ -180,6 +186,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--table", action="store_true", help="print the table only, train nothing")
+    parser.add_argument("--per-seed", action="store_true",
+                        help="the table's cells: each seed's NLL instead of mean ± sd")
     parser.add_argument("--records", default=os.path.join(ROOT, "benchmarks", "toys"))
     parser.add_argument("--runs", default=os.path.join(ROOT, "runs", "toys"))
     parser.add_argument("--keep-runs", action="store_true")

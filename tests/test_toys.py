@@ -1,5 +1,5 @@
 """benchmarks/toys.py: runs recorded with their NLL, failures recorded, a second call trains
-nothing, the table from the records."""
+nothing, the table from the records (mean ± sd or per seed)."""
 import json
 import math
 import os
@@ -11,9 +11,8 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import toys  # noqa: E402
 
-pytestmark = pytest.mark.slow  # each run starts two processes
 
-
+@pytest.mark.slow  # each run starts two processes
 def test_runs_are_recorded_resumed_and_tabulated(tmp_path, capsys):
     where = ["--records", str(tmp_path / "rec"), "--runs", str(tmp_path / "runs"), "--toys",
              "8gaussians", "--seeds", "1", "--eval-extra=--n-test 300 --grid-resolution 60"]
@@ -36,3 +35,29 @@ def test_runs_are_recorded_resumed_and_tabulated(tmp_path, capsys):
     assert f"{record['nll']:.3f} |" in rows["cd-5"]
     assert "failed 1" in rows["dcd-mala-4"] and "not run" in rows["dcd-langevin-5"]
     assert "2.8" in rows["true density"]
+
+
+def test_table_mean_and_per_seed_cells(tmp_path, capsys):
+    """The table from hand-written records: mean ± sample sd over the seeds that finished, the
+    count and failures named; --per-seed lists each seed's NLL in seed order."""
+    folder = tmp_path / "dcd-vs-cd"
+    folder.mkdir()
+    results = {("cd-5", 1): 1.0, ("cd-5", 2): 2.0, ("cd-5", 3): 4.0, ("dcd-mala-4", 1): 3.25,
+               ("dcd-mala-4", 3): None}
+    for (config, seed), nll in results.items():
+        record = {"config": config, "toy": "rings", "seed": seed, "train_wall_s": 10.0 * seed,
+                  **({"error": "diverged"} if nll is None else {"nll": nll, "true_nll": 0.844})}
+        json.dump(record, open(folder / f"{config}__rings__{seed}.json", "w"))
+    where = ["--table", "--records", str(tmp_path), "--toys", "rings"]
+
+    def rows(extra):
+        toys.main(["dcd-vs-cd", *where, *extra])
+        return {line.split(" | ")[0][2:]: line.split(" | ")[1:]
+                for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    table = rows([])
+    assert table["cd-5"] == [f"2.333 ± {math.sqrt(7 / 3):.3f}", "20 s |"]
+    assert table["dcd-mala-4"][0] == "3.250 (n 1), failed 1"
+    assert table["dcd-langevin-5"][0] == "not run" and table["true density"][0] == "0.844"
+    table = rows(["--per-seed"])
+    assert table["cd-5"][0] == "1.000 / 2.000 / 4.000"
+    assert table["dcd-mala-4"][0] == "3.250 / - / failed"

@@ -448,6 +448,11 @@ def test_smoke_conditional_and_guided_resample(tmp_path, class_folder):
     with pytest.raises(common.UserError, match=r"--compose takes classes 0..1, got \[0, 2\]"):
         cdrl.main(tiny_image_args(run, class_folder, conditional=True, resume=True,
                                   compose=(0, 2)))
+    # a new run: the classes are known once the folder is read, before the run folder is written
+    fresh = tmp_path / "fresh"
+    with pytest.raises(common.UserError, match=r"--compose takes classes 0..1, got \[2\]"):
+        cdrl.main(tiny_image_args(fresh, class_folder, conditional=True, compose=(2,)))
+    assert not fresh.exists()
     module, loaded_args, model = eval_fid_ood.load_method(ckpt, "cpu")
     assert module.sample(model, 4, loaded_args, "cpu").shape == (4, 3, 8, 8)
 

@@ -7,6 +7,12 @@ import sys
 from types import SimpleNamespace
 from unittest import mock
 
+# Under pytest-xdist (`-n auto`: one worker per core) each worker and the scripts it starts use one
+# torch thread: two threads per worker on as many cores as workers oversubscribe them (the fast
+# part took 342 s with -n 2 and two threads, 94 s with one, 2026-12-02).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import numpy as np
 import pytest
 import torch

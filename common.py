@@ -1398,8 +1398,10 @@ class TrainingFid:
         (`stopping`): the save comes first, and 5,000 samples can outlast a preemption's grace."""
         if stopping:
             if is_main():
-                print(f"FID at step {step} skipped: stopping (score this step's checkpoint with "
-                      "eval_fid_ood.py)", file=sys.stderr, flush=True)
+                ckpt = os.path.join(self.args.run_dir, "ckpt.pt")
+                print(f"FID at step {step} skipped: stopping (`python eval_fid_ood.py --ckpt "
+                      f"{ckpt}` scores this step until a resume saves over it)", file=sys.stderr,
+                      flush=True)
             return False
         start, n, batch_size = time.time(), self.args.fid_samples, self.args.batch_size
         was_training = model.training

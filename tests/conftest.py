@@ -9,7 +9,7 @@ from unittest import mock
 
 # Under pytest-xdist (`-n auto`: one worker per core) each worker and the scripts it starts use one
 # torch thread: two threads per worker on as many cores as workers oversubscribe them (the fast
-# part took 342 s with -n 2 and two threads, 94 s with one, 2026-12-02).
+# part took 342 s with -n 2 and two threads, 94 s with one; 2 cores, 2026-12-02, load beside).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -189,6 +189,12 @@ def assert_same_state(a: dict, b: dict, keys):
             else:
                 same = value == flat_b[name]
             assert same, (key, name)
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first (a stable sort): under -n auto the long ones start at once and the short
+    ones fill the gaps, instead of one long test ending the run while the other workers idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)

@@ -347,7 +347,9 @@ def test_a_stop_at_a_fid_step_saves_without_measuring(method, tmp_path, monkeypa
         with pytest.raises(SystemExit) as exit_info:
             METHODS[method].main(tiny_args(method, run, image_folder, steps=3, **fields))
     assert exit_info.value.code == 143 and calls == [6]
-    assert "FID at step 2 skipped: stopping" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "FID at step 2 skipped: stopping" in err
+    assert f"--ckpt {run / 'ckpt.pt'}`" in err
     assert load(run / "ckpt.pt")["step"] == 2 and load(run / "best.pt")["step"] == 1
     METHODS[method].main(tiny_args(method, run, image_folder, steps=3, resume=True, **fields))
     assert [(r["step"], r["fid"]) for r in fid_records(run)] == [(1, 5.0), (3, 4.0)]

@@ -36,7 +36,9 @@ TRUTH = (DATA_MEAN.tolist(), math.log(DATA_VAR))  # θ with p_θ = p_data
 
 
 def gaussian_model(kernel="ve", sigma=0.5, theta=(MODEL_MEAN, MODEL_LOG_VAR), **overrides):
-    args = dcd.Args(dataset="8gaussians", kernel=kernel, sigma=sigma, **overrides)
+    # the estimators alone: no energy penalty unless a test asks for one
+    args = dcd.Args(dataset="8gaussians", kernel=kernel, sigma=sigma,
+                    **{"energy_reg": 0.0, **overrides})
     model = dcd.DCD(QuadraticEnergy(*theta), dcd.level_tables(args)).double()
     return model, args
 
@@ -245,6 +247,19 @@ def test_energy_penalty_gradient(estimator, monkeypatch):
     expected = 0.3 * 2 * (mean_e_grad_e(x0) + mean_e_grad_e(x_neg))
     # DCD.energy returns float32 energies (the net's output cast back after autocast)
     assert torch.allclose(grads[1] - grads[0], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_2d_energy_penalty_default_is_each_methods_tuned_value():
+    # docstring item 8: CD 0.3 and DCD-Langevin 0.1 (without a penalty both diverged on the
+    # checkerboard), importance none; images 1e-2 whatever the method; a given value is kept
+    def alpha(**fields):
+        return dcd.Args(**{"dataset": "checkerboard", **fields}).energy_reg
+    assert alpha() == 0.0 and alpha(estimator="importance", kernel="vp") == 0.0
+    assert alpha(kernel="cd") == 0.3 and alpha(kernel="cd", estimator="langevin") == 0.3
+    assert alpha(estimator="langevin") == 0.1 and alpha(estimator="langevin", kernel="vp") == 0.1
+    assert alpha(kernel="cd", energy_reg=0.0) == 0.0 and alpha(energy_reg=0.2) == 0.2
+    assert alpha(dataset="mnist") == 0.01
+    assert alpha(dataset="mnist", kernel="cd", task="denoise") == 0.01
 
 
 @pytest.mark.slow

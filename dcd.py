@@ -67,7 +67,8 @@ changed):
    torch_ema's decay warm-up min(decay, (1 + k) / (10 + k)); shuffled epochs of an in-memory tensor,
    random horizontal flips on CIFAR, CelebA and folder sets. An energy-magnitude penalty
    --energy-reg α (mean E(pos)² + mean E(neg)²) (Du & Mordatch 2019), on for images (1e-2): without
-   it our brief MNIST denoising runs diverged (docs/RESULTS.md). The image defaults
+   it our brief MNIST denoising runs diverged (docs/RESULTS.md); in 2D on for the chain methods
+   (item 8). The image defaults
    (PRESETS["images"]) are ours and were not tuned: no image-generation run has been made.
 7. Post-training sampling of a one-level model (2D, denoising checkpoints): --sample-langevin-steps
    unadjusted Langevin steps on p_θ from N(0, I) with --cd-step-size (DCD comes with no

@@ -2,6 +2,7 @@
 folders, command lines, checkpoint comparison. Test modules import these from here, never from each
 other."""
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -150,12 +151,15 @@ def one_training_step(method: str, model, x0, args, chains=None, lr: float = 0.0
                           stats, metropolis=True)
 
 
+# each method's flags without gradient clipping (DA-EBM has none), for tests that compare gradients
+NO_CLIP = {"daebm": {}, "cdrl": {"grad_clip": 1e9}, "dcd": {"grad_clip": 0.0}}
+
+
 def distributed_case(method: str):
     """(args, global batch, global chains or None) of the gradient test in test_distributed.py,
     the same in every rank and in the single-process reference. No gradient clipping: clipping the
     averaged gradient is not the mean of clipped shard gradients."""
-    no_clip = {"daebm": {}, "cdrl": {"grad_clip": 1e9}, "dcd": {"grad_clip": 0.0}}[method]
-    args = tiny_args(method, "unused", **no_clip)
+    args = tiny_args(method, "unused", **NO_CLIP[method])
     x0 = common.draw_2d(args.dataset, 32, seed=1)
     generator = torch.Generator().manual_seed(2)
     chains = (torch.randn(64, 2, generator=generator),
@@ -237,6 +241,15 @@ def image_folder(tmp_path):
         img[r:r + 3, c:c + 3] = rng.integers(150, 255, size=3)
         Image.fromarray(img).save(folder / f"{i:03d}.png")
     return str(folder)
+
+
+def first_images(image_folder, n: int, folder):
+    """The first n of image_folder's PNGs copied into folder (made here), for tests that run the
+    CPU Inception (~0.15 s an image) -> folder."""
+    os.makedirs(folder)
+    for name in sorted(os.listdir(image_folder))[:n]:
+        shutil.copy(os.path.join(image_folder, name), os.path.join(folder, name))
+    return folder
 
 
 @pytest.fixture

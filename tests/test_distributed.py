@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import (METHODS, ROOT, SCRIPTS, as_argv, assert_same_state, distributed_case,
-                      flatten, free_port, launch_ranks, one_training_step, start_ranks, tiny_args,
-                      tiny_fields)
+                      first_images, flatten, free_port, launch_ranks, one_training_step,
+                      start_ranks, tiny_args, tiny_fields)
 
 import common
 import eval_fid_ood
@@ -124,10 +124,7 @@ def test_evaluator_in_two_processes_gives_the_one_process_results(tmp_path, imag
                                                                   random_inception):
     """Samples, Inception features, energies and grid chunks split over 2 processes: the same
     samples (in order), statistics, FID, OOD and 2D numbers as one process."""
-    small = tmp_path / "small"  # 12 images: the CPU Inception takes ~0.15 s per image
-    small.mkdir()
-    for name in sorted(os.listdir(image_folder))[:12]:
-        shutil.copy(os.path.join(image_folder, name), small / name)
+    small = first_images(image_folder, 12, tmp_path / "small")
     run = tmp_path / "image_run"
     METHODS["dcd"].main(tiny_args("dcd", run, small))
     got, two, one = evaluations_agree(
@@ -152,10 +149,7 @@ def test_evaluator_in_two_processes_gives_the_one_process_results(tmp_path, imag
 def test_fid_during_training_in_two_processes(tmp_path, image_folder, random_inception):
     """--fid-every under 2 processes: each rank draws its share of the samples, every rank joins
     the gathers, rank 0 logs and writes best.pt; the FID is the one-process evaluator's."""
-    small = tmp_path / "small"  # 12 images: the CPU Inception takes ~0.15 s per image
-    small.mkdir()
-    for name in sorted(os.listdir(image_folder))[:12]:
-        shutil.copy(os.path.join(image_folder, name), small / name)
+    small = first_images(image_folder, 12, tmp_path / "small")
     run, data_dir = tmp_path / "run", tmp_path / "data"
     fields = tiny_fields("dcd", run, small, fid_every=3, fid_samples=6, data_dir=str(data_dir),
                          inception_weights=random_inception.weights)

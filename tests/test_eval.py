@@ -5,7 +5,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -18,7 +17,7 @@ import torch
 import cdrl
 import common
 import eval_fid_ood
-from conftest import METHODS, ROOT, tiny_args
+from conftest import METHODS, ROOT, first_images, tiny_args
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,10 +263,7 @@ class Uint8Images(torch.utils.data.Dataset):
 def test_fid_pipeline_self_zero_rising_with_noise_and_equal_to_torch_fidelity(tmp_path,
                                                                               image_folder,
                                                                              random_inception):
-    small = tmp_path / "small"  # 16 of the images: the CPU Inception takes ~0.15 s per image
-    small.mkdir()
-    for name in sorted(os.listdir(image_folder))[:16]:
-        shutil.copy(os.path.join(image_folder, name), small / name)
+    small = first_images(image_folder, 16, tmp_path / "small")
     network, tag = common.load_inception(random_inception.weights, "cpu")
     dataset = f"folder:{small}"
     images = common.load_images(dataset, "unused")
@@ -310,10 +306,7 @@ def test_fid_during_training_is_the_evaluators_fid(tmp_path, image_folder, rando
     """--fid-every's curve: each FID in metrics.jsonl is what the evaluator gives that step's
     checkpoint with the run's seed, sample count and batch size (and the cached statistics the run
     computed); best.pt is the lower one's."""
-    small = tmp_path / "small"  # 16 of the images: the CPU Inception takes ~0.15 s per image
-    small.mkdir()
-    for name in sorted(os.listdir(image_folder))[:16]:
-        shutil.copy(os.path.join(image_folder, name), small / name)
+    small = first_images(image_folder, 16, tmp_path / "small")
     run, data_dir = tmp_path / "run", tmp_path / "data"
     args = tiny_args("cdrl", run, small, steps=6, save_every=3, fid_every=3, fid_samples=4,
                      inception_weights=random_inception.weights, data_dir=str(data_dir))
@@ -385,14 +378,15 @@ def other_folder(tmp_path):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_eval_image_checkpoint_of_every_method(tmp_path, method, image_folder, other_folder,
                                                random_inception):
-    run = image_checkpoint(tmp_path, method, image_folder)
+    small = first_images(image_folder, 16, tmp_path / "small")
+    run = image_checkpoint(tmp_path, method, small)
     # one method also takes the image long-run path (each FID costs ~5 s here)
     long_run = method == "dcd"
     ea = eval_fid_ood.EvalArgs(ckpt=str(run / "ckpt.pt"), device="cpu", fid_samples=6,
                                batch_size=4, inception_weights=random_inception.weights,
                                stats_dir=random_inception.stats_dir,
                                ood=("interp", "uniform", "constant", f"folder:{other_folder}",
-                                    f"folder:{image_folder}"),
+                                    f"folder:{small}"),
                                n_ood=16, long_run=2 if long_run else 0, long_run_samples=4)
     results = eval_fid_ood.evaluate(ea)
     assert json.load(open(run / "eval.json")) == json.loads(json.dumps(results))

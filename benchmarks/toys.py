@@ -8,10 +8,11 @@
 Each run is `python <script> --dataset TOY --seed S --device cpu --run-dir R <flags>` followed by
 `python eval_fid_ood.py --ckpt R --device cpu` (exact NLL of 20,000 fresh points under the model
 normalised on a 1000² grid, and the toy's true NLL where it is analytic). Each finished run leaves
-one record, benchmarks/toys/<suite>/<config>__<toy>__<seed>.json (kept in git): the command, its
-wall time, the NLL, or the last error line of a run that failed (e.g. stopped by the divergence
-check). Runs with a record are skipped, so the same command continues an interrupted sweep; run
-folders go to --runs and are deleted after scoring unless --keep-runs.
+one record, benchmarks/toys/<suite>/<config>__<toy>__<seed>.json (kept in git): the command, the
+machine (CPU model, cores, torch version: another CPU rounds differently, so the same run lands on
+another NLL), its wall time, the NLL, or the last error line of a run that failed (e.g. stopped by
+the divergence check). Runs with a record are skipped, so the same command continues an interrupted
+sweep; run folders go to --runs and are deleted after scoring unless --keep-runs.
 
 Suites (every flag not given is the script's 2D preset):
 - dcd-vs-cd: CD, DCD-Langevin and DCD-importance at the same cost, 7 energy-gradient evaluations per
@@ -28,12 +29,15 @@ import argparse
 import json
 import math
 import os
+import platform
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -86,6 +90,16 @@ DEFAULT_TOYS = {"dcd-tune": ["checkerboard"]}
 DEFAULT_SEEDS = {"dcd-tune": [0]}
 
 
+def machine() -> str:
+    """CPU model, core count and torch version, e.g. 'AMD EPYC, 2 cores, torch 2.14.1+cu130'."""
+    model = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
 def record_path(records: str, suite: str, config: str, toy: str, seed: int) -> str:
     return os.path.join(records, suite, f"{config}__{toy}__{seed}.json")
 
@@ -99,7 +113,8 @@ def run_one(suite: str, config: str, toy: str, seed: int, ns) -> dict:
                "--run-dir", run_dir, *flags, *ns.extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(ns.threads))
     record = {"suite": suite, "config": config, "toy": toy, "seed": seed,
-              "command": " ".join(command[1:]), "threads": ns.threads, "jobs": ns.jobs,
+              "command": " ".join(command[1:]), "machine": machine(), "threads": ns.threads,
+              "jobs": ns.jobs,
               "date": time.strftime("%Y-%m-%d")}
     start = time.time()
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -23,6 +23,7 @@ def test_runs_are_recorded_resumed_and_tabulated(tmp_path, capsys):
     record = json.load(open(tmp_path / "rec" / "dcd-vs-cd" / "cd-5__8gaussians__1.json"))
     assert math.isfinite(record["nll"]) and record["step"] == 6 and record["train_wall_s"] > 0
     assert "--kernel cd" in record["command"] and "--seed 1" in record["command"]
+    assert record["machine"].endswith(f"{os.cpu_count()} cores, torch {toys.torch.__version__}")
     assert record["true_nll"] == pytest.approx(2.83, abs=0.05)
     assert not os.listdir(tmp_path / "runs" / "dcd-vs-cd" / "cd-5")  # scored, then removed
     # a second call trains nothing; a failing run is recorded as such

@@ -24,13 +24,14 @@ Deliberate differences from the official code (github.com/XinweiZhang/DAEBM):
 3. The learning-rate schedule is a per-iteration function of the step (warm-up, then the paper's
    decay expressed as fractions of --steps); the official code steps its decay once per epoch. With
    --steps at the paper's value the two differ only by the within-epoch granularity.
-4. The MH start and the learning-rate warm-up are the paper's values at its run length (2D: 500
-   and 500 iterations of 100,000; images: 6,000 and 6,000 of 120,000) scaled by --steps / that
-   length, so that a shorter run (the 2D quick start: 20,000, MH from 100) goes through the same
-   phases. The step-size adaptation interval is not scaled (2D 500 = once per official epoch of
-   50k points at batch 100; images 100): adapted as often as the scaled schedule would, the step
-   sizes at t = 0 outgrew the model and short runs diverged, while at the paper's interval they
-   trained (measurements: docs/RESULTS.md, DA-EBM quick start).
+4. The learning-rate warm-up is the paper's at its run length (2D: 500 iterations of 100,000;
+   images: 6,000 of 120,000) scaled by --steps / that length, so that a shorter run (the 2D quick
+   start: 20,000, warm-up 100) spends the same fraction of itself warming up. The MH start (2D 500,
+   images 6,000) and the step-size adaptation interval (2D 500 = once per official epoch of 50k
+   points at batch 100; images 100) are the paper's, not scaled: adapted as often as a scaled
+   schedule would, the step sizes at t = 0 outgrew the model and short runs diverged; MALA switched
+   on at a scaled 100 met energies still swinging by ~100, its chains froze and the 2D quick start
+   diverged on 8gaussians within 20 iterations (measurements: docs/RESULTS.md, DA-EBM quick start).
 5. Data batches come from shuffled epochs of an in-memory tensor (`common.EpochLoader`), not a
    DataLoader; the 2D training set is 50,000 fixed points drawn once, as in the official toy script.
 6. Optional EMA of the weights (`--ema-decay`, off by default as in the official code): when on, the
@@ -88,7 +89,7 @@ PRESETS = {
         "beta_start": 1e-2,  # paper
         "beta_end": 3e-1,  # paper
         "n_chains": 10_000,  # paper
-        "mh_start": 500,  # paper: one epoch (of 100,000 iterations; scaled, docstring item 4)
+        "mh_start": 500,  # paper: one epoch (not scaled, docstring item 4)
         "adapt_every": 500,  # official: once per epoch (not scaled, docstring item 4)
         "warmup_steps": 500,  # official (scaled, docstring item 4)
         "lr_schedule": "multistep",  # official
@@ -105,7 +106,7 @@ PRESETS = {
         "beta_start": 2e-4,  # paper
         "beta_end": 2e-2,  # paper
         "n_chains": 50_000,  # paper
-        "mh_start": 6000,  # paper: 10 epochs (of 120,000 iterations; scaled, docstring item 4)
+        "mh_start": 6000,  # paper: 10 epochs (not scaled, docstring item 4)
         "adapt_every": 100,  # official (not scaled, docstring item 4)
         "warmup_steps": 6000,  # official (scaled, docstring item 4)
         "lr_schedule": "linear",  # official
@@ -113,8 +114,8 @@ PRESETS = {
         "sample_chains": 1000,  # ours (official post-sampling 100; docstring item 11)
     },
 }
-# The run lengths the schedules above belong to: a preset mh_start and warmup_steps is scaled by
-# --steps / this, so that a shorter run passes through the same phases (docstring item 4).
+# The run lengths the schedules above belong to: a preset warmup_steps is scaled by --steps / this,
+# so that a shorter run spends the same fraction of itself warming up (docstring item 4).
 PAPER_STEPS = {"2d": 100_000, "images": 120_000}
 
 
@@ -187,7 +188,7 @@ class Args:
     """initial Langevin step size s_t (images: s_t = 0.1; 2D: s_t = 0.1 sqrt(β_t) with s_0 = s_1)"""
     mh_start: Optional[int] = None
     """iteration at which the Metropolis-Hastings correction is switched on (default: the paper's,
-    below, times --steps / the paper's run length)"""
+    whatever --steps)"""
     adapt_every: Optional[int] = None
     """iterations between step-size adaptations toward 0.6-0.8 acceptance (default: the paper's,
     whatever --steps)"""
@@ -233,12 +234,11 @@ class Args:
 
     def __post_init__(self):
         common.check_dataset_name(self.dataset)
-        scaled = [name for name in ("mh_start", "warmup_steps")
-                  if getattr(self, name) is None]
+        scale_warmup = self.warmup_steps is None
         common.apply_presets(self, PRESETS)
-        run_length = self.steps / PAPER_STEPS["2d" if common.is_2d(self.dataset) else "images"]
-        for name in scaled:
-            setattr(self, name, max(1, round(getattr(self, name) * run_length)))
+        if scale_warmup:
+            run_length = self.steps / PAPER_STEPS["2d" if common.is_2d(self.dataset) else "images"]
+            self.warmup_steps = max(1, round(self.warmup_steps * run_length))
         common.set_image_shape(self)
         self.channel_mult = tuple(self.channel_mult)
         common.check_positive(self, ["n_chains", "langevin_steps", "adapt_every", "num_levels",

@@ -98,24 +98,24 @@ def test_schedule_constants_images():
     assert torch.all(sqrt_ab[1:] < sqrt_ab[:-1])
 
 
-def test_schedules_scale_with_the_run_length():
-    # the paper's MH start and warm-up at its run length, in proportion to --steps; the step-size
-    # adaptation interval stays the paper's (scaled, short runs diverged: docstring item 4); given
-    # values are kept, and so are a checkpoint's (they are set then)
+def test_warmup_scales_with_the_run_length():
+    # the paper's warm-up at its run length, in proportion to --steps; the MH start and the
+    # step-size adaptation interval stay the paper's (scaled, short runs diverged: docstring
+    # item 4); given values are kept, and so are a checkpoint's (they are set then)
     fields = ("mh_start", "adapt_every", "warmup_steps")
     quick = daebm.Args()
-    assert quick.steps == 20_000 and [getattr(quick, f) for f in fields] == [100, 500, 100]
+    assert quick.steps == 20_000 and [getattr(quick, f) for f in fields] == [500, 500, 100]
     paper = daebm.Args(steps=100_000)
     assert [getattr(paper, f) for f in fields] == [500, 500, 500]
     images = daebm.Args(dataset="mnist")
     assert images.steps == 120_000 and [getattr(images, f) for f in fields] == [6000, 100, 6000]
     short = daebm.Args(dataset="mnist", steps=12_000)
-    assert [getattr(short, f) for f in fields] == [600, 100, 600]
-    given = daebm.Args(steps=1000, warmup_steps=7)
-    assert (given.warmup_steps, given.mh_start) == (7, 5)
-    assert daebm.Args(steps=10).mh_start == 1  # never 0
+    assert [getattr(short, f) for f in fields] == [6000, 100, 600]
+    given = daebm.Args(steps=1000, warmup_steps=7, mh_start=3)
+    assert (given.warmup_steps, given.mh_start) == (7, 3)
+    assert daebm.Args(steps=10).warmup_steps == 1  # never 0
     saved = {f.name: getattr(quick, f.name) for f in dataclasses.fields(quick)}
-    assert daebm.Args(**dict(saved, steps=40_000)).mh_start == 100  # a longer resume keeps it
+    assert daebm.Args(**dict(saved, steps=40_000)).warmup_steps == 100  # a longer resume keeps it
 
 
 def test_initial_step_sizes():

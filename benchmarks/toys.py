@@ -114,8 +114,7 @@ def run_one(suite: str, config: str, toy: str, seed: int, ns) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(ns.threads))
     record = {"suite": suite, "config": config, "toy": toy, "seed": seed,
               "command": " ".join(command[1:]), "machine": machine(), "threads": ns.threads,
-              "jobs": ns.jobs,
-              "date": time.strftime("%Y-%m-%d")}
+              "jobs": ns.jobs, "date": time.strftime("%Y-%m-%d")}
     start = time.time()
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     record["train_wall_s"] = round(time.time() - start, 1)

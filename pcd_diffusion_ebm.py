@@ -30,8 +30,9 @@ Deliberate differences from the official code (github.com/XinweiZhang/DAEBM):
    images 6,000) and the step-size adaptation interval (2D 500 = once per official epoch of 50k
    points at batch 100; images 100) are the paper's, not scaled: adapted as often as a scaled
    schedule would, the step sizes at t = 0 outgrew the model and short runs diverged; MALA switched
-   on at a scaled 100 met energies still swinging by ~100, its chains froze and the 2D quick start
-   diverged on 8gaussians within 20 iterations (measurements: docs/RESULTS.md, DA-EBM quick start).
+   on at a scaled start met energies still swinging after the warm-up, and the 2D quick start
+   diverged on 8gaussians soon after (measurements: docs/RESULTS.md, DA-EBM quick start and "the
+   MH start is not scaled").
 5. Data batches come from shuffled epochs of an in-memory tensor (`common.EpochLoader`), not a
    DataLoader; the 2D training set is 50,000 fixed points drawn once, as in the official toy script.
 6. Optional EMA of the weights (`--ema-decay`, off by default as in the official code): when on, the

@@ -94,8 +94,9 @@ def machine() -> str:
     """CPU model, core count and torch version, e.g. 'AMD EPYC, 2 cores, torch 2.14.1+cu130'."""
     model = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                 if line.startswith("model name")]
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo
+                     if line.startswith("model name")]
         model = names[0] if names else model
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 

@@ -129,6 +129,21 @@ PRESETS = {
         "cd_step_size": 1e-4,  # ours
         "num_levels": 6,  # ours (--task generate; --task denoise trains one level)
         "energy_reg": 1e-2,  # ours: without it brief MNIST runs diverged (docstring item 6)
+        "ebm_channels": 128,  # ours
+        "ebm_channel_mult": (1, 2, 2, 2),  # ours
+        "ebm_blocks": 2,  # ours
+    },
+    # --preset cpu: the reduced MNIST configuration that trains in about 2 hours on one core of
+    # this project's 2-core CPU (docs/RESULTS.md, image results); over "images" for every field it
+    # names. "ours: CPU budget" = chosen so that training and a 10,000-sample FID fit that budget.
+    "cpu": {
+        "steps": 4000,  # ours: CPU budget
+        "batch_size": 64,  # ours: CPU budget
+        "sample_every": 500,  # ours
+        "save_every": 1000,  # ours
+        "ebm_channels": 32,  # ours: CPU budget
+        "ebm_channel_mult": (1, 2, 2),  # ours: CPU budget
+        "ebm_blocks": 1,  # ours: CPU budget
     },
 }
 
@@ -143,6 +158,10 @@ class Args:
     """checkerboard | rings | 8gaussians | swissroll | pinwheel | 2spirals | celeba (the paper's
     image set) | cifar10 | cifar100 | svhn | mnist | fashionmnist | folder:PATH (images) |
     points:PATH (2D points, .npy or .csv of shape (n, 2))"""
+    preset: Optional[Literal["cpu"]] = None
+    """cpu: the reduced image configuration of PRESETS["cpu"] (a small net; about 2 hours of
+    training on one CPU core) in place of the default image configuration, for every field not
+    given"""
     data_dir: str = "data"
     """where image datasets are read from (and downloaded to when online)"""
     run_dir: Optional[str] = None
@@ -231,11 +250,11 @@ class Args:
     importance 0)"""
     mlp_width: int = 128
     """2D MLP hidden width"""
-    ebm_channels: int = 128
+    ebm_channels: Optional[int] = None
     """image EBM base width"""
-    ebm_channel_mult: Tuple[int, ...] = (1, 2, 2, 2)
+    ebm_channel_mult: Optional[Tuple[int, ...]] = None
     """image EBM width multipliers per resolution (average-pool between them)"""
-    ebm_blocks: int = 2
+    ebm_blocks: Optional[int] = None
     """image EBM residual blocks per resolution"""
     denoise_sigma: Optional[float] = None
     """denoise: std of the test corruption y = x + σ_d ε on the [-1, 1] scale (default --sigma)"""
@@ -276,9 +295,11 @@ class Args:
         if self.denoise_sigma is None:
             self.denoise_sigma = self.sigma
         common.set_image_shape(self)
-        self.ebm_channel_mult = tuple(self.ebm_channel_mult)
+        if not toy:
+            self.ebm_channel_mult = tuple(self.ebm_channel_mult)
+            common.check_positive(self, ["ebm_channels", "ebm_blocks"])
         common.check_positive(self, ["langevin_steps", "num_proposals", "num_levels", "mlp_width",
-                                     "ebm_channels", "ebm_blocks", "holdout", "denoise_steps",
+                                     "holdout", "denoise_steps",
                                      "sample_langevin_steps", "sample_batch", "n_grid", "n_points"])
         if not (self.step_ratio > 0 and self.cd_step_size > 0 and self.grad_clip >= 0
                 and self.energy_reg >= 0 and self.importance_w >= 0):
@@ -449,14 +470,25 @@ def energy_and_grad(model: DCD, x, level):
     return energy.detach(), grad
 
 
+# Robbins-Monro rate of the per-row MALA step adaptation (posterior_langevin's adapt_steps): log η
+# moves by ADAPT_RATE (p - ADAPT_TARGET) per step, toward MALA's optimal acceptance 0.574
+ADAPT_RATE, ADAPT_TARGET = 0.5, 0.574
+
+
 def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: float, start=None,
-                       metropolis: bool = False):
+                       metropolis: bool = False, adapt_steps: int = 0):
     """n_steps of Langevin on p_θ(x | y) ∝ exp(-E(x, t) - ||y - a x||² / (2 b²)) from `start`
     (default y / a), step η = step_ratio (b / a)²: x' = x + η/2 ∇log p(x) + sqrt(η) ξ, kept always
     (unadjusted) or with the Metropolis-Hastings probability of this proposal (MALA; one more
-    gradient pass, at the start). a, b: numbers or per-row tensors. Returns (the last state, the
-    mean of the states of the chain's second half, the mean acceptance: 1 when unadjusted)."""
+    gradient pass, at the start). With MALA, adapt_steps k > 0 adapts each row's η over the first k
+    steps (log η += ADAPT_RATE (acceptance probability - ADAPT_TARGET)) and holds it after: a
+    posterior much narrower than b / a (sharp data) needs a far smaller step, at which unadjusted
+    Langevin diverges (tests/test_dcd.py). a, b: numbers or per-row tensors. Returns (the last
+    state, the mean of the states of the chain's second half, the mean acceptance: 1 when
+    unadjusted)."""
     step = step_ratio * (b / a) ** 2
+    if adapt_steps:
+        step = torch.full((len(y),) + (1,) * (y.dim() - 1), 1.0, device=y.device) * step
     x = y / a if start is None else start.detach()
     total, accepted = torch.zeros_like(y), torch.zeros((), device=y.device)
     grad_pass = common.compiled(energy_and_grad, model.compile_sampler)
@@ -486,6 +518,8 @@ def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: flo
             log_p = torch.where(accept, log_p_new, log_p)
             drift = torch.where(as_batch(accept, x), drift_new, drift)
             accepted = accepted + accept_prob.mean()
+            if k < adapt_steps:
+                step = step * torch.exp(ADAPT_RATE * (as_batch(accept_prob, x) - ADAPT_TARGET))
         else:
             x = proposal
         if k >= n_steps // 2:
@@ -526,12 +560,14 @@ def generate(model: DCD, n: int, args, device, step_multiplier: int = 1):
 
 
 def denoise(model: DCD, y, sigma: float, n_steps: int, step_ratio: float):
-    """Posterior p_θ(x | y) ∝ exp(-E(x) - ||y - x||² / (2 σ²)) of a one-level model, n_steps
-    Langevin steps from y (step step_ratio σ²) -> (posterior-mean estimate: the mean of the chain's
-    second half, the last state)."""
+    """Posterior p_θ(x | y) ∝ exp(-E(x) - ||y - x||² / (2 σ²)) of a one-level model: n_steps MALA
+    steps from y, each image's step adapted from step_ratio σ² over the first half and held over
+    the second -> (posterior-mean estimate: the mean of the second half, the last state, the mean
+    acceptance)."""
     level = torch.zeros(len(y), dtype=torch.long, device=y.device)
-    last, mean, _ = posterior_langevin(model, y, level, 1.0, sigma, n_steps, step_ratio)
-    return mean, last
+    last, mean, acceptance = posterior_langevin(model, y, level, 1.0, sigma, n_steps, step_ratio,
+                                                metropolis=True, adapt_steps=n_steps // 2)
+    return mean, last, acceptance
 
 
 def psnr(estimate, clean):
@@ -670,13 +706,15 @@ def denoise_heldout(model: DCD, clean, args, device):
     """Denoise the held-out images (fixed corruption, seed --seed) -> (PSNR dict, picture rows)."""
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(clean.shape, generator=generator).to(device)
-    scores = {"psnr_noisy": [], "psnr_mean": [], "psnr_sample": []}
+    scores = {"psnr_noisy": [], "psnr_mean": [], "psnr_sample": [], "denoise_accept": []}
     for first in range(0, len(clean), args.sample_batch):
         x = common.to_unit_range(clean[first:first + args.sample_batch]).to(device)
         y = x + args.denoise_sigma * noise[first:first + len(x)]
-        mean, last = denoise(model, y, args.denoise_sigma, args.denoise_steps, args.step_ratio)
+        mean, last, acceptance = denoise(model, y, args.denoise_sigma, args.denoise_steps,
+                                         args.step_ratio)
         for key, estimate in (("psnr_noisy", y), ("psnr_mean", mean), ("psnr_sample", last)):
             scores[key].append(psnr(estimate, x))
+        scores["denoise_accept"].append(acceptance.expand(len(x)))
         if first == 0:
             rows = [x[:8], y[:8].clamp(-1, 1), mean[:8].clamp(-1, 1), last[:8].clamp(-1, 1)]
     return {key: torch.cat(value).mean().item() for key, value in scores.items()}, rows

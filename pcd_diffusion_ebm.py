@@ -96,6 +96,8 @@ PRESETS = {
         "lr_schedule": "multistep",  # official
         "long_run_steps": 10_000,  # ours
         "sample_chains": 256,  # ours
+        "langevin_steps": 40,  # paper
+        "visits_to_keep": 50,  # paper
     },
     "images": {
         "steps": 120_000,  # paper: 200 epochs x 600 iterations
@@ -113,11 +115,37 @@ PRESETS = {
         "lr_schedule": "linear",  # official
         "long_run_steps": 100_000,  # paper
         "sample_chains": 1000,  # ours (official post-sampling 100; docstring item 11)
+        "langevin_steps": 40,  # paper
+        "visits_to_keep": 50,  # paper
+        "channels": 128,  # official
+        "channel_mult": (1, 2, 2, 2),  # official
+    },
+    # --preset cpu: the reduced MNIST configuration that trains in about 2 hours on one core of
+    # this project's 2-core CPU (docs/RESULTS.md, image results); over "images" for every field it
+    # names. "ours: CPU budget" = chosen so that training and a 10,000-sample FID fit that budget.
+    "cpu": {
+        "steps": 2000,  # ours: CPU budget (paper 120,000)
+        "batch_size": 64,  # ours: CPU budget (paper 200)
+        "lr": 1e-4,  # ours: 10x the paper's for a run 1/40 as long
+        "sample_every": 500,  # ours
+        "save_every": 1000,  # ours
+        "num_levels": 10,  # ours: CPU budget (paper 50)
+        "beta_start": 1e-2,  # ours: with T = 10, sqrt(ᾱ_t) within 0.071 of the paper's schedule
+        "beta_end": 0.16,  # at its levels 5t (tests/test_daebm.py)
+        "n_chains": 1000,  # ours: ~130 transitions per chain over the run (paper ~480)
+        "mh_start": 400,  # ours: after the warm-up (the paper's 6,000 is past the run's end)
+        "warmup_steps": 100,  # ours: the paper's 5% of the run (scaled as the paper's)
+        "langevin_steps": 15,  # ours: CPU budget (paper 40)
+        "visits_to_keep": 1,  # ours: CPU budget (paper 50): a sample is a chain's first visit
+        "long_run_steps": 1000,  # ours: CPU budget (paper 100,000; eval_fid_ood.py --long-run)
+        "sample_chains": 500,  # ours
+        "channels": 32,  # ours: CPU budget (official 128)
+        "channel_mult": (1, 2, 2),  # ours: CPU budget (official 1 2 2 2)
     },
 }
 # The run lengths the schedules above belong to: a preset warmup_steps is scaled by --steps / this,
 # so that a shorter run spends the same fraction of itself warming up (docstring item 4).
-PAPER_STEPS = {"2d": 100_000, "images": 120_000}
+PAPER_STEPS = {"2d": 100_000, "images": 120_000, "cpu": PRESETS["cpu"]["steps"]}
 
 
 @dataclass
@@ -129,6 +157,9 @@ class Args:
     dataset: str = "rings"
     """rings | 8gaussians | checkerboard | swissroll | pinwheel | 2spirals | mnist | fashionmnist |
     cifar10 | cifar100 | svhn | celeba | folder:PATH (images) | points:PATH (2D, .npy or .csv)"""
+    preset: Optional[Literal["cpu"]] = None
+    """cpu: the reduced image configuration of PRESETS["cpu"] (a small net, 10 levels; about 2
+    hours of training on one CPU core) in place of the paper's, for every field not given"""
     data_dir: str = "data"
     """where image datasets are read from (and downloaded to when online)"""
     run_dir: Optional[str] = None
@@ -183,7 +214,7 @@ class Args:
     """b2 of the schedule"""
     n_chains: Optional[int] = None
     """persistent chains"""
-    langevin_steps: int = 40
+    langevin_steps: Optional[int] = None
     """K: Langevin steps at fixed t in one MGMS transition"""
     init_step_size: float = 0.1
     """initial Langevin step size s_t (images: s_t = 0.1; 2D: s_t = 0.1 sqrt(β_t) with s_0 = s_1)"""
@@ -204,9 +235,9 @@ class Args:
     """Adam β1 (paper: 0)"""
     adam_beta2: float = 0.999
     """Adam β2"""
-    channels: int = 128
+    channels: Optional[int] = None
     """image net base width"""
-    channel_mult: Tuple[int, ...] = (1, 2, 2, 2)
+    channel_mult: Optional[Tuple[int, ...]] = None
     """image net width multipliers per resolution (average-pool between them)"""
     mlp_width: int = 128
     """2D net hidden width"""
@@ -217,7 +248,7 @@ class Args:
     sampler: Literal["mgms", "annealed"] = "mgms"
     """post-training sampler: 'mgms' = the paper's (chains from t = T kept at their M-th visit to
     t = 0); 'annealed' = K Langevin steps at each t from T down to 0"""
-    visits_to_keep: int = 50
+    visits_to_keep: Optional[int] = None
     """M: a post-training chain is kept at its M-th visit to t = 0"""
     sample_chains: Optional[int] = None
     """parallel chains of the post-training sampler (2D: also the points of the final picture and of
@@ -238,10 +269,12 @@ class Args:
         scale_warmup = self.warmup_steps is None
         common.apply_presets(self, PRESETS)
         if scale_warmup:
-            run_length = self.steps / PAPER_STEPS["2d" if common.is_2d(self.dataset) else "images"]
+            kind = self.preset or ("2d" if common.is_2d(self.dataset) else "images")
+            run_length = self.steps / PAPER_STEPS[kind]
             self.warmup_steps = max(1, round(self.warmup_steps * run_length))
         common.set_image_shape(self)
-        self.channel_mult = tuple(self.channel_mult)
+        if self.channel_mult is not None:  # images only
+            self.channel_mult = tuple(self.channel_mult)
         common.check_positive(self, ["n_chains", "langevin_steps", "adapt_every", "num_levels",
                                      "visits_to_keep", "sample_chains", "max_transitions"])
         if not self.init_step_size > 0:

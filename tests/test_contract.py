@@ -473,6 +473,23 @@ def test_help_shows_the_real_defaults(method, capsys):
 
 
 @ALL
+def test_cpu_preset_is_one_flag_over_the_image_preset(method):
+    """--preset cpu: every value of PRESETS["cpu"] (the reduced image configuration), the image
+    preset for the fields it does not name, a flag given on top of it wins, and 2D refuses it."""
+    args_class, presets = METHODS[method].Args, METHODS[method].PRESETS
+    cpu, images = args_class(dataset="mnist", preset="cpu"), args_class(dataset="mnist")
+    for key, value in presets["cpu"].items():
+        assert getattr(cpu, key) == value, key
+        assert getattr(images, key) == presets["images"].get(key, getattr(images, key)), key
+    for key in set(presets["images"]) - set(presets["cpu"]) - {"warmup_steps"}:
+        assert getattr(cpu, key) == getattr(images, key), key
+    assert cpu.steps < images.steps and cpu.preset == "cpu" and images.preset is None
+    assert args_class(dataset="mnist", preset="cpu", steps=7, batch_size=8).steps == 7
+    with pytest.raises(common.UserError, match="--preset cpu"):
+        args_class(dataset="8gaussians", preset="cpu")
+
+
+@ALL
 @pytest.mark.slow
 def test_real_sigterm_from_outside(method, tmp_path):
     """A separate process, stopped by a real SIGTERM: it saves, says how to resume, exits 143."""

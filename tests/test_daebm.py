@@ -391,3 +391,13 @@ def test_long_run_in_pieces_is_one_mala_run():
     whole = daebm.langevin(model, x0, torch.zeros(16, dtype=torch.long), 1500, metropolis=True)
     assert torch.equal(pieces, whole)
     assert [r["mala_steps"] for r in records] == [10, 100, 1000, 1500]
+
+
+def test_cpu_preset_schedule_follows_the_papers_at_every_fifth_level():
+    # --preset cpu: T = 10 levels standing for the paper's 50; level t plays the paper's level 5t
+    _, paper = daebm.sqrtcumlinear_schedule(50, 2e-4, 2e-2)
+    cpu = daebm.Args(dataset="mnist", preset="cpu")
+    _, ours = daebm.sqrtcumlinear_schedule(cpu.num_levels, cpu.beta_start, cpu.beta_end)
+    assert cpu.num_levels == 10
+    assert (ours - paper[::5]).abs().max().item() < 0.071
+    assert ours[-1].item() == pytest.approx(paper[-1].item(), abs=0.035)  # the top: 0.265, 0.234

@@ -1,0 +1,363 @@
+"""The image results on real digits: each script's `--preset cpu` on MNIST, one protocol, a table.
+
+    python benchmarks/images.py data                  # the data folder (below), once per machine
+    python benchmarks/images.py run --jobs 2          # train (or resume) and score every run
+    python benchmarks/images.py run --runs daebm      # one run
+    python benchmarks/images.py table                 # the table of what is recorded
+
+Data (`data`, git-ignored): MNIST's 10,000 test digits (../shared/data/MNIST/raw) split as the
+training files of data/MNIST/raw (the first 9,000) and its test files (the last 1,000, held out:
+never trained on; the evaluator's in-distribution test split); Fashion-MNIST's 10,000 test images
+(the OOD set) as data/FashionMNIST/raw/t10k-*, from the PNGs of github.com/Sentdex/nnfs_book
+(fashion_mnist_images/test/<class>/<k>.png, the k-th image of each class) put back in the order of
+Fashion-MNIST's own label file (github.com/zalandoresearch/fashion-mnist, data/fashion/), both
+fetched with the search tool's `fetch` (--sources). The full MNIST training files were not found in
+a form that is byte-exact (docs/RESULTS.md). md5 of every file written is printed.
+
+Protocol (every run): training on the 9,000 digits by the script's `--preset cpu` (plus the speed
+flags measured fastest on this CPU), one torch thread, `--fid-every 500 --fid-samples 500` (the FID
+curve); then `eval_fid_ood.py`: FID of 10,000 samples of the method's own sampler against the 9,000
+training digits (torch-fidelity's Inception, the real weights built by
+../shared/tools/inception_weights.py into data/inception.pth), OOD AUROC of -energy for the 1,000
+held-out digits against Fashion-MNIST and the evaluator's synthetic sets, pictures; per method its
+paper's claim (RUNS below). Each stage that finishes is written to benchmarks/images/<run>.json
+(kept in git: commands, machine, wall times, results); a stage with a result is not run again, and
+a run cut off (a session ending) resumes from its checkpoint with the same command.
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.abspath(os.path.dirname(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from toys import machine  # noqa: E402
+
+DATA = "data"
+WEIGHTS = os.path.join(DATA, "inception.pth")
+TRAIN = ["--device", "cpu", "--data-dir", DATA, "--seed", "1", "--log-every", "25"]
+# the FID curve of the generation runs: 500 EMA samples every 500 iterations
+FID_CURVE = ["--fid-every", "500", "--fid-samples", "500", "--inception-weights", WEIGHTS]
+EVAL = ["--device", "cpu", "--data-dir", DATA, "--inception-weights", WEIGHTS,
+        "--batch-size", "250"]
+SCORE = ["--fid-samples", "10000", "--ood", "fashionmnist", "interp", "uniform", "constant"]
+NO_FID = ["--fid-samples", "0", "--ood", "none"]
+# name -> the training command (script and flags) and the evaluator stages after it (stage name ->
+# eval_fid_ood.py flags); every command adds TRAIN / EVAL
+RUNS = {
+    "daebm": {
+        "train": ["pcd_diffusion_ebm.py", "--dataset", "mnist", "--preset", "cpu",
+                  "--channels-last", *FID_CURVE],
+        # the paper's headline: long-run stability, FID after 1x, 10x and 100x the sampler's
+        # transitions (500 samples each: 100x costs 100 times a sample)
+        "eval": {"score": SCORE, "long_run": ["--fid-samples", "0", "--ood", "none",
+                                              "--long-run", "100", "--long-run-samples", "500"]},
+    },
+    "cdrl": {
+        "train": ["cdrl.py", "--dataset", "mnist", "--preset", "cpu", "--conditional",
+                  "--channels-last", "--amp", "bf16", *FID_CURVE],
+        # w = -1 is the null class alone: (1 + w) f(y, c) - w f(y, ∅) = f(y, ∅), the
+        # unconditional model of classifier-free guidance; w = 0 conditional; w > 0 guided
+        "eval": {"score": SCORE, "guidance": ["--guidance-sweep", "-1,0,1,3", "--fid-samples",
+                                              "10000", "--ood", "none"],
+                 "inpaint_center": [*NO_FID, "--inpaint", "center", "--n-inpaint", "1000"],
+                 "inpaint_right": [*NO_FID, "--inpaint", "right", "--n-inpaint", "1000"]},
+    },
+    "dcd": {
+        "train": ["dcd.py", "--dataset", "mnist", "--preset", "cpu", "--channels-last", "--amp",
+                  "bf16", *FID_CURVE],
+        "eval": {"score": SCORE},
+    },
+}
+# --task denoise: DCD's estimators and CD against a plain denoising-score-matching reference of the
+# same network, each trained for the same wall time on the same digits (DENOISE_FLAGS), then
+# scored on the same 1,000 held-out digits with the same noise (σ_d = 0.3 on the [-1, 1] scale)
+DENOISE_FLAGS = ["--task", "denoise", "--steps", "1500", "--sample-every", "500"]
+for name, flags in {"dcd-denoise-langevin": ["--estimator", "langevin", "--langevin-steps", "5",
+                                             "--step-ratio", "0.3"],
+                    "dcd-denoise-langevin-reg1e-4": ["--estimator", "langevin",
+                                                     "--langevin-steps", "5", "--step-ratio",
+                                                     "0.3", "--energy-reg", "1e-4"],
+                    "dcd-denoise-importance": ["--estimator", "importance", "--energy-reg", "0"],
+                    "cd-denoise": ["--kernel", "cd", "--langevin-steps", "5", "--cd-step-size",
+                                   "0.01"]}.items():
+    RUNS[name] = {"train": ["dcd.py", "--dataset", "mnist", "--preset", "cpu", "--channels-last",
+                            "--amp", "bf16", *DENOISE_FLAGS, *flags], "eval": {}}
+RECORDS = os.path.join(ROOT, "benchmarks", "images")
+RUNS_DIR = os.path.join(ROOT, "runs", "images")
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+def read_idx(path):
+    with gzip.open(path) as f:
+        data = f.read()
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(data[3])]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+
+
+def write_idx(path, array):
+    """A uint8 array as a gzipped IDX file (the format of the MNIST files; mtime 0: the same bytes
+    every time)."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with gzip.GzipFile(path, "wb", mtime=0) as f:
+        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def md5(path):
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+def make_data(ns):
+    from PIL import Image
+
+    mnist = os.path.join(ROOT, "..", "shared", "data", "MNIST", "raw")
+    images = read_idx(os.path.join(mnist, "t10k-images-idx3-ubyte.gz"))
+    labels = read_idx(os.path.join(mnist, "t10k-labels-idx1-ubyte.gz"))
+    out = os.path.join(ROOT, DATA, "MNIST", "raw")
+    for split, rows in (("train", slice(0, 9000)), ("t10k", slice(9000, None))):
+        write_idx(os.path.join(out, f"{split}-images-idx3-ubyte.gz"), images[rows])
+        write_idx(os.path.join(out, f"{split}-labels-idx1-ubyte.gz"), labels[rows])
+    fashion_labels = os.path.join(ns.sources, "fashion-t10k-labels-idx1-ubyte.gz")
+    pngs = os.path.join(ns.sources, "fashion_mnist_images", "test")
+    if os.path.exists(fashion_labels) and os.path.isdir(pngs):
+        classes = read_idx(fashion_labels)
+        taken = [0] * 10
+        fashion = []
+        for c in classes:  # the k-th image of class c is the k-th label c of the test file
+            fashion.append(np.array(Image.open(os.path.join(pngs, str(c), f"{taken[c]:04d}.png"))))
+            taken[c] += 1
+        out_f = os.path.join(ROOT, DATA, "FashionMNIST", "raw")
+        write_idx(os.path.join(out_f, "t10k-images-idx3-ubyte.gz"), np.stack(fashion))
+        shutil.copy(fashion_labels, os.path.join(out_f, "t10k-labels-idx1-ubyte.gz"))
+    else:
+        print(f"no Fashion-MNIST sources in {ns.sources} (see --help): OOD without it")
+    for folder, _, files in sorted(os.walk(os.path.join(ROOT, DATA))):
+        for name in sorted(files):
+            if "idx" in name:
+                path = os.path.join(folder, name)
+                print(md5(path), os.path.relpath(path, ROOT))
+    if not os.path.exists(os.path.join(ROOT, WEIGHTS)):
+        subprocess.run([sys.executable, os.path.join(ROOT, "..", "shared", "tools",
+                                                     "inception_weights.py"),
+                        os.path.join(ROOT, WEIGHTS)], check=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# runs
+# --------------------------------------------------------------------------------------------------
+def load_record(name):
+    path = os.path.join(RECORDS, f"{name}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"run": name, "machine": machine(), "train_segments": [], "eval": {}}
+
+
+def save_record(record):
+    os.makedirs(RECORDS, exist_ok=True)
+    path = os.path.join(RECORDS, f"{record['run']}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def checkpoint_step(run_dir):
+    import torch
+
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return 0
+    return torch.load(path, map_location="cpu", weights_only=True)["step"]
+
+
+def metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run(name, ns):
+    """Train (or resume) one run to its end, then its evaluator stages; the record after each."""
+    if name == "dsm-denoise":
+        return run_dsm_reference()
+    spec, record = RUNS[name], load_record(name)
+    run_dir = os.path.join(RUNS_DIR, name)
+    script, *flags = spec["train"]
+    command = [sys.executable, script, *flags, *TRAIN, "--run-dir", run_dir]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    record["train_command"] = " ".join(["python", script, *flags, *TRAIN, "--run-dir",
+                                        os.path.relpath(run_dir, ROOT)])
+    log = open(os.path.join(RUNS_DIR, f"{name}.log"), "a")
+    if "training_done" not in record:
+        step = checkpoint_step(run_dir)
+        start = time.time()
+        proc = subprocess.run(command + (["--resume"] if step else []), cwd=ROOT, env=env,
+                              stdout=log, stderr=log)
+        record["train_segments"].append({"from_step": step, "to_step": checkpoint_step(run_dir),
+                                         "wall_s": round(time.time() - start, 1),
+                                         "returncode": proc.returncode,
+                                         "date": time.strftime("%Y-%m-%d")})
+        record["machine"] = machine()
+        if proc.returncode == 0:
+            record["training_done"] = time.strftime("%Y-%m-%d")
+        save_record(record)
+        if proc.returncode != 0:
+            print(f"{name}: training stopped (exit {proc.returncode}, see {log.name})")
+            return record
+    rows = metrics(run_dir)
+    record["it_per_s_median"] = float(np.median([r["it_per_s"] for r in rows if "it_per_s" in r]))
+    record["fid_curve"] = [{k: r[k] for k in ("step", "fid", "fid_samples", "fid_seconds")}
+                           for r in rows if "fid" in r]
+    record["denoise_curve"] = [{k: v for k, v in r.items() if k == "step" or "psnr" in k
+                                or k == "denoise_accept"} for r in rows if "psnr_mean" in r]
+    save_record(record)
+    for stage, stage_flags in spec["eval"].items():
+        if "result" in record["eval"].get(stage, {}):
+            continue
+        out = os.path.join(run_dir, f"eval_{stage}.json")
+        eval_command = ["eval_fid_ood.py", "--ckpt", run_dir, *EVAL, *stage_flags, "--out", out]
+        start = time.time()
+        proc = subprocess.run([sys.executable, *eval_command], cwd=ROOT, env=env, stdout=log,
+                              stderr=log)
+        entry = {"command": "python " + " ".join(eval_command).replace(ROOT + "/", ""),
+                 "wall_s": round(time.time() - start, 1), "date": time.strftime("%Y-%m-%d")}
+        if proc.returncode == 0:
+            with open(out) as f:
+                entry["result"] = json.load(f)
+        else:
+            entry["error"] = f"exit {proc.returncode} (see {log.name})"
+        record["eval"][stage] = entry
+        save_record(record)
+    return record
+
+
+def dsm_reference(seconds: float):
+    """The reference point of the denoising runs: dcd.py's one-level image network (the CPU
+    preset's widths) trained by plain denoising score matching at σ_d, ||σ ∇E(x + σε) - ε||² (at
+    the optimum ∇E = -∇ log p_σ, the score of the noisy digits), with the same optimiser, batch,
+    EMA and training digits as the DCD runs, for `seconds` of training; the estimate is Tweedie's
+    y - σ² ∇E(y) of the EMA weights, scored like dcd.py's denoiser (same held-out digits, same
+    noise). Saves its state every 5 minutes and resumes from it (runs/images/dsm-denoise)."""
+    import torch
+
+    import common
+    import dcd
+
+    torch.set_num_threads(1)
+    args = dcd.Args(dataset="mnist", preset="cpu", task="denoise", data_dir=DATA, device="cpu",
+                    channels_last=True, amp="bf16")
+    sigma = args.denoise_sigma
+    images, _ = common.training_data(args)
+    train, heldout = images[:-args.holdout], images[-args.holdout:]
+    model = dcd.build_model(args)
+    ema = dcd.build_model(args).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    loader = common.EpochLoader(torch.arange(len(train)), args.batch_size, args.seed)
+    state_path = os.path.join(RUNS_DIR, "dsm-denoise", "state.pt")
+    step, elapsed = 0, 0.0
+    common.seed_everything(args.seed)
+    if os.path.exists(state_path):
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        common.set_rng_state(state["rng"])
+        step, elapsed = state["step"], state["elapsed"]
+    level = torch.zeros(args.batch_size, dtype=torch.long)
+    last_save = time.time()
+    while elapsed < seconds:
+        start = time.time()
+        x = common.to_model_space(train[loader.next()])
+        noise = torch.randn_like(x)
+        y = (x + sigma * noise).requires_grad_(True)
+        (grad,) = torch.autograd.grad(model.energy(y, level).sum(), y, create_graph=True)
+        loss = (sigma * grad - noise).pow(2).flatten(1).sum(1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        common.update_ema(ema, model, min(args.ema_decay, (2 + step) / (11 + step)), False)
+        step += 1
+        elapsed += time.time() - start
+        if time.time() - last_save > 300 or elapsed >= seconds:
+            os.makedirs(os.path.dirname(state_path), exist_ok=True)
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(),
+                        "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                        "rng": common.rng_state(), "step": step, "elapsed": elapsed},
+                       state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)
+            last_save = time.time()
+            print(f"dsm-denoise: step {step}, {elapsed:.0f} of {seconds:.0f} s, loss "
+                  f"{loss.item():.2f}", flush=True)
+    # score the EMA weights as dcd.denoise_heldout does: the same noise, batches and PSNR
+    generator = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(heldout.shape, generator=generator)
+    scores = {"psnr_noisy": [], "psnr_tweedie": []}
+    for first in range(0, len(heldout), args.sample_batch):
+        x = common.to_unit_range(heldout[first:first + args.sample_batch])
+        y = x + sigma * noise[first:first + len(x)]
+        _, grad = dcd.energy_and_grad(ema, y, torch.zeros(len(y), dtype=torch.long))
+        scores["psnr_noisy"].append(dcd.psnr(y, x))
+        scores["psnr_tweedie"].append(dcd.psnr(y - sigma ** 2 * grad, x))
+    return {"steps": step, "train_wall_s": round(elapsed, 1),
+            **{key: torch.cat(value).mean().item() for key, value in scores.items()}}
+
+
+def run_dsm_reference():
+    """dsm_reference for as long as dcd-denoise-langevin trained (its training wall time)."""
+    record, budget = load_record("dsm-denoise"), load_record("dcd-denoise-langevin")
+    if "result" not in record["eval"].get("denoise", {}):
+        if "training_done" not in budget:
+            record["eval"]["denoise"] = {"error": "dcd-denoise-langevin has not finished: its "
+                                         "training time is this run's budget"}
+            return record
+        seconds = sum(segment["wall_s"] for segment in budget["train_segments"])
+        start = time.time()
+        result = dsm_reference(seconds)
+        record["eval"]["denoise"] = {"command": "python benchmarks/images.py run --runs "
+                                     "dsm-denoise", "wall_s": round(time.time() - start, 1),
+                                     "date": time.strftime("%Y-%m-%d"), "result": result}
+        record["machine"] = machine()
+        save_record(record)
+    return record
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["data", "run", "table"])
+    parser.add_argument("--runs", nargs="+", choices=[*RUNS, "dsm-denoise"],
+                        default=[*RUNS, "dsm-denoise"])
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
+    parser.add_argument("--sources", default=os.path.join(ROOT, "..", "data_src"),
+                        help="folder with fashion_mnist_images/test (nnfs_book) and "
+                        "fashion-t10k-labels-idx1-ubyte.gz (zalandoresearch/fashion-mnist)")
+    ns = parser.parse_args(argv)
+    if ns.what == "data":
+        make_data(ns)
+    elif ns.what == "run":
+        os.makedirs(RUNS_DIR, exist_ok=True)
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(ns.jobs) as pool:
+            for record in pool.map(lambda name: run(name, ns), ns.runs):
+                print(f"{record['run']}: {sorted(record['eval'])}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1407,7 +1407,9 @@ class TrainingFid:
         """FID of the samples of the script's sample(model, n, args, device), recorded in the
         metric log; True if it is the lowest so far. Training's random state and the model's
         train / eval mode are left as they were. Skipped when a SIGINT / SIGTERM is pending
-        (`stopping`): the save comes first, and 5,000 samples can outlast a preemption's grace."""
+        (`stopping`): the save comes first, and 5,000 samples can outlast a preemption's grace. A
+        sampler that gives up (RuntimeError: DA-EBM's MGMS chains that never reached t = 0 within
+        their budget, early in a run) is logged as `fid_error` and training goes on."""
         if stopping:
             if is_main():
                 ckpt = os.path.join(self.args.run_dir, "ckpt.pt")
@@ -1417,11 +1419,18 @@ class TrainingFid:
             return False
         start, n, batch_size = time.time(), self.args.fid_samples, self.args.batch_size
         was_training = model.training
-        with own_rng(self.args.seed):
-            uint8 = (to_uint8_rgb(batch) for batch in sample_batches(
-                lambda rows: sample(model, rows, self.args, self.device), n, batch_size,
-                self.args.seed, f"FID samples at step {step}"))
-            features = inception_features(self.network, uint8, self.device, n, batch_size)
+        try:
+            with own_rng(self.args.seed):
+                uint8 = (to_uint8_rgb(batch) for batch in sample_batches(
+                    lambda rows: sample(model, rows, self.args, self.device), n, batch_size,
+                    self.args.seed, f"FID samples at step {step}"))
+                features = inception_features(self.network, uint8, self.device, n, batch_size)
+        except RuntimeError as error:  # a sampler that gave up (DA-EBM's MGMS budget): log it
+            model.train(was_training)
+            if is_main():
+                print(f"FID at step {step} failed: {error}", file=sys.stderr, flush=True)
+            log.note(step, {"fid_error": str(error)[:200], "fid_seconds": time.time() - start})
+            return False
         model.train(was_training)
         fid = frechet_distance(feature_statistics(features), self.reference)
         improved = self.best is None or fid < self.best

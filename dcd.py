@@ -231,7 +231,12 @@ class Args:
     """langevin: where the posterior chain starts: the positive x_t (a draw of p_θ(x | y) when p_θ =
     p_data) or y / a (a draw of p(y), not of the posterior)"""
     metropolis: bool = False
-    """langevin: Metropolis-adjust every posterior step (MALA), removing the step-size bias"""
+    """langevin: Metropolis-adjust every posterior step (MALA), removing the step-size bias; the
+    ladder's sampler then runs MALA too"""
+    adapt_step_ratio: bool = False
+    """langevin with --metropolis: adapt each level's step ratio during training toward MALA's
+    0.574 acceptance (from --step-ratio; a buffer of the model, which the sampler and the
+    denoiser use): the posterior of sharp data (digits) can be far narrower than the kernel"""
     cd_step_size: Optional[float] = None
     """CD Langevin step η (x ← x - η/2 ∇E + sqrt(η) ξ), also the one-level post-training
     sampler's"""
@@ -320,6 +325,10 @@ class Args:
         elif self.kernel == "cd":
             raise common.UserError("--kernel cd is the one-level baseline: use it with "
                                    "--num-levels 1")
+        if self.adapt_step_ratio and not (self.kernel != "cd" and self.estimator == "langevin"
+                                          and self.metropolis):
+            raise common.UserError("--adapt-step-ratio adapts the posterior MALA chain: it needs "
+                                   "--estimator langevin --metropolis (and a DCD kernel)")
         if self.task == "denoise" and not self.denoise_sigma > 0:
             raise common.UserError(f"--denoise-sigma must be positive, got {self.denoise_sigma}")
         if self.logsnr_min >= self.logsnr_max:
@@ -483,14 +492,14 @@ def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: flo
     gradient pass, at the start). With MALA, adapt_steps k > 0 adapts each row's η over the first k
     steps (log η += ADAPT_RATE (acceptance probability - ADAPT_TARGET)) and holds it after: a
     posterior much narrower than b / a (sharp data) needs a far smaller step, at which unadjusted
-    Langevin diverges (tests/test_dcd.py). a, b: numbers or per-row tensors. Returns (the last
-    state, the mean of the states of the chain's second half, the mean acceptance: 1 when
-    unadjusted)."""
+    Langevin diverges (tests/test_dcd.py). a, b, step_ratio: numbers or per-row tensors. Returns
+    (the last state, the mean of the states of the chain's second half, each row's mean
+    acceptance: 1 when unadjusted)."""
     step = step_ratio * (b / a) ** 2
     if adapt_steps:
         step = torch.full((len(y),) + (1,) * (y.dim() - 1), 1.0, device=y.device) * step
     x = y / a if start is None else start.detach()
-    total, accepted = torch.zeros_like(y), torch.zeros((), device=y.device)
+    total, accepted = torch.zeros_like(y), torch.zeros(len(y), device=y.device)
     grad_pass = common.compiled(energy_and_grad, model.compile_sampler)
 
     def energy_and_drift(x):  # E(x, t) and ∇ log p(x | y)
@@ -517,15 +526,36 @@ def posterior_langevin(model: DCD, y, level, a, b, n_steps: int, step_ratio: flo
             x = torch.where(as_batch(accept, x), proposal, x)
             log_p = torch.where(accept, log_p_new, log_p)
             drift = torch.where(as_batch(accept, x), drift_new, drift)
-            accepted = accepted + accept_prob.mean()
+            accepted = accepted + accept_prob
             if k < adapt_steps:
                 step = step * torch.exp(ADAPT_RATE * (as_batch(accept_prob, x) - ADAPT_TARGET))
         else:
             x = proposal
         if k >= n_steps // 2:
             total += x
-    acceptance = accepted / n_steps if metropolis else torch.ones((), device=y.device)
+    acceptance = accepted / n_steps if metropolis else torch.ones(len(y), device=y.device)
     return x, total / (n_steps - n_steps // 2), acceptance
+
+
+def adapt_step_ratio(model: DCD, level, acceptance):
+    """--adapt-step-ratio, after each training chain: per level, step_ratio x exp(ADAPT_RATE (mean
+    acceptance of its rows - ADAPT_TARGET)); levels without rows keep theirs. In place on the
+    device, no sync; under torchrun on the acceptance summed over all ranks, so that every rank
+    adapts alike."""
+    with torch.no_grad():
+        total = torch.zeros_like(model.step_ratio).index_add_(0, level, acceptance.float())
+        count = torch.zeros_like(model.step_ratio).index_add_(0, level,
+                                                              torch.ones_like(total[level]))
+        common.sum_over_ranks_(total, count)
+        rate = total / count.clamp_min(1)
+        model.step_ratio.mul_(torch.where(count > 0, torch.exp(ADAPT_RATE * (rate - ADAPT_TARGET)),
+                                          1.0))
+
+
+def step_ratios(model: DCD, level, args, like):
+    """The posterior chain's step ratio for each row of `like`: the adapted one of its level
+    (--adapt-step-ratio) or --step-ratio."""
+    return as_batch(model.step_ratio[level], like) if args.adapt_step_ratio else args.step_ratio
 
 
 def model_langevin(model: DCD, x, level, n_steps: int, step: float):
@@ -554,7 +584,8 @@ def generate(model: DCD, n: int, args, device, step_multiplier: int = 1):
     for t in reversed(range(top)):
         level = torch.full((n,), t, dtype=torch.long, device=device)
         x, _, _ = posterior_langevin(model, x, level, model.kernel_a[t], model.kernel_b[t],
-                                     langevin_steps, args.step_ratio)
+                                     langevin_steps, step_ratios(model, level, args, x),
+                                     metropolis=args.metropolis)
         progress.update(1)
     return x / model.signal[0]
 
@@ -562,8 +593,8 @@ def generate(model: DCD, n: int, args, device, step_multiplier: int = 1):
 def denoise(model: DCD, y, sigma: float, n_steps: int, step_ratio: float):
     """Posterior p_θ(x | y) ∝ exp(-E(x) - ||y - x||² / (2 σ²)) of a one-level model: n_steps MALA
     steps from y, each image's step adapted from step_ratio σ² over the first half and held over
-    the second -> (posterior-mean estimate: the mean of the second half, the last state, the mean
-    acceptance)."""
+    the second -> (posterior-mean estimate: the mean of the second half, the last state, each
+    image's mean acceptance)."""
     level = torch.zeros(len(y), dtype=torch.long, device=y.device)
     last, mean, acceptance = posterior_langevin(model, y, level, 1.0, sigma, n_steps, step_ratio,
                                                 metropolis=True, adapt_steps=n_steps // 2)
@@ -622,12 +653,15 @@ def dcd_loss(model: DCD, x0, args):
             return loss, e_pos.detach().mean(), e_neg.mean(), ess_fraction
         start = x_pos if args.chain_start == "positive" else start
         x_neg, _, acceptance = posterior_langevin(model, y, level, a, b, args.langevin_steps,
-                                                  args.step_ratio, start, args.metropolis)
+                                                  step_ratios(model, level, args, x0), start,
+                                                  args.metropolis)
+        if args.adapt_step_ratio:
+            adapt_step_ratio(model, level, acceptance)
     e_neg = model.energy(x_neg.detach(), level)
     loss = e_pos.mean() - e_neg.mean() + args.energy_reg * (e_pos.pow(2).mean()
                                                             + e_neg.pow(2).mean())
     if args.kernel != "cd" and args.metropolis:
-        diagnostic = acceptance
+        diagnostic = acceptance.mean()
     else:
         diagnostic = (x_neg - start).flatten(1).norm(dim=1).mean().detach()
     return loss, e_pos.detach().mean(), e_neg.detach().mean(), diagnostic
@@ -671,7 +705,10 @@ def build_model(args) -> DCD:
     else:
         net = ResNetEnergy(args.image_channels, args.ebm_channels, args.ebm_channel_mult,
                            args.ebm_blocks, args.num_levels)
-    model = DCD(net, level_tables(args), amp=args.amp == "bf16", compile_sampler=args.compile)
+    tables = level_tables(args)
+    if args.adapt_step_ratio:  # one per level, adapted in training (adapt_step_ratio)
+        tables["step_ratio"] = torch.full((args.num_levels,), args.step_ratio)
+    model = DCD(net, tables, amp=args.amp == "bf16", compile_sampler=args.compile)
     return common.memory_layout(model, args.channels_last)
 
 
@@ -707,14 +744,14 @@ def denoise_heldout(model: DCD, clean, args, device):
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(clean.shape, generator=generator).to(device)
     scores = {"psnr_noisy": [], "psnr_mean": [], "psnr_sample": [], "denoise_accept": []}
+    ratio = model.step_ratio[0].item() if args.adapt_step_ratio else args.step_ratio
     for first in range(0, len(clean), args.sample_batch):
         x = common.to_unit_range(clean[first:first + args.sample_batch]).to(device)
         y = x + args.denoise_sigma * noise[first:first + len(x)]
-        mean, last, acceptance = denoise(model, y, args.denoise_sigma, args.denoise_steps,
-                                         args.step_ratio)
+        mean, last, acceptance = denoise(model, y, args.denoise_sigma, args.denoise_steps, ratio)
         for key, estimate in (("psnr_noisy", y), ("psnr_mean", mean), ("psnr_sample", last)):
             scores[key].append(psnr(estimate, x))
-        scores["denoise_accept"].append(acceptance.expand(len(x)))
+        scores["denoise_accept"].append(acceptance)
         if first == 0:
             rows = [x[:8], y[:8].clamp(-1, 1), mean[:8].clamp(-1, 1), last[:8].clamp(-1, 1)]
     return {key: torch.cat(value).mean().item() for key, value in scores.items()}, rows
@@ -791,7 +828,7 @@ def main(args: Args):
                 model, x0, args, optimizer)
             # torch_ema's decay warm-up: min(decay, (1 + k) / (10 + k)) at update k
             decay = min(args.ema_decay, (2 + step) / (11 + step))
-            common.update_ema(ema, model, decay, copy_buffers=False)
+            common.update_ema(ema, model, decay, copy_buffers=args.adapt_step_ratio)
 
             done = step + 1
             log_now = common.every(done, args.log_every, args.steps)
@@ -817,7 +854,10 @@ def main(args: Args):
                 log.log(done, {"loss": loss.item(), "energy_pos": energy_pos.item(),
                                "energy_neg": energy_neg.item(), "grad_norm": grad_norm.item(),
                                "lr": optimizer.param_groups[0]["lr"],
-                               diagnostic_name: diagnostic.item(), **scores})
+                               diagnostic_name: diagnostic.item(), **scores,
+                               **({"step_ratio_min": model.step_ratio.min().item(),
+                                   "step_ratio_max": model.step_ratio.max().item()}
+                                  if args.adapt_step_ratio else {})})
             best = fid_now and fid.measure(sample, ema, done, log, guard.stopping)
             if save_now:
                 checkpoint(done, snapshot=done % args.save_every == 0, best=best)

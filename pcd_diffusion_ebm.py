@@ -98,6 +98,7 @@ PRESETS = {
         "sample_chains": 256,  # ours
         "langevin_steps": 40,  # paper
         "visits_to_keep": 50,  # paper
+        "sampler": "mgms",  # paper
     },
     "images": {
         "steps": 120_000,  # paper: 200 epochs x 600 iterations
@@ -117,6 +118,7 @@ PRESETS = {
         "sample_chains": 1000,  # ours (official post-sampling 100; docstring item 11)
         "langevin_steps": 40,  # paper
         "visits_to_keep": 50,  # paper
+        "sampler": "mgms",  # paper
         "channels": 128,  # official
         "channel_mult": (1, 2, 2, 2),  # official
     },
@@ -137,6 +139,10 @@ PRESETS = {
         "warmup_steps": 100,  # ours: the paper's 5% of the run (scaled as the paper's)
         "langevin_steps": 15,  # ours: CPU budget (paper 40)
         "visits_to_keep": 1,  # ours: CPU budget (paper 50): a sample is a chain's first visit
+        # ours: the official code's other sampler, K MALA steps per level from T to 0 (bounded
+        # cost); after 500 of the 2,000 iterations no MGMS chain from noise reached t = 0 within
+        # 200 transitions (docs/RESULTS.md, image results)
+        "sampler": "annealed",
         "long_run_steps": 1000,  # ours: CPU budget (paper 100,000; eval_fid_ood.py --long-run)
         "sample_chains": 500,  # ours
         "channels": 32,  # ours: CPU budget (official 128)
@@ -245,7 +251,7 @@ class Args:
     """folder: datasets are resized to this (default: the first image's size)"""
     image_channels: Optional[int] = None
     """set from the dataset; stored so build_model can rebuild the net from a checkpoint"""
-    sampler: Literal["mgms", "annealed"] = "mgms"
+    sampler: Optional[Literal["mgms", "annealed"]] = None
     """post-training sampler: 'mgms' = the paper's (chains from t = T kept at their M-th visit to
     t = 0); 'annealed' = K Langevin steps at each t from T down to 0"""
     visits_to_keep: Optional[int] = None
@@ -256,8 +262,8 @@ class Args:
     max_transitions: int = 100000
     """post-training sampler gives up after this many MGMS transitions"""
     final_samples: bool = True
-    """after training, draw samples_mgms.png with the MGMS sampler, bounded by --steps transitions
-    (the cost of training at most); --no-final-samples skips it"""
+    """after training, draw samples_<sampler>.png with the post-training sampler (MGMS: bounded by
+    --steps transitions, the cost of training at most); --no-final-samples skips it"""
     long_run_steps: Optional[int] = None
     """MALA steps at t = 0 from real data after training (at most --steps x --langevin-steps); 0 =
     skip"""
@@ -796,24 +802,28 @@ def save_pictures(model: DAEBM, args, tag, device, box, chains_x, chains_t):
 
 
 def after_training(model: DAEBM, args, device, box, train_data, log):
-    """The paper's MGMS samples (bounded by --steps transitions) and the long-run stability
-    check."""
+    """Samples of the post-training sampler (MGMS, the paper's: bounded by --steps transitions)
+    and the long-run stability check."""
     model.eval()
     if args.final_samples:
         n = args.sample_chains if common.is_2d(args.dataset) else args.n_grid
         budget = min(args.max_transitions, args.steps)
-        generated, steps_taken = generate(model, n, args, device, max_transitions=budget,
-                                          n_chains=min(n, args.sample_chains))
+        if args.sampler == "annealed":
+            generated, steps_taken = sample(model, n, args, device), None
+        else:
+            generated, steps_taken = generate(model, n, args, device, max_transitions=budget,
+                                              n_chains=min(n, args.sample_chains))
         if len(generated) < n:
             print(f"warning: the MGMS sampler kept {len(generated)} of {n} chains within "
                   f"{min(args.max_transitions, args.steps)} transitions (bounded by --steps)",
                   file=sys.stderr)
         if len(generated):
-            path = os.path.join(args.run_dir, "samples_mgms.png")
+            path = os.path.join(args.run_dir, f"samples_{args.sampler}.png")
             if common.is_2d(args.dataset):
                 common.save_panels([common.histogram_2d(generated.cpu(), *box, 200)], path)
             else:
                 common.save_image_grid(generated, path)
+        if steps_taken is not None and len(generated):
             log.log(args.steps,
                     {"post_sampling_mean_langevin_steps": steps_taken.float().mean().item()})
     # at most as many MALA steps as the training chains made Langevin steps (--steps x K)

@@ -224,3 +224,33 @@ def test_training_fid_keeps_the_mode_the_random_state_and_its_seeds(training):
     assert not fid.measure(sample, model, 2, log, stopping=False)
     (_, first), (_, second) = log.records
     assert first["fid"] == second["fid"] == fid.best and first["fid"] > 0
+
+
+def test_training_fid_of_a_sampler_that_gives_up_is_logged_and_training_goes_on():
+    """A post-training sampler that gives up (DA-EBM's MGMS chains that never reach t = 0 early in
+    a run raise RuntimeError) must not end the run: the failure is a metrics record, the model's
+    mode is restored, and a later measurement still counts."""
+    args = SimpleNamespace(fid_every=0, steps=1, fid_samples=8, batch_size=3, seed=4)
+    fid = common.TrainingFid(args, None, "cpu", None, 0)
+    fid.network = lambda batch: [batch.float().flatten(1)[:, :4]]
+    fid.reference = common.feature_statistics(torch.randn(50, 4) * 60 + 128)
+
+    def gives_up(model, rows, args, device):
+        model.eval()
+        raise RuntimeError("post-training sampler kept 0/3 chains in 10 transitions")
+
+    def works(model, rows, args, device):
+        return torch.rand(rows, 1, 2, 2) * 2 - 1
+
+    class Log:
+        records = []
+
+        def note(self, step, record):
+            self.records.append((step, record))
+
+    model, log = torch.nn.Linear(1, 1).train(), Log()
+    assert not fid.measure(gives_up, model, 1, log, stopping=False)
+    assert model.training and fid.best is None
+    (step, record), = log.records
+    assert step == 1 and "kept 0/3 chains" in record["fid_error"] and "fid" not in record
+    assert fid.measure(works, model, 2, log, stopping=False) and fid.best > 0

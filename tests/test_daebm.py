@@ -364,6 +364,17 @@ def test_final_samples_cost_at_most_the_run(tmp_path, image_folder, monkeypatch,
     assert calls["n"] == 20 and not (tmp_path / "skip" / "samples_mgms.png").exists()
 
 
+def test_final_samples_use_the_configured_sampler(tmp_path, image_folder, monkeypatch):
+    # --sampler annealed (the CPU preset's): the final picture comes from the annealed sweep,
+    # no MGMS transition is made after training
+    calls = count_transitions(monkeypatch)
+    daebm.main(tiny_image_args(tmp_path / "run", image_folder, steps=4, sampler="annealed",
+                               long_run_steps=0))
+    assert calls["n"] == 4
+    assert (tmp_path / "run" / "samples_annealed.png").exists()
+    assert not (tmp_path / "run" / "samples_mgms.png").exists()
+
+
 def test_long_run_check_costs_at_most_the_runs_langevin_steps(tmp_path, capsys):
     # the image preset's 100,000 MALA steps after a 4-step run with K = 3: 12 steps
     daebm.main(tiny_2d_args(tmp_path, steps=4, long_run_steps=100_000, final_samples=False))

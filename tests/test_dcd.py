@@ -367,7 +367,7 @@ def test_denoiser_returns_the_posterior_mean():
     # 200 correlated draws average far below one draw's error
     assert (mean - truth).pow(2).mean().sqrt().item() < 0.3 * precision ** -0.5
     # the step adapted toward MALA's optimal acceptance
-    assert 0.5 < acceptance.item() < 0.75
+    assert 0.5 < acceptance.mean().item() < 0.75
 
 
 def test_denoiser_of_a_sharp_posterior_adapts_its_step():
@@ -394,7 +394,26 @@ def test_denoiser_of_a_sharp_posterior_adapts_its_step():
     # here); the noisy input y is 0.3 off
     assert (last - truth).pow(2).mean().sqrt().item() == pytest.approx(posterior_sd, rel=0.05)
     assert (mean - truth).pow(2).mean().sqrt().item() < 0.75 * posterior_sd
-    assert 0.3 < acceptance.item() < 0.75  # over all steps, the first ones rejected mostly
+    assert 0.3 < acceptance.mean().item() < 0.75  # over all steps: the first ones mostly rejected
+
+
+def test_training_chain_step_ratio_adapts_to_a_sharp_posterior():
+    # --adapt-step-ratio: data and model N(μ, 0.0025 I), 100 times narrower than the kernel (σ²
+    # = 0.25): at step ratio 0.3 the posterior's curvature times the step is 0.3 (1 + σ² / v) =
+    # 30, almost every MALA proposal is rejected and the negatives stay at the positives; adapted
+    # over the training chains, the ratio falls until the chain accepts about ADAPT_TARGET of its
+    # moves (0.0242 here after 40 chains)
+    model, args = gaussian_model(theta=(DATA_MEAN.tolist(), math.log(0.0025)),
+                                 estimator="langevin", langevin_steps=4, step_ratio=0.3,
+                                 metropolis=True, adapt_step_ratio=True)
+    model.register_buffer("step_ratio", torch.full((1,), 0.3))
+    torch.manual_seed(0)
+    data = DATA_MEAN + 0.05 * torch.randn(256, 2, dtype=torch.float64)
+    first = dcd.dcd_loss(model, data, args)[3].item()
+    for _ in range(40):
+        acceptance = dcd.dcd_loss(model, data, args)[3].item()
+    assert first < 0.05 and model.step_ratio.item() < 0.05
+    assert acceptance == pytest.approx(dcd.ADAPT_TARGET, abs=0.05)
 
 
 def test_psnr_reference_values():
@@ -458,6 +477,7 @@ def test_every_toy_trains(tmp_path, toy):
 @pytest.mark.parametrize("overrides",
                          [dict(kernel="vp"),
                           dict(kernel="vp", metropolis=True),
+                          dict(kernel="ve", metropolis=True, adapt_step_ratio=True),
                           dict(kernel="ve", estimator="importance", num_proposals=3)])
 def test_smoke_tiny_images_ladder(tmp_path, image_folder, overrides):
     dcd.main(tiny_image_args(tmp_path / "run", image_folder, **overrides))
@@ -468,17 +488,23 @@ def test_smoke_tiny_images_ladder(tmp_path, image_folder, overrides):
     out = module.sample(model, 3, loaded_args, "cpu")
     assert out.shape == (3, 3, 8, 8) and out.abs().max() <= 1
     assert module.energy(model, out, loaded_args).shape == (3,)
+    if overrides.get("adapt_step_ratio"):  # a buffer of the model, copied into the EMA
+        assert torch.equal(ckpt["model"]["step_ratio"], ckpt["ema"]["step_ratio"])
+        assert not torch.equal(ckpt["model"]["step_ratio"], torch.full((2,), 0.2))
 
 
-@pytest.mark.parametrize("kernel", ["ve", "cd"])
-def test_smoke_denoise_task_logs_psnr(tmp_path, image_folder, kernel):
+@pytest.mark.parametrize("overrides", [dict(kernel="ve"), dict(kernel="cd"),
+                                       dict(kernel="ve", metropolis=True, adapt_step_ratio=True)])
+def test_smoke_denoise_task_logs_psnr(tmp_path, image_folder, overrides):
     run = tmp_path / "run"
     dcd.main(tiny_image_args(run, image_folder, task="denoise", num_levels=None, holdout=10,
-                             denoise_steps=4, kernel=kernel, sample_langevin_steps=3))
+                             denoise_steps=4, sample_langevin_steps=3, **overrides))
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     scored = [r for r in records if "psnr_mean" in r]
     assert [r["step"] for r in scored] == [3, 6]
     assert all(math.isfinite(r["psnr_mean"]) and r["psnr_noisy"] > 0 for r in scored)
+    assert all(0 <= r["denoise_accept"] <= 1 for r in scored)
+    assert ("step_ratio_min" in records[-1]) == overrides.get("adapt_step_ratio", False)
     assert (run / "denoise_00000006.png").exists()
 
 
@@ -487,6 +513,7 @@ def test_smoke_denoise_task_logs_psnr(tmp_path, image_folder, kernel):
     (("--kernel", "vp", "--sigma", "1.5"),
      "--sigma must be positive (and below 1 for --kernel vp)"),
     (("--dataset", "celeba", "--kernel", "cd"), "--kernel cd is the one-level baseline"),
+    (("--estimator", "langevin", "--adapt-step-ratio"), "--adapt-step-ratio adapts the posterior"),
     (("--dataset", "mnist", "--data-dir", "/nonexistent/nodata", "--device", "cpu"),
      "mnist data not found"),
 ])

@@ -60,9 +60,9 @@ RUNS = {
         "train": ["pcd_diffusion_ebm.py", "--dataset", "mnist", "--preset", "cpu",
                   "--channels-last", "--sampler", "annealed", *FID_CURVE],
         # the paper's headline: long-run stability, FID after 1x, 10x and 100x the sampler's
-        # transitions (500 samples each: 100x costs 100 times a sample)
+        # steps (200 samples each: 100x costs 100 times a sample)
         "eval": {"score": SCORE, "long_run": ["--fid-samples", "0", "--ood", "none",
-                                              "--long-run", "100", "--long-run-samples", "500"]},
+                                              "--long-run", "100", "--long-run-samples", "200"]},
     },
     "cdrl": {
         "train": ["cdrl.py", "--dataset", "mnist", "--preset", "cpu", "--conditional",
@@ -129,12 +129,13 @@ def md5(path):
 
 
 def make_data(ns):
+    """The data folder (module docstring) under ns.out from ns.mnist and ns.sources; prints each
+    IDX file's md5."""
     from PIL import Image
 
-    mnist = os.path.join(ROOT, "..", "shared", "data", "MNIST", "raw")
-    images = read_idx(os.path.join(mnist, "t10k-images-idx3-ubyte.gz"))
-    labels = read_idx(os.path.join(mnist, "t10k-labels-idx1-ubyte.gz"))
-    out = os.path.join(ROOT, DATA, "MNIST", "raw")
+    images = read_idx(os.path.join(ns.mnist, "t10k-images-idx3-ubyte.gz"))
+    labels = read_idx(os.path.join(ns.mnist, "t10k-labels-idx1-ubyte.gz"))
+    out = os.path.join(ns.out, "MNIST", "raw")
     for split, rows in (("train", slice(0, 9000)), ("t10k", slice(9000, None))):
         write_idx(os.path.join(out, f"{split}-images-idx3-ubyte.gz"), images[rows])
         write_idx(os.path.join(out, f"{split}-labels-idx1-ubyte.gz"), labels[rows])
@@ -147,20 +148,19 @@ def make_data(ns):
         for c in classes:  # the k-th image of class c is the k-th label c of the test file
             fashion.append(np.array(Image.open(os.path.join(pngs, str(c), f"{taken[c]:04d}.png"))))
             taken[c] += 1
-        out_f = os.path.join(ROOT, DATA, "FashionMNIST", "raw")
-        write_idx(os.path.join(out_f, "t10k-images-idx3-ubyte.gz"), np.stack(fashion))
-        shutil.copy(fashion_labels, os.path.join(out_f, "t10k-labels-idx1-ubyte.gz"))
+        out_fashion = os.path.join(ns.out, "FashionMNIST", "raw")
+        write_idx(os.path.join(out_fashion, "t10k-images-idx3-ubyte.gz"), np.stack(fashion))
+        shutil.copy(fashion_labels, os.path.join(out_fashion, "t10k-labels-idx1-ubyte.gz"))
     else:
         print(f"no Fashion-MNIST sources in {ns.sources} (see --help): OOD without it")
-    for folder, _, files in sorted(os.walk(os.path.join(ROOT, DATA))):
+    for folder, _, files in sorted(os.walk(ns.out)):
         for name in sorted(files):
             if "idx" in name:
                 path = os.path.join(folder, name)
-                print(md5(path), os.path.relpath(path, ROOT))
-    if not os.path.exists(os.path.join(ROOT, WEIGHTS)):
-        subprocess.run([sys.executable, os.path.join(ROOT, "..", "shared", "tools",
-                                                     "inception_weights.py"),
-                        os.path.join(ROOT, WEIGHTS)], check=True)
+                print(md5(path), os.path.relpath(path, ns.out))
+    if not os.path.exists(os.path.join(ns.out, "inception.pth")):
+        print("the Inception weights: python3 ../shared/tools/inception_weights.py "
+              f"{os.path.join(ns.out, 'inception.pth')}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,6 +347,42 @@ def run_dsm_reference():
     return record
 
 
+def cell(value, digits=1):
+    return "not measured" if value is None else f"{value:.{digits}f}"
+
+
+def table() -> str:
+    """Markdown: one row per recorded run (generation runs, then the denoising ones)."""
+    records = [load_record(name) for name in [*RUNS, "dsm-denoise"]
+               if os.path.exists(os.path.join(RECORDS, f"{name}.json"))]
+    lines = ["| run | FID, 10,000 samples | FID curve (500 samples: step FID) | AUROC "
+             "Fashion-MNIST / mean of 4 sets | long-run FID x1 / x10 / x100 (200 samples) | "
+             "denoising PSNR, estimate / noisy input (dB) | training wall | it/s |",
+             "|---" * 8 + "|"]
+    for record in records:
+        score = record["eval"].get("score", {}).get("result", {})
+        long_run = record["eval"].get("long_run", {}).get("result", {}).get("long_run", {})
+        curve = ", ".join(f"{r['step']}: {r['fid']:.0f}" for r in record.get("fid_curve", []))
+        ood = score.get("ood", {})
+        auroc = (f"{ood['fashionmnist']['auroc']:.3f} / {score['ood_mean']:.3f}"
+                 if "fashionmnist" in ood else "not measured")
+        runs = " / ".join(cell(r["fid"]) for r in long_run.get("records", [])) or "not measured"
+        denoise = record.get("denoise_curve") or []
+        dsm = record["eval"].get("denoise", {}).get("result")
+        if dsm:
+            psnr = f"{dsm['psnr_tweedie']:.2f} / {dsm['psnr_noisy']:.2f}"
+        elif denoise:
+            psnr = f"{denoise[-1]['psnr_mean']:.2f} / {denoise[-1]['psnr_noisy']:.2f}"
+        else:
+            psnr = "-"
+        wall = dsm["train_wall_s"] if dsm else sum(s["wall_s"] for s in record["train_segments"])
+        speed = record.get("it_per_s_median")
+        lines.append(f"| {record['run']} | {cell(score.get('fid'))} | {curve or '-'} | {auroc} | "
+                     f"{runs} | {psnr} | {wall / 3600:.2f} h | "
+                     f"{cell(speed, 2) if speed else '-'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=["data", "run", "table"])
@@ -354,11 +390,17 @@ def main(argv=None):
                         default=[*RUNS, "dsm-denoise"])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
     parser.add_argument("--sources", default=os.path.join(ROOT, "..", "data_src"),
-                        help="folder with fashion_mnist_images/test (nnfs_book) and "
+                        help="data: a folder with fashion_mnist_images/test (nnfs_book) and "
                         "fashion-t10k-labels-idx1-ubyte.gz (zalandoresearch/fashion-mnist)")
+    parser.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "MNIST",
+                                                        "raw"),
+                        help="data: the folder of MNIST's t10k IDX files")
+    parser.add_argument("--out", default=os.path.join(ROOT, DATA), help="data: where to write")
     ns = parser.parse_args(argv)
     if ns.what == "data":
         make_data(ns)
+    elif ns.what == "table":
+        print(table())
     elif ns.what == "run":
         os.makedirs(RUNS_DIR, exist_ok=True)
         from concurrent.futures import ThreadPoolExecutor

@@ -1,0 +1,76 @@
+"""benchmarks/images.py: the data folder from the sources (the split, the Fashion-MNIST order), the
+IDX files read back by the scripts' loader, and the table from hand-written records."""
+import json
+import os
+import sys
+
+import numpy as np
+from conftest import ROOT
+
+import common
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import images  # noqa: E402
+
+
+def test_data_folder_splits_mnist_and_orders_fashion_mnist(tmp_path, capsys):
+    from PIL import Image
+
+    mnist = tmp_path / "mnist"
+    digits = (np.arange(10_000)[:, None, None] % 251 + np.zeros((1, 28, 28))).astype(np.uint8)
+    images.write_idx(str(mnist / "t10k-images-idx3-ubyte.gz"), digits)
+    images.write_idx(str(mnist / "t10k-labels-idx1-ubyte.gz"),
+                     (np.arange(10_000) % 10).astype(np.uint8))
+    sources = tmp_path / "sources"
+    labels = np.array([3, 1, 3, 0, 1, 2, 2, 0, 9, 9], dtype=np.uint8)
+    images.write_idx(str(sources / "fashion-t10k-labels-idx1-ubyte.gz"), labels)
+    for c in range(10):
+        os.makedirs(sources / "fashion_mnist_images" / "test" / str(c))
+        for k in range(2):  # image k of class c is filled with 10 c + k
+            Image.fromarray(np.full((28, 28), 10 * c + k, np.uint8)).save(
+                sources / "fashion_mnist_images" / "test" / str(c) / f"{k:04d}.png")
+    out = tmp_path / "data"
+    images.main(["data", "--mnist", str(mnist), "--sources", str(sources), "--out", str(out)])
+    printed = capsys.readouterr().out
+    train = common.load_images("mnist", str(out), train=True)
+    test = common.load_images("mnist", str(out), train=False)
+    assert train.shape == (9000, 1, 28, 28) and test.shape == (1000, 1, 28, 28)
+    assert np.array_equal(train[:, 0].numpy(), digits[:9000])
+    assert np.array_equal(test[:, 0].numpy(), digits[9000:])
+    assert common.load_labels("mnist", str(out), train=False).tolist()[:3] == [0, 1, 2]
+    fashion = common.load_images("fashionmnist", str(out), train=False)[:, 0, 0, 0].tolist()
+    # the k-th label c of the label file takes the k-th image of class c
+    assert fashion == [30, 10, 31, 0, 11, 20, 21, 1, 90, 91]
+    md5 = images.md5(str(out / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"))
+    assert f"{md5} MNIST/raw/train-images-idx3-ubyte.gz" in printed
+    # the same bytes every time (gzip without a time stamp)
+    images.main(["data", "--mnist", str(mnist), "--sources", str(sources), "--out", str(out)])
+    assert images.md5(str(out / "MNIST" / "raw" / "train-images-idx3-ubyte.gz")) == md5
+
+
+def test_table_from_records(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(images, "RECORDS", str(tmp_path))
+    records = {
+        "daebm": {"run": "daebm", "train_segments": [{"wall_s": 3600}, {"wall_s": 1800}],
+                  "it_per_s_median": 0.3, "fid_curve": [{"step": 500, "fid": 120.4}],
+                  "eval": {"score": {"result": {"fid": 55.55, "ood": {
+                      "fashionmnist": {"auroc": 0.9}}, "ood_mean": 0.7}},
+                      "long_run": {"result": {"long_run": {"records": [
+                          {"fid": 60.0}, {"fid": 61.0}, {"fid": 70.25}]}}}}},
+        "dcd-denoise-langevin": {"run": "dcd-denoise-langevin", "train_segments": [
+            {"wall_s": 360}], "eval": {}, "denoise_curve": [
+            {"step": 1500, "psnr_mean": 18.331, "psnr_noisy": 19.18}]},
+        "dsm-denoise": {"run": "dsm-denoise", "train_segments": [], "eval": {"denoise": {
+            "result": {"psnr_tweedie": 25.5, "psnr_noisy": 19.18, "train_wall_s": 360}}}},
+    }
+    for name, record in records.items():
+        with open(tmp_path / f"{name}.json", "w") as f:
+            json.dump(record, f)
+    images.main(["table"])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:]
+            for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["daebm"] == ["55.5", "500: 120", "0.900 / 0.700", "60.0 / 61.0 / 70.2", "-",
+                             "1.50 h", "0.30 |"]
+    assert rows["dcd-denoise-langevin"][4:6] == ["18.33 / 19.18", "0.10 h"]
+    assert rows["dsm-denoise"][4:6] == ["25.50 / 19.18", "0.10 h"]
+    assert "cdrl" not in rows

@@ -1324,8 +1324,8 @@ def inception_features(network, uint8_batches, device, n: int, batch_size: int) 
     batches_of_this_rank(n, batch_size), gathered from every process -> float32 (n, 2048) on the
     CPU in the global order."""
     out = []
-    with torch.no_grad(), full_fp32():
-        for batch in uint8_batches:
+    for batch in uint8_batches:  # drawn here, with the caller's autograd and precision settings
+        with torch.no_grad(), full_fp32():  # only the Inception network in full fp32
             out.append(network(batch.to(device))[0].cpu())
     return gather_batches(out, n, batch_size)
 

@@ -254,3 +254,28 @@ def test_training_fid_of_a_sampler_that_gives_up_is_logged_and_training_goes_on(
     (step, record), = log.records
     assert step == 1 and "kept 0/3 chains" in record["fid_error"] and "fid" not in record
     assert fid.measure(works, model, 2, log, stopping=False) and fid.best > 0
+
+
+def test_inception_features_draw_samples_with_the_callers_precision():
+    """The sample batches are drawn outside the Inception network's full-fp32 context: a sampler
+    on CUDA keeps TF32 matmuls and autograd as training set them (issue 32, item 5); the network
+    itself runs with TF32 off and without autograd."""
+    seen = []
+
+    def network(batch):
+        seen.append(("network", torch.backends.cuda.matmul.allow_tf32, torch.is_grad_enabled()))
+        return [batch.float().flatten(1)]
+
+    def batches():
+        for _ in range(2):
+            seen.append(("sampler", torch.backends.cuda.matmul.allow_tf32,
+                         torch.is_grad_enabled()))
+            yield torch.zeros(3, 3, 2, 2, dtype=torch.uint8)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        features = common.inception_features(network, batches(), "cpu", 6, 3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert features.shape == (6, 12)
+    assert seen == [("sampler", True, True), ("network", False, False)] * 2

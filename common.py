@@ -1060,13 +1060,15 @@ class Progress:
 class StopGuard:
     """While training: SIGINT / SIGTERM (Ctrl-C, cluster preemption) ask the loop to finish the
     iteration, save and exit; a second signal stops at once. `save_due()` is also true every
-    `save_minutes` of wall clock. Under torchrun the ranks agree every iteration (two tiny
-    all-reduces) so that all save and stop at the same step, whichever rank saw the signal."""
+    `save_minutes` of wall clock. Under torchrun the ranks agree every AGREE_EVERY iterations
+    (one all-reduce of both flags, the only host sync it adds) so that all save and stop at the
+    same step, whichever rank saw the signal."""
+    AGREE_EVERY = 10
 
     def __init__(self, save_minutes: float):
         self.signal_name, self.interval, self.stopping = None, save_minutes * 60, False
         self.last_save = time.time()
-        self.previous = {}
+        self.previous, self.calls = {}, 0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -1088,9 +1090,20 @@ class StopGuard:
               file=sys.stderr, flush=True)
 
     def save_due(self) -> bool:
-        self.stopping = any_rank(self.signal_name is not None)
-        return self.stopping or any_rank(self.interval > 0 and time.time() - self.last_save
-                                         >= self.interval)
+        """Once per iteration: whether to save now (a signal, or the wall-clock interval); sets
+        `stopping`. Under torchrun only every AGREE_EVERY-th call asks the other ranks (False in
+        between), so a signal is acted on within AGREE_EVERY iterations."""
+        due = self.interval > 0 and time.time() - self.last_save >= self.interval
+        stop = self.signal_name is not None
+        if rank_and_world()[1] > 1:
+            self.calls += 1
+            if self.calls % self.AGREE_EVERY:
+                return False
+            flags = torch.tensor([float(stop), float(due)], device=_collective_device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, due = (bool(flag) for flag in flags.tolist())
+        self.stopping = stop
+        return stop or due
 
     def saved(self):
         self.last_save = time.time()

@@ -64,6 +64,14 @@ def main(out_dir: str):
          in common.batches_of_this_rank(n, size)], n, size) for n, size in ((10, 3), (3, 4))}
     out["gather_batches"] = dealt
     out["batches_of_this_rank"] = common.batches_of_this_rank(10, 3)
+    # a signal seen by rank 1 only: every rank stops at the same call, after one all-reduce
+    guard, reduces = common.StopGuard(0), []
+    guard.signal_name = "SIGTERM" if rank == 1 else None
+    all_reduce = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (reduces.append(1), all_reduce(*a, **k))[1]
+    due = [guard.save_due() for _ in range(common.StopGuard.AGREE_EVERY)]
+    dist.all_reduce = all_reduce
+    out["stop_guard"] = (due, guard.stopping, len(reduces))
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     for method in METHODS:
         train_and_resume(method, out_dir)

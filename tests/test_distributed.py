@@ -66,6 +66,9 @@ def test_ranks_average_the_global_gradient_and_stay_identical(worker_out):
     for rank in ranks:
         assert rank["shard_round_trip"] and rank["any_rank"] == (True, False)
         assert [t.item() for t in rank["mean_over_ranks"]] == [0.5, 1.0]
+        # StopGuard.save_due: one all-reduce per AGREE_EVERY iterations, both ranks stop together
+        agree = common.StopGuard.AGREE_EVERY
+        assert rank["stop_guard"] == ([False] * (agree - 1) + [True], True, 1)
     for method in METHODS:
         mean, shard_grads, chains = single_process_reference(method)
         assert any(not torch.allclose(a, b) for a, b in zip(*shard_grads))  # shards differ

@@ -7,6 +7,7 @@ method script so that one script plus this file can be copied alone.
 """
 import contextlib
 import dataclasses
+import datetime
 import gzip
 import hashlib
 import json
@@ -501,11 +502,19 @@ def is_main() -> bool:
     return rank_and_world()[0] == 0
 
 
+# How long a collective waits for the slowest rank. Sample batches are dealt round robin, so in an
+# FID phase one rank can draw a whole batch more than another before they gather: at DA-EBM's
+# paper configuration one batch of 200 samples is about 15 minutes on an H100, past the 10-minute
+# default, after which NCCL would abort the run.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def start_processes(device_name: str) -> torch.device:
     """This process's device. Under torchrun with several processes (WORLD_SIZE > 1): join the
-    process group (NCCL on CUDA, one GPU per process by LOCAL_RANK; gloo on a CPU) unless the caller
-    has joined one already, and silence stdout on every rank but 0 (errors still reach stderr). One
-    process, with or without torchrun, is the plain single-device run."""
+    process group (NCCL on CUDA, one GPU per process by LOCAL_RANK; gloo on a CPU; collectives wait
+    COLLECTIVE_TIMEOUT) unless the caller has joined one already, and silence stdout on every rank
+    but 0 (errors still reach stderr). One process, with or without torchrun, is the plain
+    single-device run."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name)
     if world == 1:
@@ -520,9 +529,9 @@ def start_processes(device_name: str) -> torch.device:
     if not dist.is_initialized():
         _PROCESS_GROUP["ours"] = True
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
         if dist.get_rank() != 0:
             sys.stdout = open(os.devnull, "w")
     return device

@@ -1,5 +1,6 @@
 """common.py: toy data, the epoch loader's exact resume, folders of images, checkpoint errors,
 pictures, the split over processes, downsampled ImageNet, the FID measurement during training."""
+import datetime
 import os
 from types import SimpleNamespace
 
@@ -279,3 +280,17 @@ def test_inception_features_draw_samples_with_the_callers_precision():
         torch.backends.cuda.matmul.allow_tf32 = saved
     assert features.shape == (6, 12)
     assert seen == [("sampler", True, True), ("network", False, False)] * 2
+
+
+def test_process_group_waits_long_enough_for_an_uneven_sampling_phase(monkeypatch):
+    """Under torchrun the group's collectives wait COLLECTIVE_TIMEOUT (2 h), not the 10-minute
+    default: the rank with one more FID batch can be a whole batch behind (issue 32, item 1)."""
+    joined = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(common.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(common.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(common.dist, "init_process_group",
+                        lambda backend, **kwargs: joined.update(backend=backend, **kwargs))
+    monkeypatch.setitem(common._PROCESS_GROUP, "ours", False)
+    assert common.start_processes("cpu") == torch.device("cpu")
+    assert joined["backend"] == "gloo" and joined["timeout"] >= datetime.timedelta(hours=1)

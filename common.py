@@ -978,9 +978,10 @@ def stop_if_diverged(step: int, loss: torch.Tensor, energy_pos, energy_neg, run_
     if not is_main():
         sys.exit(1)
     path = os.path.join(run_dir, "ckpt.pt")
-    kept = (f"the last good checkpoint {path} (step {torch.load(path, weights_only=True)['step']}) "
-            "is kept"
-            if os.path.exists(path) else "no checkpoint was written before it")
+    kept = "no checkpoint was written before it"
+    if os.path.exists(path):
+        last = torch.load(path, map_location="cpu", weights_only=True)["step"]
+        kept = f"the last good checkpoint {path} (step {last}) is kept"
     print(f"error: training diverged by step {step} (loss {loss.item():.4g}, mean energy of "
           f"positives {float(energy_pos):.4g}, negatives {float(energy_neg):.4g}); {kept}. "
           f"{advice}", file=sys.stderr)
@@ -1145,7 +1146,10 @@ def rng_state() -> dict:
 def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a machine with fewer GPUs than the one that saved: the generators it has (a plain run
+        # draws from its one device only)
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
     if "cuda_device" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_device"])
 

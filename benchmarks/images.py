@@ -281,7 +281,7 @@ def dsm_reference(seconds: float):
     step, elapsed = 0, 0.0
     common.seed_everything(args.seed)
     if os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])

@@ -377,8 +377,11 @@ class EBMBlock(nn.Module):
         return lrelu(self.temb_proj(lrelu(temb)))
 
     def forward(self, x, bias):
-        h = self.conv1(lrelu(x)) + as_feature_map(bias, x)
-        h = self.conv2(lrelu(h)) * as_feature_map(self.scale, h)
+        # the level bias and the scale (fp32) in the activations' dtype: under --amp bf16 the
+        # block stays bf16 instead of being promoted back to fp32 after every convolution
+        h = self.conv1(lrelu(x))
+        h = h + as_feature_map(bias, x).to(h.dtype)
+        h = self.conv2(lrelu(h)) * as_feature_map(self.scale, h).to(h.dtype)
         return h + self.shortcut(x)
 
 

@@ -318,7 +318,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x, bias, first_conv=None):
         """first_conv: conv1(act(x)) when the caller has it (it does not depend on t)."""
-        h = (self.conv1(F.silu(x)) if first_conv is None else first_conv) + bias[:, :, None, None]
+        h = self.conv1(F.silu(x)) if first_conv is None else first_conv
+        h = h + bias[:, :, None, None].to(h.dtype)  # an fp32 table would promote bf16 (--amp)
         h = self.conv2(F.silu(h))
         return self.shortcut(x) + h
 

@@ -502,3 +502,21 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
+
+
+def test_bf16_energy_blocks_stay_bf16():
+    """--amp bf16: every convolution of the EBM after the input one sees bf16 activations (the fp32
+    level biases and scales used to promote each block back to fp32, issue 32 item 6), and the
+    output stays fp32."""
+    args = cdrl.Args(dataset="mnist", preset="cpu", amp="bf16")
+    model = cdrl.build_model(args).eval()
+    seen = {}
+    for name, module in model.ebm.named_modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(
+                lambda module, inputs, output, name=name: seen.update({name: inputs[0].dtype}))
+    level = torch.full((4,), 2, dtype=torch.long)
+    with torch.no_grad():
+        out = model.f(torch.randn(4, 1, 28, 28), level)
+    assert out.dtype == torch.float32 and seen.pop("conv_in") == torch.float32
+    assert len(seen) >= 6 and set(seen.values()) == {torch.bfloat16}

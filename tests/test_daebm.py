@@ -412,3 +412,22 @@ def test_cpu_preset_schedule_follows_the_papers_at_every_fifth_level():
     assert cpu.num_levels == 10
     assert (ours - paper[::5]).abs().max().item() < 0.071
     assert ours[-1].item() == pytest.approx(paper[-1].item(), abs=0.035)  # the top: 0.265, 0.234
+
+
+def test_bf16_blocks_stay_bf16_with_the_level_table():
+    """--amp bf16 with the level table computed outside autocast (as the Langevin loop does): every
+    convolution after the input one sees bf16 activations (the fp32 table used to promote block 0
+    back to fp32, issue 32 item 6)."""
+    args = daebm.Args(dataset="mnist", preset="cpu", amp="bf16")
+    model = daebm.build_model(args)
+    seen = {}
+    for name, module in model.net.named_modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(
+                lambda module, inputs, output, name=name: seen.update({name: inputs[0].dtype}))
+    t = torch.arange(4)
+    with torch.no_grad():
+        table = model.net.level_table()
+        out = model.energy(torch.randn(4, 1, 28, 28), t, table)
+    assert out.dtype == torch.float32 and seen.pop("conv_in") == torch.float32
+    assert len(seen) >= 5 and set(seen.values()) == {torch.bfloat16}

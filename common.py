@@ -706,6 +706,12 @@ def compiled(function, enabled: bool):
     if not enabled:
         return function
     torch._dynamo.config.trace_autograd_ops = True
+    # no duck shaping: a batch equal to a width (CDRL: 256 rows, 256-wide embeddings) would share
+    # one size symbol with it, which the weights then pin, and every other batch (the sampler's
+    # 500) would recompile (tests/test_speed_paths.py)
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
     return torch.compile(function, dynamic=True)
 
 

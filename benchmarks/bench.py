@@ -1,4 +1,5 @@
-"""Speed of every method against its FLOP floor: one command, a table last, JSON with --out.
+"""Speed of every method against its FLOP floor: one command, each row printed (and written to
+--out) as it finishes, a table last; a row that fails is recorded and the others go on.
 
     python benchmarks/bench.py                # the GPU when there is one: every config timed
     python benchmarks/bench.py --device cpu   # a few minutes: 2D timed, paper configs counted
@@ -311,26 +312,34 @@ def overhead_table(methods, device, out):
               f"{row['longest_pass_s']:>16.3f}")
 
 
+HEADER = (f"{'method':<7}{'config':<7}{'variant':<19}{'dataset':<14}{'batch':>6}{'TFLOP/it':>11}"
+          f"{'it/s':>9}{'TFLOP/s':>9}{'floor':>7}{'peak GiB':>9}{'50k min':>9}  sampler")
+
+
+def row_line(row: dict) -> str:
+    """One row of the table: a timed row, a counted-only row, or a row that failed."""
+    start = f"{row['method']:<7}{row['config']:<7}{row['variant']:<19}"
+    if "error" in row:
+        return start + f"failed: {row['error']}"
+    timed = "it_per_s" in row
+    return (start + f"{row['dataset']:<14}{row['batch']:>6}"
+            f"{row['flops_per_iteration'] / 1e12:>11.4g}"
+            + (f"{row['it_per_s']:>9.3g}{row['tflops_achieved']:>9.3g}"
+               f"{row['floor_fraction']:>7.1%}" if timed else f"{'-':>9}{'-':>9}{'-':>7}")
+            + (f"{row['peak_memory_gib']:>9.2f}" if "peak_memory_gib" in row else f"{'-':>9}")
+            + (f"{row['minutes_for_50k_samples']:>9.3g}  {row['sampler']:.4g} "
+               f"{row['sampler_unit']}" if timed else f"{'-':>9}  {row['timed']}"))
+
+
 def print_table(result: dict):
     print(f"\ndevice: {result['device']}; measured matmul rate fp32 "
           f"{result['matmul_tflops_fp32']:.3f}, bf16 {result['matmul_tflops_bf16']:.3f} TFLOP/s")
-    header = (f"{'method':<7}{'config':<7}{'variant':<19}{'dataset':<14}{'batch':>6}"
-              f"{'TFLOP/it':>11}{'it/s':>9}{'TFLOP/s':>9}{'floor':>7}{'peak GiB':>9}"
-              f"{'50k min':>9}  sampler")
-    print(header)
+    print(HEADER)
     for row in result["rows"]:
-        timed = "it_per_s" in row
-        print(f"{row['method']:<7}{row['config']:<7}{row['variant']:<19}{row['dataset']:<14}"
-              f"{row['batch']:>6}"
-              f"{row['flops_per_iteration'] / 1e12:>11.4g}"
-              + (f"{row['it_per_s']:>9.3g}{row['tflops_achieved']:>9.3g}"
-                 f"{row['floor_fraction']:>7.1%}" if timed else f"{'-':>9}{'-':>9}{'-':>7}")
-              + (f"{row['peak_memory_gib']:>9.2f}" if "peak_memory_gib" in row else f"{'-':>9}")
-              + (f"{row['minutes_for_50k_samples']:>9.3g}  {row['sampler']:.4g} "
-                 f"{row['sampler_unit']}" if timed else f"{'-':>9}  {row['timed']}"))
+        print(row_line(row))
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--out", default=None, help="JSON file for the results")
@@ -342,7 +351,7 @@ def main():
                         help="minimum timing window per measurement")
     parser.add_argument("--overhead", action="store_true",
                         help="measure the overhead ratio instead (see the docstring)")
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     device = common.pick_device(options.device)
     if options.overhead:
         return overhead_table(options.methods, device, options.out)
@@ -352,17 +361,26 @@ def main():
     result = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "matmul_tflops_fp32": rates["fp32"] / 1e12,
               "matmul_tflops_bf16": rates["bf16"] / 1e12, "rows": []}
+    # a compiled row that hit the recompile limit would run eager while labelled compiled: fail it
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    print(HEADER, flush=True)
     for method in options.methods:
         for config in options.configs:
             for variant in options.variants:
                 if config == "2d" and VARIANTS[variant][2]:
                     continue  # an MLP has no convolution weights to lay out
-                print(f"{method} {config} {variant} ...", flush=True)
-                result["rows"].append(measure(method, config, variant, device, rates,
-                                              options.seconds))
-            if options.out:
-                with open(options.out, "w") as f:
-                    json.dump(result, f, indent=2)
+                torch._dynamo.reset()  # each row compiles its own model from a clean state
+                try:
+                    row = measure(method, config, variant, device, rates, options.seconds)
+                except Exception as error:  # e.g. no C compiler or Triton for --compile here
+                    row = {"method": method, "config": config, "variant": variant,
+                           "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                           if str(error) else type(error).__name__}
+                result["rows"].append(row)
+                print(row_line(row), flush=True)  # each row as it finishes, and the JSON
+                if options.out:
+                    with open(options.out, "w") as f:
+                        json.dump(result, f, indent=2)
     print_table(result)
 
 

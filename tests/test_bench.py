@@ -70,3 +70,28 @@ def test_pass_recorder_counts_each_kind_of_pass():
                                (0, ((7, 4),), "none", True): 1}
     for key, inputs in recorder.inputs.items():
         bench.isolated_pass(net, inputs, key[2])()  # each replays
+
+
+def test_a_failing_row_is_recorded_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    """One row that fails (e.g. no C compiler for --compile on the GPU host) is a row with its
+    error, printed as it happens; the rows after it still run and every row is in the JSON as it
+    finishes (issue 32, item 4)."""
+    def measure(method, config, variant, device, rates, min_seconds):
+        if variant == "compiled fp32":
+            raise RuntimeError("no working C++ compiler found")
+        return {"method": method, "config": config, "variant": variant, "dataset": "x",
+                "batch": 1, "flops_per_iteration": 1e9, "timed": "stub"}
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "matmul_rate", lambda device, dtype: 1e12)
+    # main() sets it for its own process; this test's process gets it back
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
+    out = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--methods", "dcd", "--configs", "2d", "--variants",
+                "eager fp32", "compiled fp32", "eager bf16", "--out", str(out)])
+    rows = json.load(open(out))["rows"]
+    assert [row["variant"] for row in rows] == ["eager fp32", "compiled fp32", "eager bf16"]
+    assert rows[1]["error"] == "RuntimeError: no working C++ compiler found"
+    assert "error" not in rows[0] and "error" not in rows[2]
+    printed = capsys.readouterr().out
+    assert printed.count("failed: RuntimeError: no working C++ compiler found") == 2  # row, table

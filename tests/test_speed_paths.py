@@ -162,17 +162,24 @@ def model_of_kind(method, kind, image_folder, **overrides):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_compiled_input_gradient_matches_eager(method, kind, image_folder):
     """--compile against eager on the 2D network and on the image network (the compiled function
-    is the sampler's energy_and_grad, the only one --compile compiles)."""
+    is the sampler's energy_and_grad, the only one --compile compiles), and one graph for both
+    batch sizes: the first batch equals a width of the tiny nets (16), to which duck shaping tied
+    it, so that the larger second batch recompiled (issue 32, item 3: training batch 256 = a
+    CDRL width, sampler batch 500)."""
+    from torch._dynamo.utils import counters
+
     eager = model_of_kind(method, kind, image_folder)
     compiled = model_of_kind(method, kind, image_folder, compile=True)
     compiled.load_state_dict(eager.state_dict())
-    for seed in range(2):  # the second call runs the compiled graph again on new inputs
+    graphs = counters["stats"]["unique_graphs"]
+    for seed, batch in ((0, 16), (1, 25)):  # the second call runs the same graph on new inputs
         torch.manual_seed(seed)
-        x = torch.randn(16, 2) if kind == "2d" else torch.rand(16, 3, 8, 8) * 2 - 1
+        x = torch.randn(batch, 2) if kind == "2d" else torch.rand(batch, 3, 8, 8) * 2 - 1
         g_eager = input_gradient(method, eager, x)
         g_compiled = input_gradient(method, compiled, x)
         # fp32 either way: only the order of floating-point operations differs
         assert ((g_compiled - g_eager).norm() / g_eager.norm()).item() < 1e-4
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # this model's graph, no recompile
 
 
 # aten operators that copy a device value to the host (and so wait for the device)

@@ -74,6 +74,7 @@ Deliberate differences from the official code (github.com/AlvinZhuyx/CDRL):
    evaluator's protocol and cached statistics, so the curve matches eval_fid_ood.py's numbers, not
    the official log's. Every measurement draws from the same seeds.
 """
+import contextlib
 import copy
 import math
 import os
@@ -605,8 +606,13 @@ class CDRL(nn.Module):
         self.num_levels = len(tables["logsnr"]) - 1
 
     def f(self, y, level, labels=None):
-        """f_θ(y, level) with the lower level's log-SNR as the time input."""
-        return self.f_embedded(y, self.ebm.embed(self.logsnr[level - 1], labels))
+        """f_θ(y, level) with the lower level's log-SNR as the time input. Under --amp bf16 the
+        spectral-normalised weights are computed first, in fp32 (on CUDA autocast would run their
+        power iteration's matrix-vector products in bf16), and once for the pass."""
+        with parametrize.cached() if self.amp else contextlib.nullcontext():
+            if self.amp:
+                normalised_weights(self.ebm)
+            return self.f_embedded(y, self.ebm.embed(self.logsnr[level - 1], labels))
 
     def f_embedded(self, y, cond):
         """f_θ(y) for cond = ebm.embed(...), in fp32; the EBM's passes in bf16 when --amp bf16."""
@@ -701,6 +707,14 @@ def energy_and_grad(model: CDRL, y, conds: list, guidance: float = 0.0, cond_nul
     return -f.detach(), -grad
 
 
+def normalised_weights(ebm: nn.Module):
+    """Compute every spectral-normalised weight of the EBM now, outside any autocast, so that
+    inside parametrize.cached() the passes that follow reuse them."""
+    for module in ebm.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            module.weight
+
+
 def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guidance: float = 0.0,
                       known=None):
     """n_steps of Langevin on the recovery density f(y)/s² - ||y - x_noisy||²/(2σ²) (the marginal
@@ -719,9 +733,7 @@ def recovery_langevin(model: CDRL, y, x_noisy, level, labels, n_steps: int, guid
     grad_pass = common.compiled(energy_and_grad, model.compile_sampler)
     with parametrize.cached():  # spectral-normalised weights computed once for the whole run
         with torch.no_grad():  # here, so that a --compile graph reads them as plain inputs
-            for module in model.ebm.modules():
-                if parametrize.is_parametrized(module, "weight"):
-                    module.weight
+            normalised_weights(model.ebm)
         for _ in range(n_steps):
             _, grad = grad_pass(model, y, conds, guidance, cond_null)  # grad = -∇f
             y = y - 0.5 * grad - quad * (y - x_noisy) + step * torch.randn_like(y)

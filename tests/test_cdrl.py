@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 import cdrl
 import common
@@ -520,3 +521,23 @@ def test_bf16_energy_blocks_stay_bf16():
         out = model.f(torch.randn(4, 1, 28, 28), level)
     assert out.dtype == torch.float32 and seen.pop("conv_in") == torch.float32
     assert len(seen) >= 6 and set(seen.values()) == {torch.bfloat16}
+
+
+def test_bf16_spectral_norm_runs_outside_autocast():
+    """--amp bf16: the spectral-norm parametrisation (power iteration, weight / σ) of every EBM
+    layer runs before autocast, so on CUDA its mv stays fp32 (CUDA's autocast casts mv to bf16,
+    the CPU's does not: checked here by the autocast state inside the parametrisation; issue 32,
+    item 9), once per pass, in the training passes as in the Langevin steps."""
+    args = cdrl.Args(dataset="mnist", preset="cpu", amp="bf16")
+    model = cdrl.build_model(args).train()
+    states = []
+    for module in model.ebm.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            module.parametrizations.weight[0].register_forward_hook(
+                lambda *_: states.append(torch.is_autocast_enabled("cpu")))
+    level = torch.full((4,), 2, dtype=torch.long)
+    model.f(torch.randn(4, 1, 28, 28), level).sum().backward()
+    layers = sum(parametrize.is_parametrized(m, "weight") for m in model.ebm.modules())
+    assert len(states) == layers and not any(states)
+    # the precomputed weights still carry the gradient to the raw parameters
+    assert model.ebm.conv_in.parametrizations.weight.original.grad.abs().sum() > 0

@@ -360,6 +360,10 @@ def table() -> str:
              "denoising PSNR, estimate / noisy input (dB) | training wall | it/s |",
              "|---" * 8 + "|"]
     for record in records:
+        stages = RUNS.get(record["run"], {}).get("eval", {})
+        if "score" not in stages:  # a denoising run: no FID, OOD or long run is asked of it
+            lines.append(denoise_row(record))
+            continue
         score = record["eval"].get("score", {}).get("result", {})
         long_run = record["eval"].get("long_run", {}).get("result", {}).get("long_run", {})
         curve = ", ".join(f"{r['step']}: {r['fid']:.0f}" for r in record.get("fid_curve", []))
@@ -367,20 +371,34 @@ def table() -> str:
         auroc = (f"{ood['fashionmnist']['auroc']:.3f} / {score['ood_mean']:.3f}"
                  if "fashionmnist" in ood else "not measured")
         runs = " / ".join(cell(r["fid"]) for r in long_run.get("records", [])) or "not measured"
-        denoise = record.get("denoise_curve") or []
-        dsm = record["eval"].get("denoise", {}).get("result")
-        if dsm:
-            psnr = f"{dsm['psnr_tweedie']:.2f} / {dsm['psnr_noisy']:.2f}"
-        elif denoise:
-            psnr = f"{denoise[-1]['psnr_mean']:.2f} / {denoise[-1]['psnr_noisy']:.2f}"
-        else:
-            psnr = "-"
-        wall = dsm["train_wall_s"] if dsm else sum(s["wall_s"] for s in record["train_segments"])
-        speed = record.get("it_per_s_median")
         lines.append(f"| {record['run']} | {cell(score.get('fid'))} | {curve or '-'} | {auroc} | "
-                     f"{runs} | {psnr} | {wall / 3600:.2f} h | "
-                     f"{cell(speed, 2) if speed else '-'} |")
+                     f"{runs} | - | {train_wall(record) / 3600:.2f} h | {speed(record)} |")
     return "\n".join(lines)
+
+
+def train_wall(record) -> float:
+    dsm = record["eval"].get("denoise", {}).get("result")
+    return dsm["train_wall_s"] if dsm else sum(s["wall_s"] for s in record["train_segments"])
+
+
+def speed(record) -> str:
+    value = record.get("it_per_s_median")
+    return cell(value, 2) if value else "-"
+
+
+def denoise_row(record) -> str:
+    """A denoising run's row: the PSNR of its estimate (the last measurement; the DSM reference's
+    Tweedie estimate) against the noisy input's."""
+    dsm = record["eval"].get("denoise", {}).get("result")
+    curve = record.get("denoise_curve") or []
+    if dsm:
+        psnr = f"{dsm['psnr_tweedie']:.2f} / {dsm['psnr_noisy']:.2f}"
+    elif curve:
+        psnr = f"{curve[-1]['psnr_mean']:.2f} / {curve[-1]['psnr_noisy']:.2f}"
+    else:
+        psnr = "not measured"
+    return (f"| {record['run']} | - | - | - | - | {psnr} | {train_wall(record) / 3600:.2f} h | "
+            f"{speed(record)} |")
 
 
 def main(argv=None):

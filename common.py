@@ -55,42 +55,44 @@ def draw_2d(name: str, n: int, seed: int) -> torch.Tensor:
     truncated at 0, which at sd 0.01 never matters). The other five are the usual benchmark toys of
     the FFJORD family.
     """
-    g = torch.Generator().manual_seed(seed)
-    if name.startswith("points:"):
-        points = load_points(name)
-        return points[torch.randint(0, len(points), (n,), generator=g)]
-    if name == "rings":
-        ring = torch.randint(0, 4, (n,), generator=g)
-        radius = (ring + 1).float() + 0.01 * torch.randn(n, generator=g)
-        angle = 2 * math.pi * torch.rand(n, generator=g)
-        return torch.stack([radius * angle.cos(), radius * angle.sin()], 1)
-    if name == "8gaussians":
-        angle = 2 * math.pi * torch.randint(0, 8, (n,), generator=g).float() / 8
-        centers = 4 * torch.stack([angle.cos(), angle.sin()], 1)
-        return (centers + 0.5 * torch.randn(n, 2, generator=g)) / 1.414
-    if name == "checkerboard":
-        x1 = 4 * torch.rand(n, generator=g) - 2
-        x2 = torch.rand(n, generator=g) - torch.randint(0, 2, (n,), generator=g).float() * 2
-        x2 = x2 + torch.floor(x1) % 2
-        return 2 * torch.stack([x1, x2], 1)
-    if name == "swissroll":
-        turn = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g))
-        points = torch.stack([turn * turn.cos(), turn * turn.sin()], 1)
-        return (points + torch.randn(n, 2, generator=g)) / 5
-    if name == "pinwheel":
-        arms, radial_sd, tangential_sd, rate = 5, 0.3, 0.1, 0.25
-        arm = torch.randint(0, arms, (n,), generator=g).float()
-        feats = torch.randn(n, 2, generator=g) * torch.tensor([radial_sd, tangential_sd])
-        feats[:, 0] += 1
-        angle = 2 * math.pi * arm / arms + rate * feats[:, 0].exp()
-        rot = torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], 1).view(n, 2, 2)
-        return 2 * torch.einsum("nij,nj->ni", rot, feats)
-    if name == "2spirals":
-        turn = torch.sqrt(torch.rand(n, generator=g)) * 540 * (2 * math.pi) / 360
-        x = torch.stack([-turn.cos() * turn, turn.sin() * turn], 1)
-        sign = torch.where(torch.rand(n, generator=g) < 0.5, 1.0, -1.0)[:, None]
-        return sign * x / 3 + 0.1 * torch.randn(n, 2, generator=g)
-    raise UserError(f"unknown 2D toy {name!r}; choose one of {', '.join(TOY_2D)}")
+    with torch.device("cpu"):  # the points are the same whatever the default device
+        g = torch.Generator().manual_seed(seed)
+        if name.startswith("points:"):
+            points = load_points(name)
+            return points[torch.randint(0, len(points), (n,), generator=g)]
+        if name == "rings":
+            ring = torch.randint(0, 4, (n,), generator=g)
+            radius = (ring + 1).float() + 0.01 * torch.randn(n, generator=g)
+            angle = 2 * math.pi * torch.rand(n, generator=g)
+            return torch.stack([radius * angle.cos(), radius * angle.sin()], 1)
+        if name == "8gaussians":
+            angle = 2 * math.pi * torch.randint(0, 8, (n,), generator=g).float() / 8
+            centers = 4 * torch.stack([angle.cos(), angle.sin()], 1)
+            return (centers + 0.5 * torch.randn(n, 2, generator=g)) / 1.414
+        if name == "checkerboard":
+            x1 = 4 * torch.rand(n, generator=g) - 2
+            x2 = torch.rand(n, generator=g) - torch.randint(0, 2, (n,), generator=g).float() * 2
+            x2 = x2 + torch.floor(x1) % 2
+            return 2 * torch.stack([x1, x2], 1)
+        if name == "swissroll":
+            turn = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g))
+            points = torch.stack([turn * turn.cos(), turn * turn.sin()], 1)
+            return (points + torch.randn(n, 2, generator=g)) / 5
+        if name == "pinwheel":
+            arms, radial_sd, tangential_sd, rate = 5, 0.3, 0.1, 0.25
+            arm = torch.randint(0, arms, (n,), generator=g).float()
+            feats = torch.randn(n, 2, generator=g) * torch.tensor([radial_sd, tangential_sd])
+            feats[:, 0] += 1
+            angle = 2 * math.pi * arm / arms + rate * feats[:, 0].exp()
+            rot = torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], 1)
+            rot = rot.view(n, 2, 2)
+            return 2 * torch.einsum("nij,nj->ni", rot, feats)
+        if name == "2spirals":
+            turn = torch.sqrt(torch.rand(n, generator=g)) * 540 * (2 * math.pi) / 360
+            x = torch.stack([-turn.cos() * turn, turn.sin() * turn], 1)
+            sign = torch.where(torch.rand(n, generator=g) < 0.5, 1.0, -1.0)[:, None]
+            return sign * x / 3 + 0.1 * torch.randn(n, 2, generator=g)
+        raise UserError(f"unknown 2D toy {name!r}; choose one of {', '.join(TOY_2D)}")
 
 
 def toy_log_density(name: str, points: torch.Tensor):
@@ -169,7 +171,7 @@ def grid_2d(lo: float, hi: float, resolution: int) -> torch.Tensor:
     """Cell centres of a resolution x resolution grid over [lo, hi]^2, (resolution**2, 2), row =
     y."""
     edge = (hi - lo) / resolution
-    axis = lo + edge * (torch.arange(resolution, dtype=torch.float64) + 0.5)
+    axis = lo + edge * (torch.arange(resolution, dtype=torch.float64, device="cpu") + 0.5)
     yy, xx = torch.meshgrid(axis, axis, indexing="ij")
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
 
@@ -414,7 +416,8 @@ class EpochLoader:
 
     def shuffled(self) -> torch.Tensor:
         """A new epoch's order, moved to the data's device once per epoch (not once per batch)."""
-        return torch.randperm(len(self.data), generator=self.generator).to(self.data.device)
+        return torch.randperm(len(self.data), generator=self.generator,
+                              device="cpu").to(self.data.device)
 
     def next(self) -> torch.Tensor:
         """This rank's share (`shard`) of the next global batch; every rank keeps the same order."""

@@ -742,7 +742,7 @@ RESUMABLE = common.RESUMABLE | {"sample_langevin_steps", "sample_batch", "n_grid
 def denoise_heldout(model: DCD, clean, args, device):
     """Denoise the held-out images (fixed corruption, seed --seed) -> (PSNR dict, picture rows)."""
     generator = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(clean.shape, generator=generator).to(device)
+    noise = torch.randn(clean.shape, generator=generator, device="cpu").to(device)
     scores = {"psnr_noisy": [], "psnr_mean": [], "psnr_sample": [], "denoise_accept": []}
     ratio = model.step_ratio[0].item() if args.adapt_step_ratio else args.step_ratio
     for first in range(0, len(clean), args.sample_batch):

@@ -267,17 +267,19 @@ def match_shape(images_uint8: torch.Tensor, shape) -> torch.Tensor:
 
 def ood_images(name: str, in_test: torch.Tensor, shape, data_dir: str, n: int,
                generator) -> torch.Tensor:
-    """At most n uint8 images of the named OOD set in the model's shape."""
+    """At most n uint8 images of the named OOD set in the model's shape (on the CPU, as data)."""
     if name == "interp":
-        i, j = torch.randint(len(in_test), (2, n), generator=generator)
+        i, j = torch.randint(len(in_test), (2, n), generator=generator, device="cpu")
         return ((in_test[i].float() + in_test[j].float()) / 2).round().to(torch.uint8)
     if name == "uniform":
-        return torch.randint(0, 256, (n,) + tuple(shape), generator=generator, dtype=torch.uint8)
+        return torch.randint(0, 256, (n,) + tuple(shape), generator=generator, dtype=torch.uint8,
+                             device="cpu")
     if name == "constant":
-        colours = torch.randint(0, 256, (n, shape[0], 1, 1), generator=generator, dtype=torch.uint8)
+        colours = torch.randint(0, 256, (n, shape[0], 1, 1), generator=generator, dtype=torch.uint8,
+                                device="cpu")
         return colours.expand(-1, -1, shape[1], shape[2]).contiguous()
     images = common.load_images(name, data_dir, train=False)
-    keep = torch.randperm(len(images), generator=generator)[:n]
+    keep = torch.randperm(len(images), generator=generator, device="cpu")[:n]
     return match_shape(images[keep], shape)
 
 
@@ -291,7 +293,7 @@ def evaluate_ood(module, model, args, ea: EvalArgs, data_dir: str, device, resul
     shape = (args.image_channels, args.image_size, args.image_size)
     generator = torch.Generator().manual_seed(ea.seed)
     in_test = common.load_images(args.dataset, data_dir, train=False, image_size=args.image_size)
-    in_test = in_test[torch.randperm(len(in_test), generator=generator)[:ea.n_ood]]
+    in_test = in_test[torch.randperm(len(in_test), generator=generator, device="cpu")[:ea.n_ood]]
     scores_in = -energies(module, model, args, in_test, ea.batch_size, device,
                           "energies, test split")
     results["ood_in_distribution"] = {
@@ -318,7 +320,7 @@ def evaluate_ood(module, model, args, ea: EvalArgs, data_dir: str, device, resul
 def known_mask(region: str, shape) -> torch.Tensor:
     """Bool (C, H, W), False on the missing region: the central square of half the side, or the
     right or bottom half."""
-    known = torch.ones(shape, dtype=torch.bool)
+    known = torch.ones(shape, dtype=torch.bool, device="cpu")
     height, width = shape[1:]
     if region == "center":
         top, left = height // 4, width // 4
@@ -336,7 +338,7 @@ def evaluate_inpainting(module, model, args, ea: EvalArgs, data_dir: str, device
         raise common.UserError(f"--inpaint: {module.__name__}.py has no inpainting (cdrl.py has)")
     generator = torch.Generator().manual_seed(ea.seed)
     test = common.load_images(args.dataset, data_dir, train=False, image_size=args.image_size)
-    test = test[torch.randperm(len(test), generator=generator)[:ea.n_inpaint]]
+    test = test[torch.randperm(len(test), generator=generator, device="cpu")[:ea.n_inpaint]]
     known = known_mask(ea.inpaint, test.shape[1:])
     mine = common.batches_of_this_rank(len(test), ea.batch_size)
     progress, filled = common.Progress("inpainting", sum(rows for _, _, rows in mine)), []
@@ -423,7 +425,8 @@ def grid_draws(log_p_grid: torch.Tensor, lo: float, hi: float, n: int, generator
                               generator=generator)
     edge = (hi - lo) / resolution
     corner = torch.stack([cells % resolution, cells // resolution], 1).double() * edge + lo
-    return corner + edge * torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    return corner + edge * torch.rand(n, 2, generator=generator, dtype=torch.float64,
+                                      device="cpu")
 
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:

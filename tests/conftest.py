@@ -146,7 +146,8 @@ def one_training_step(method: str, model, x0, args, chains=None, lr: float = 0.0
     elif method == "dcd":
         module.dcd_step(model, x0, args, torch.optim.SGD(model.parameters(), lr=lr))
     else:
-        stats = (torch.zeros(args.num_levels + 1), torch.zeros(args.num_levels + 1))
+        stats = (torch.zeros(args.num_levels + 1, device=x0.device),
+                 torch.zeros(args.num_levels + 1, device=x0.device))
         module.daebm_step(model, x0, chains, args, torch.optim.SGD(model.parameters(), lr=lr),
                           stats, metropolis=True)
 

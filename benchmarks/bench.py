@@ -156,12 +156,18 @@ def time_it(function, device, min_seconds: float, warmup: int = 2):
             return calls / elapsed
 
 
-def matmul_rate(device, dtype) -> float:
-    """FLOP/s of a square matrix multiply, the device's practical matmul ceiling for that dtype."""
+def matmul_rate(device, dtype, per_call: int = 20) -> float:
+    """FLOP/s of a square matrix multiply, the device's practical matmul ceiling for that dtype
+    ("fp32" on CUDA is TF32, as pick_device sets it for training). `per_call` products between
+    two synchronisations, so that the wait for the device does not understate the rate."""
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 * time_it(lambda: a @ b, device, min_seconds=1.0)
+
+    def products():
+        for _ in range(per_call):
+            a @ b
+    return per_call * 2 * n ** 3 * time_it(products, device, min_seconds=1.0)
 
 
 def sampler_throughput(method: str, model, args, device, min_seconds: float):

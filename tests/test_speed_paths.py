@@ -189,10 +189,10 @@ HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_no
 class RecordHostSyncs(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.seen = []
+        self.seen, self.paused = [], False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._overloadpacket.__name__ in HOST_SYNCS:
+        if func._overloadpacket.__name__ in HOST_SYNCS and not self.paused:
             self.seen.append(func._overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
 
@@ -238,3 +238,49 @@ def test_no_host_sync_in_sampler_loops_cuda(method, image_folder):
         run_sampler_loops(method, image_folder, "cuda")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_no_host_sync_in_a_training_iteration(image_folder):
+    """A whole training iteration outside log, sample and save steps, as main() runs it: the batch
+    from the epoch loader, the flips, the method's step (sampler, loss, backward, clipping,
+    gradient all-reduce) and the EMA, DA-EBM's step-size adaptation too, reads nothing back from
+    the device (issue 30). The optimizer's own step is not recorded: torch.optim keeps its step
+    counter on the host, where reading it waits for nothing."""
+    for method in sorted(METHODS):
+        module = METHODS[method]
+        args = tiny_args(method, "unused", image_folder, image_size=8, image_channels=3)
+        model = module.build_model(args).train()
+        ema = module.build_model(args).requires_grad_(False)
+        data = (torch.rand(40, 3, 8, 8) * 255).to(torch.uint8)
+        loader = common.EpochLoader(torch.arange(40), 8, seed=1)
+        chains = (torch.rand(16, 3, 8, 8) * 2 - 1, torch.randint(0, args.num_levels + 1, (16,)))
+        stats = (torch.zeros(args.num_levels + 1), torch.zeros(args.num_levels + 1))
+        recorder = RecordHostSyncs()
+
+        def unrecorded(optimizer_step):
+            def run(*a, **k):
+                recorder.paused = True
+                try:
+                    return optimizer_step(*a, **k)
+                finally:
+                    recorder.paused = False
+            return run
+        optimizers = [torch.optim.Adam(model.parameters(), lr=1e-4)]
+        if method == "cdrl":
+            optimizers = [torch.optim.Adam(model.ebm.parameters(), lr=1e-4),
+                          torch.optim.AdamW(model.initializer.parameters(), lr=1e-5)]
+        for optimizer in optimizers:
+            optimizer.step = unrecorded(optimizer.step)
+        with recorder:
+            for _ in range(2):
+                x0 = common.to_model_space(data[loader.next()])
+                x0 = torch.where(torch.rand(len(x0), 1, 1, 1) < 0.5, x0.flip(3), x0)
+                if method == "daebm":
+                    module.daebm_step(model, x0, chains, args, optimizers[0], stats, True)
+                    module.adapt_step_sizes(model, stats, True)
+                elif method == "cdrl":
+                    module.cdrl_step(model, x0, None, args, optimizers)
+                else:
+                    module.dcd_step(model, x0, args, optimizers[0])
+                common.update_ema(ema, model, 0.99, copy_buffers=True)
+        assert recorder.seen == [], method

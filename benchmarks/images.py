@@ -62,7 +62,8 @@ RUNS = {
         # the paper's headline: long-run stability, FID after 1x, 10x and 100x the sampler's
         # steps (200 samples each: 100x costs 100 times a sample)
         "eval": {"score": SCORE, "long_run": ["--fid-samples", "0", "--ood", "none",
-                                              "--long-run", "100", "--long-run-samples", "200"]},
+                                              "--long-run", "100", "--long-run-samples", "200"],
+                 "chains": "persistent_chains"},  # a function of this file (below)
     },
     "cdrl": {
         "train": ["cdrl.py", "--dataset", "mnist", "--preset", "cpu", "--conditional",
@@ -199,6 +200,25 @@ def metrics(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def persistent_chains(run_dir):
+    """DA-EBM: FID of its persistent training chains that sit at t = 0 in the final checkpoint (the
+    only states of a short CPU run that look like digits: its samplers from noise do not get there;
+    docs/RESULTS.md), with the evaluator's Inception and reference statistics, and a picture."""
+    import common
+
+    ckpt = common.load_checkpoint(os.path.join(run_dir, "ckpt.pt"), "daebm")
+    at_zero = ckpt["chains_x"][ckpt["chains_t"] == 0].clamp(-1, 1)
+    network, tag = common.load_inception(os.path.join(ROOT, WEIGHTS), "cpu")
+    reference, _ = common.reference_statistics(
+        "mnist", 28, lambda: common.load_images("mnist", os.path.join(ROOT, DATA)), network, tag,
+        os.path.join(ROOT, DATA, "fid_stats"), 250, "cpu")
+    uint8 = common.to_uint8_rgb(at_zero)
+    features = common.inception_features(network, [uint8], "cpu", len(uint8), len(uint8))
+    common.save_image_grid(at_zero[:64], os.path.join(run_dir, "chains_t0_final.png"))
+    return {"n_chains": len(ckpt["chains_t"]), "n_at_t0": len(at_zero), "step": ckpt["step"],
+            "fid": common.frechet_distance(common.feature_statistics(features), reference)}
+
+
 def run(name, ns):
     """Train (or resume) one run to its end, then its evaluator stages; the record after each."""
     if name == "dsm-denoise":
@@ -236,6 +256,14 @@ def run(name, ns):
     save_record(record)
     for stage, stage_flags in spec["eval"].items():
         if "result" in record["eval"].get(stage, {}):
+            continue
+        if isinstance(stage_flags, str):  # a measurement of this file's own
+            start = time.time()
+            result = globals()[stage_flags](run_dir)
+            record["eval"][stage] = {"command": f"python benchmarks/images.py run --runs {name}",
+                                     "wall_s": round(time.time() - start, 1),
+                                     "date": time.strftime("%Y-%m-%d"), "result": result}
+            save_record(record)
             continue
         out = os.path.join(run_dir, f"eval_{stage}.json")
         eval_command = ["eval_fid_ood.py", "--ckpt", run_dir, *EVAL, *stage_flags, "--out", out]

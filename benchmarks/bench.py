@@ -126,6 +126,7 @@ def training_iteration(method: str, args, device):
 
         def step():
             daebm.daebm_step(model, x0, chains, args, optimizer, stats, metropolis=True)
+    step.optimizers = opts if method == "cdrl" else (optimizer,)
     return model, step
 
 
@@ -188,15 +189,19 @@ def sampler_throughput(method: str, model, args, device, min_seconds: float):
     return rate, "samples/s", 50_000 / rate / 60
 
 
-def measure(method: str, config: str, variant: str, device, rates: dict,
-            min_seconds: float) -> dict:
-    """One row: FLOPs counted in fp32 (the same operations run in bf16), the rest timed."""
-    args = method_args(method, config, *VARIANTS[variant])
+def measure(method: str, config: str, variant: str, device, rates: dict, min_seconds: float,
+            make_args=None, timed_on_cpu: bool = False) -> dict:
+    """One row: FLOPs counted in fp32 (the same operations run in bf16), the rest timed.
+    make_args(method, config, amp, compile, channels_last) builds the Args (default method_args);
+    paper configurations are timed on a CPU only with timed_on_cpu."""
+    make_args = make_args or method_args
+    args = make_args(method, config, *VARIANTS[variant])
     rate = rates["bf16" if args.amp == "bf16" else "fp32"]
     row = {"method": method, "config": config, "dataset": args.dataset, "batch": args.batch_size,
            "variant": variant,
-           "flops_per_iteration": count_flops(method, method_args(method, config))}
-    if device.type == "cpu" and config == "paper":
+           "flops_per_iteration": count_flops(method, make_args(method, config,
+                                                                *VARIANTS["eager fp32"]))}
+    if device.type == "cpu" and config == "paper" and not timed_on_cpu:
         row["timed"] = "not on cpu (one iteration takes many minutes)"
         return row
     if device.type == "cuda":

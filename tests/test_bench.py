@@ -95,3 +95,24 @@ def test_a_failing_row_is_recorded_and_the_others_go_on(tmp_path, monkeypatch, c
     assert "error" not in rows[0] and "error" not in rows[2]
     printed = capsys.readouterr().out
     assert printed.count("failed: RuntimeError: no working C++ compiler found") == 2  # row, table
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("compile")
+def test_gpu_check_runs_every_check_on_a_cpu(tmp_path):
+    """benchmarks/gpu_check.py --device cpu --tiny (one method here, for the suite's time): every
+    check runs and passes, each result is in the JSON (issue 30)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check
+
+    out = tmp_path / "check.json"
+    code = gpu_check.main(["--device", "cpu", "--tiny", "--methods", "dcd", "--seconds", "0.2",
+                           "--fid-samples", "40", "--out", str(out)])
+    result = json.load(open(out))
+    assert code == 0 and result["tiny"] and result["device"] == "cpu"
+    assert [row["variant"] for row in result["speed"]] == gpu_check.SPEED_VARIANTS
+    assert all(row["it_per_s"] > 0 and "error" not in row for row in result["speed"])
+    assert result["syncs"] == [{"method": "dcd", "ok": True, "host_reads": []}]
+    (run,) = result["torchrun"]
+    assert run["ok"] and run["method"] == "dcd"
+    assert result["fid"]["ok"] and result["fid"]["seconds"] > 0 and result["fid"]["fid"] > 0

@@ -214,7 +214,7 @@ def fid(ns, device, result, save):
                    "--init-channels", "16", "--init-blocks", "1", "--fid-every", "1",
                    "--fid-samples", str(ns.fid_samples), "--inception-weights", weights,
                    "--data-dir", tmp, "--device", device.type, "--run-dir", run_dir,
-                   "--sample-every", "100", "--batch-size", "50"]
+                   "--sample-every", "100", "--batch-size", str(min(50, ns.fid_samples))]
         proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         entry = {"ok": proc.returncode == 0, "samples": ns.fid_samples,
                  "real_weights": ns.inception_weights is not None}

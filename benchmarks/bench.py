@@ -25,6 +25,10 @@ script's own PRESETS) and at its 2D quick-start configuration:
 On a CPU the paper configurations are counted but not timed (one iteration takes many minutes
 there).
 
+--memory: each paper configuration's training iteration counted on the meta device (PeakBytes):
+the peak of the bytes its operators' outputs hold at once, the floor of the GPU memory it needs
+beside the parameters, their gradients and the optimizer state.
+
 --overhead: for each method at its paper widths and a batch small enough for a CPU, the iteration
 time against the time of the network passes it must do. The passes are counted while one iteration
 runs (every call of the energy network, and of CDRL's initializer, with its input shape and whether
@@ -37,6 +41,7 @@ import json
 import os
 import sys
 import time
+import weakref
 
 import torch
 from torch.nn.utils import parametrize
@@ -128,6 +133,49 @@ def training_iteration(method: str, args, device):
             daebm.daebm_step(model, x0, chains, args, optimizer, stats, metropolis=True)
     step.optimizers = opts if method == "cdrl" else (optimizer,)
     return model, step
+
+
+class PeakBytes(TorchDispatchMode):
+    """The peak of the bytes held by the storages that operators create while it is open, each
+    storage freed when the last tensor on it dies (run on the meta device: the activations,
+    gradients and sampler states of a paper-scale iteration, without the allocator's caching,
+    fragmentation or cuDNN workspaces, and without the tensors made before it opened)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.storages = 0, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                key = tensor.untyped_storage()._cdata
+                if key not in self.storages:
+                    self.storages[key] = [tensor.untyped_storage().nbytes(), 0]
+                    self.live += self.storages[key][0]
+                    self.peak = max(self.peak, self.live)
+                self.storages[key][1] += 1
+                weakref.finalize(tensor, self.release, key)
+        return out
+
+    def release(self, key):
+        entry = self.storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self.storages[key]
+
+
+def peak_bytes(method: str, args) -> dict:
+    """One training iteration counted on the meta device: the peak of its live operator outputs,
+    and the bytes of the parameters (the gradients take as much again, Adam twice that)."""
+    model, step = training_iteration(method, args, torch.device("meta"))
+    step()  # the first creates the gradients and optimizer state: counted in the next
+    with PeakBytes() as counter:
+        step()
+    return {"activations_gib": counter.peak / 2 ** 30,
+            "parameters_gib": sum(p.numel() * p.element_size() for p in model.parameters())
+            / 2 ** 30}
 
 
 def count_flops(method: str, args) -> int:
@@ -362,10 +410,20 @@ def main(argv=None):
                         help="minimum timing window per measurement")
     parser.add_argument("--overhead", action="store_true",
                         help="measure the overhead ratio instead (see the docstring)")
+    parser.add_argument("--memory", action="store_true",
+                        help="count each paper configuration's peak memory instead (docstring)")
     options = parser.parse_args(argv)
     device = common.pick_device(options.device)
     if options.overhead:
         return overhead_table(options.methods, device, options.out)
+    if options.memory:
+        for method in options.methods:
+            args = method_args(method, "paper")
+            counted = peak_bytes(method, args)
+            print(f"{method:<7}{args.dataset:<9}batch {args.batch_size:>4}: live activations "
+                  f"{counted['activations_gib']:.2f} GiB at the peak, parameters "
+                  f"{counted['parameters_gib']:.3f} GiB", flush=True)
+        return None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rates = {"fp32": matmul_rate(device, torch.float32),
              "bf16": matmul_rate(device, torch.bfloat16)}

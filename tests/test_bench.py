@@ -116,3 +116,21 @@ def test_gpu_check_runs_every_check_on_a_cpu(tmp_path):
     (run,) = result["torchrun"]
     assert run["ok"] and run["method"] == "dcd"
     assert result["fid"]["ok"] and result["fid"]["seconds"] > 0 and result["fid"]["fid"] > 0
+
+
+def test_peak_bytes_counts_live_storages_once():
+    # 100 x 20 float32 outputs are 8,000 bytes each; a view adds no storage, a deleted tensor
+    # gives its bytes back
+    x, w = torch.randn(100, 50, device="meta"), torch.randn(50, 20, device="meta")
+    with bench.PeakBytes() as counter:
+        y = x @ w
+        z = y.relu()
+        del y
+        u = z * 2
+        u.view(-1)
+    assert counter.peak == 16_000 and counter.live == 16_000
+    # DCD's CelebA iteration (batch 128, 15 posterior Langevin steps): 1.82 GiB counted
+    # (2026-12-04), 8.99M parameters
+    counted = bench.peak_bytes("dcd", bench.method_args("dcd", "paper"))
+    assert 1.0 < counted["activations_gib"] < 3.0
+    assert counted["parameters_gib"] == pytest.approx(8.99e6 * 4 / 2 ** 30, rel=0.01)

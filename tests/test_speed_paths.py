@@ -179,7 +179,9 @@ def test_compiled_input_gradient_matches_eager(method, kind, image_folder):
         g_compiled = input_gradient(method, compiled, x)
         # fp32 either way: only the order of floating-point operations differs
         assert ((g_compiled - g_eager).norm() / g_eager.norm()).item() < 1e-4
-    assert counters["stats"]["unique_graphs"] - graphs == 1  # this model's graph, no recompile
+    # this model's graph and no recompile on the image nets; on the 2D MLPs inductor itself
+    # compiles batches up to 16 and above 16 apart (a guard of its own, "s0 <= 16"), once
+    assert counters["stats"]["unique_graphs"] - graphs == (1 if kind == "image" else 2)
 
 
 # aten operators that copy a device value to the host (and so wait for the device)

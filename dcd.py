@@ -33,6 +33,8 @@ changed):
    exact posterior draw, so the fixed point is exact up to the step's discretisation bias, which
    --metropolis removes) or at y / a (a draw of p(y), not of the posterior: biased for small K);
    K = 1 is our one-step variant, the paper's "DCD-VE" one-step estimator may differ.
+   `--adapt-step-ratio` (with --metropolis) adapts each level's step ratio toward 0.574 MALA
+   acceptance during training (a model buffer the sampler and the denoiser use too).
    `importance` = M proposals x̃_j ~ N(y / a, (b / a)² I), the Gaussian factor of the posterior,
    weighted ∝ exp(-E(x̃_j)), no chain, with the w-stabilisation of Energy Discrepancy (Schröder,
    Ou, Lim, Li, Vollmer, Duncan 2023, arXiv 2307.06431; code J-zin/energy-discrepancy): loss =
@@ -47,8 +49,11 @@ changed):
 3. 2D and `--task denoise`: one time-independent EBM (one level). Denoising trains on clean images
    (the last --holdout images of the training split are never trained on), corrupts those with y = x
    + σ_d ε and estimates x by the posterior mean under p_θ(x | y) (average over the second half of a
-   Langevin chain on the posterior, --denoise-steps) and by one posterior sample; PSNR against the
-   clean images, logged during training.
+   MALA chain on the posterior from y, --denoise-steps, each image's step adapted over the first
+   half: unadjusted Langevin at the initial step diverges on a sharp posterior) and by one
+   posterior sample; PSNR against the clean images, logged during training. With digits at σ_d =
+   0.3 no estimator we tried beat the noisy input at the end of a CPU run; why: docs/RESULTS.md,
+   image results.
 4. Generation: a time-dependent EBM E_θ(x, t) over a ladder x_0 .. x_L (L = --num-levels, default 6)
    of diffused data, CDRL's cosine log-SNR schedule clipped to [-5.1, 9.8]; level t is trained by
    DCD with the kernel x_t -> x_{t+1} (VP: x_{t+1} = a_t x_t + b_t ε, a_t = sqrt(ᾱ_{t+1} / ᾱ_t),
@@ -67,9 +72,10 @@ changed):
    torch_ema's decay warm-up min(decay, (1 + k) / (10 + k)); shuffled epochs of an in-memory tensor,
    random horizontal flips on CIFAR, CelebA and folder sets. An energy-magnitude penalty
    --energy-reg α (mean E(pos)² + mean E(neg)²) (Du & Mordatch 2019), on for images (1e-2): without
-   it our brief MNIST denoising runs diverged (docs/RESULTS.md); in 2D on for the chain methods
-   (item 8). The image defaults
-   (PRESETS["images"]) are ours and were not tuned: no image-generation run has been made.
+   it our brief MNIST denoising runs diverged (docs/RESULTS.md); it also caps the energies near
+   1/(2α), far below the gaps a sharp image posterior needs (docs/RESULTS.md, image results); in 2D
+   on for the chain methods (item 8). The image defaults (PRESETS["images"], and PRESETS["cpu"] for
+   --preset cpu) are ours and were not tuned.
 7. Post-training sampling of a one-level model (2D, denoising checkpoints): --sample-langevin-steps
    unadjusted Langevin steps on p_θ from N(0, I) with --cd-step-size (DCD comes with no
    unconditional sampler; 2D quality is measured by the exact grid density instead).

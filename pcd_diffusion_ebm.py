@@ -61,6 +61,9 @@ Deliberate differences from the official code (github.com/XinweiZhang/DAEBM):
    (rows rank, rank + N, ...) and each rank draws its share of the batch of chains, with
    replacement, from its own rows; the step sizes adapt on the acceptance summed over all ranks.
    With one process this is the official single pool.
+14. `--preset cpu` (PRESETS["cpu"]): a reduced MNIST configuration for a CPU (width 32, T = 10,
+   K = 15, batch 64, 2,000 iterations, lr 1e-4); its post-training sampler is the official code's
+   annealed sweep, since early in such a run no MGMS chain from noise reached t = 0 (RESULTS.md).
 """
 import copy
 import math

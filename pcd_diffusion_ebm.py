@@ -308,6 +308,14 @@ def sinusoidal_embedding(time: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], 1)
 
 
+def per_level(op, a, b):
+    """op(a, b) where b may have L times a's rows: a's rows at L levels, level-major (the Gibbs
+    draw's pass over all levels); broadcast, so that a is not copied L times."""
+    if len(a) == len(b):
+        return op(a, b)
+    return op(a.unsqueeze(0), b.view(-1, *a.shape[:1], *b.shape[1:])).flatten(0, 1)
+
+
 class ResBlock(nn.Module):
     """act -> conv -> + Linear(act(temb)) as a per-channel bias -> act -> conv; 3x3 conv
     shortcut."""
@@ -320,11 +328,13 @@ class ResBlock(nn.Module):
         self.shortcut = nn.Conv2d(c_in, c_out, 3, padding=1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, bias, first_conv=None):
-        """first_conv: conv1(act(x)) when the caller has it (it does not depend on t)."""
+        """first_conv: conv1(act(x)) when the caller has it (it does not depend on t). bias may
+        have L times x's rows (all_levels_logits): x's rows at L levels."""
         h = self.conv1(F.silu(x)) if first_conv is None else first_conv
-        h = h + bias[:, :, None, None].to(h.dtype)  # an fp32 table would promote bf16 (--amp)
+        # .to: an fp32 table would promote bf16 (--amp)
+        h = per_level(torch.add, h, bias[:, :, None, None].to(h.dtype))
         h = self.conv2(F.silu(h))
-        return self.shortcut(x) + h
+        return per_level(torch.add, self.shortcut(x), h)
 
 
 class ResNetTemb(nn.Module):
@@ -335,7 +345,8 @@ class ResNetTemb(nn.Module):
     first conv (padding 3), as in the official code. Everything that depends on t alone is computed
     once per level (`level_table`) and indexed per row, which gives the same numbers as computing it
     per row. What does not depend on t (the input conv and the first block's first conv, about a
-    fifth of a pass) is `features`, computed once per x by the Gibbs draw over all levels.
+    fifth of a pass) is `features`, computed once per x by the Gibbs draw over all levels and
+    broadcast over them (per_level).
     """
 
     def __init__(self, in_channels: int, image_size: int, ch: int, ch_mult: Tuple[int, ...],
@@ -412,8 +423,8 @@ class GatedMLP(nn.Module):
 
     def from_features(self, features, t, table=None):
         gate1, gate2, gate3 = (c[t] for c in (self.level_table() if table is None else table))
-        h = softplus(features[0] * gate1)  # official order: gate inside the first act,
-        h = softplus(self.lin2(h)) * gate2  # outside the second and third
+        h = softplus(per_level(torch.mul, features[0], gate1))  # official order: gate inside
+        h = softplus(self.lin2(h)) * gate2  # the first act, outside the second and third
         h = softplus(self.lin3(h)) * gate3
         return self.out(h).squeeze(1)
 
@@ -455,19 +466,25 @@ class DAEBM(nn.Module):
     def all_levels_logits(self, x, max_rows=2048):
         """f(x, t) for every t = 0..T, (B, T+1): the t-independent features once, then the levels
         batched together, at most max_rows rows per pass (all 51 MNIST levels of a 200-chain batch
-        in one pass need far more GPU memory: docs/RESULTS.md)."""
+        in one pass need far more GPU memory: docs/RESULTS.md). The passes take equal shares of
+        the levels (to one), so that --compile's one graph serves them all: a last pass of one
+        level would be a second graph (torch specialises sizes 0 and 1)."""
         levels_per_pass = max(1, max_rows // len(x))
+        passes = -(-(self.num_levels + 1) // levels_per_pass)
+        level_pass = common.compiled(levels_logits, self.compile_sampler)
         logits = []
         with common.autocast_bf16(self.amp, x.device.type):
             features, table = self.net.features(x), self.net.level_table()
-            for first in range(0, self.num_levels + 1, levels_per_pass):
-                levels = torch.arange(first, min(first + levels_per_pass, self.num_levels + 1),
-                                      device=x.device)
-                t = levels.repeat_interleave(len(x))
-                repeated = [f.repeat(len(levels), *[1] * (f.dim() - 1)) for f in features]
-                out = self.net.from_features(repeated, t, table).float()
-                logits.append(out.view(len(levels), len(x)))
+            for levels in torch.arange(self.num_levels + 1, device=x.device).tensor_split(passes):
+                logits.append(level_pass(self.net, features, table, levels))
         return torch.cat(logits).t()
+
+
+def levels_logits(net: nn.Module, features, table, levels: torch.Tensor) -> torch.Tensor:
+    """f(x, t) for each t of `levels` and each of the B rows whose t-independent features are
+    given, (L, B); the features broadcast over the levels (per_level), never copied L times."""
+    t = levels.repeat_interleave(len(features[0]))
+    return net.from_features(features, t, table).float().view(len(levels), -1)
 
 
 # ==================================================================================================

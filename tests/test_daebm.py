@@ -70,7 +70,7 @@ class LinearLevelNet(nn.Module):
 
     def from_features(self, features, t, table=None):
         coefs = (self.level_table() if table is None else table)[0]
-        return (coefs[t] * features[0]).sum(1)
+        return daebm.per_level(torch.mul, features[0], coefs[t]).sum(1)
 
 
 def gaussian_model(step, mean, cov):

@@ -184,6 +184,30 @@ def test_compiled_input_gradient_matches_eager(method, kind, image_folder):
     assert counters["stats"]["unique_graphs"] - graphs == (1 if kind == "image" else 2)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("compile")
+@pytest.mark.parametrize("kind", ["2d", "image"])
+def test_compiled_gibbs_pass_matches_eager(kind, image_folder):
+    """DA-EBM's pass over all levels (the Gibbs draw of t) under --compile against eager, in
+    passes of 3 and 2 levels (2D: 7 levels; image: 4) at two batch sizes: one graph for all of
+    them (issue 32, item 7)."""
+    from torch._dynamo.utils import counters
+
+    eager = model_of_kind("daebm", kind, image_folder)
+    compiled = model_of_kind("daebm", kind, image_folder, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for seed, batch in ((0, 5), (1, 7)):
+            torch.manual_seed(seed)
+            x = torch.randn(batch, 2) if kind == "2d" else torch.rand(batch, 3, 8, 8) * 2 - 1
+            logits = eager.all_levels_logits(x, max_rows=3 * batch)
+            compiled_logits = compiled.all_levels_logits(x, max_rows=3 * batch)
+            assert logits.shape == (batch, eager.num_levels + 1)
+            assert torch.allclose(compiled_logits, logits, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
 # aten operators that copy a device value to the host (and so wait for the device)
 HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero"}
 

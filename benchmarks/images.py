@@ -5,10 +5,11 @@
     python benchmarks/images.py run --runs daebm      # one run
     python benchmarks/images.py table                 # the table of what is recorded
 
-Data (`data`, git-ignored): MNIST's 10,000 test digits (../shared/data/MNIST/raw) split as the
-training files of data/MNIST/raw (the first 9,000) and its test files (the last 1,000, held out:
-never trained on; the evaluator's in-distribution test split); Fashion-MNIST's 10,000 test images
-(the OOD set) as data/FashionMNIST/raw/t10k-*, from the PNGs of github.com/Sentdex/nnfs_book
+Data (`../data`, beside the checkout, like the runs in `../runs/images`: a fresh clone of the
+project keeps both): MNIST's 10,000 test digits (../shared/data/MNIST/raw) split as the training
+files of ../data/MNIST/raw (the first 9,000) and its test files (the last 1,000, held out: never
+trained on; the evaluator's in-distribution test split); Fashion-MNIST's 10,000 test images
+(the OOD set) as ../data/FashionMNIST/raw/t10k-*, from the PNGs of github.com/Sentdex/nnfs_book
 (fashion_mnist_images/test/<class>/<k>.png, the k-th image of each class) put back in the order of
 Fashion-MNIST's own label file (github.com/zalandoresearch/fashion-mnist, data/fashion/), both
 fetched with the search tool's `fetch` (--sources). The full MNIST training files were not found in
@@ -18,7 +19,7 @@ Protocol (every run): training on the 9,000 digits by the script's `--preset cpu
 flags measured fastest on this CPU), one torch thread, `--fid-every 500 --fid-samples 500` (the FID
 curve); then `eval_fid_ood.py`: FID of 10,000 samples of the method's own sampler against the 9,000
 training digits (torch-fidelity's Inception, the real weights built by
-../shared/tools/inception_weights.py into data/inception.pth), OOD AUROC of -energy for the 1,000
+../shared/tools/inception_weights.py into ../data/inception.pth), OOD AUROC of -energy for the 1,000
 held-out digits against Fashion-MNIST and the evaluator's synthetic sets, pictures; per method its
 paper's claim (RUNS below). Each stage that finishes is written to benchmarks/images/<run>.json
 (kept in git: commands, machine, wall times, results); a stage with a result is not run again, and
@@ -42,7 +43,10 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from toys import machine  # noqa: E402
 
-DATA = "data"
+# outside the checkout, so that a fresh clone of the project (every session here starts from one)
+# keeps the data, the Inception statistics and the runs' checkpoints of a run cut off: paths
+# relative to the checkout, where every command runs
+DATA = os.path.join("..", "data")
 WEIGHTS = os.path.join(DATA, "inception.pth")
 TRAIN = ["--device", "cpu", "--data-dir", DATA, "--seed", "1", "--log-every", "25"]
 # the FID curve of the generation runs: 500 EMA samples every 500 iterations
@@ -55,10 +59,8 @@ NO_FID = ["--fid-samples", "0", "--ood", "none"]
 # eval_fid_ood.py flags); every command adds TRAIN / EVAL
 RUNS = {
     "daebm": {
-        # --sampler annealed is the preset's; given because the recorded run began when the
-        # preset still had the MGMS sampler (docs/RESULTS.md, image results)
         "train": ["pcd_diffusion_ebm.py", "--dataset", "mnist", "--preset", "cpu",
-                  "--channels-last", "--sampler", "annealed", *FID_CURVE],
+                  "--channels-last", *FID_CURVE],
         # the paper's headline: long-run stability, FID after 1x, 10x and 100x the sampler's
         # steps (200 samples each: 100x costs 100 times a sample)
         "eval": {"score": SCORE, "long_run": ["--fid-samples", "0", "--ood", "none",
@@ -105,7 +107,7 @@ for name, flags in {"dcd-denoise-langevin": ["--estimator", "langevin", "--lange
     RUNS[name] = {"train": ["dcd.py", "--dataset", "mnist", "--preset", "cpu", "--channels-last",
                             "--amp", "bf16", *DENOISE_FLAGS, *flags], "eval": {}}
 RECORDS = os.path.join(ROOT, "benchmarks", "images")
-RUNS_DIR = os.path.join(ROOT, "runs", "images")
+RUNS_DIR = os.path.join(os.path.dirname(ROOT), "runs", "images")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,14 +293,15 @@ def dsm_reference(seconds: float):
     the optimum ∇E = -∇ log p_σ, the score of the noisy digits), with the same optimiser, batch,
     EMA and training digits as the DCD runs, for `seconds` of training; the estimate is Tweedie's
     y - σ² ∇E(y) of the EMA weights, scored like dcd.py's denoiser (same held-out digits, same
-    noise). Saves its state every 5 minutes and resumes from it (runs/images/dsm-denoise)."""
+    noise). Saves its state every 5 minutes and resumes from it (../runs/images/dsm-denoise)."""
     import torch
 
     import common
     import dcd
 
     torch.set_num_threads(1)
-    args = dcd.Args(dataset="mnist", preset="cpu", task="denoise", data_dir=DATA, device="cpu",
+    args = dcd.Args(dataset="mnist", preset="cpu", task="denoise",
+                    data_dir=os.path.join(ROOT, DATA), device="cpu",
                     channels_last=True, amp="bf16")
     sigma = args.denoise_sigma
     images, _ = common.training_data(args)

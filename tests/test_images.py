@@ -74,3 +74,12 @@ def test_table_from_records(tmp_path, monkeypatch, capsys):
     assert rows["dcd-denoise-langevin"][4:6] == ["18.33 / 19.18", "0.10 h"]
     assert rows["dsm-denoise"][4:6] == ["25.50 / 19.18", "0.10 h"]
     assert "cdrl" not in rows
+
+
+def test_runs_and_data_live_outside_the_checkout():
+    """A run cut off by a session's end resumes in the next session, which starts from a fresh
+    clone: its checkpoint, the data and the cached Inception statistics must not be inside the
+    checkout (they were in runs/ and data/, and every session lost them)."""
+    for path in (images.RUNS_DIR, os.path.join(ROOT, images.DATA), os.path.join(ROOT,
+                                                                                  images.WEIGHTS)):
+        assert os.path.relpath(os.path.abspath(path), ROOT).startswith(os.pardir + os.sep)

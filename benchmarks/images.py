@@ -59,8 +59,9 @@ NO_FID = ["--fid-samples", "0", "--ood", "none"]
 # eval_fid_ood.py flags); every command adds TRAIN / EVAL
 RUNS = {
     "daebm": {
+        # --compile: 0.17 against 0.15 it/s eager, side by side (docs/RESULTS.md); CDRL: none
         "train": ["pcd_diffusion_ebm.py", "--dataset", "mnist", "--preset", "cpu",
-                  "--channels-last", *FID_CURVE],
+                  "--channels-last", "--compile", *FID_CURVE],
         # the paper's headline: long-run stability, FID after 1x, 10x and 100x the sampler's
         # steps (200 samples each: 100x costs 100 times a sample)
         "eval": {"score": SCORE, "long_run": ["--fid-samples", "0", "--ood", "none",

@@ -83,7 +83,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -163,61 +163,18 @@ PRESETS = {
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
+    # the shared settings (run, data, lifecycle, speed, FID) are common.RunArgs's; here the
+    # method's defaults of a few of them, then its own
     exp_name: str = "cdrl"
     """name used in the run folder"""
-    seed: int = 1
-    """random seed (weights, data order, noise)"""
     dataset: str = "checkerboard"
     """checkerboard (the official toy is its complementary colouring, docstring item 7) | rings |
     8gaussians | swissroll | pinwheel | 2spirals | cifar10 | cifar100 | svhn | celeba | mnist |
     fashionmnist | imagenet32 (conditional, docstring item 9) | folder:PATH (images) | points:PATH
     (2D points, .npy or .csv of shape (n, 2))"""
-    preset: Optional[Literal["cpu"]] = None
-    """cpu: the reduced image configuration of PRESETS["cpu"] (small nets; about 2 hours of
-    training on one CPU core) in place of the paper's, for every field not given"""
-    data_dir: str = "data"
-    """where image datasets are read from (and downloaded to when online)"""
-    run_dir: Optional[str] = None
-    """output folder; default runs/{exp_name}__{dataset}__{seed}__{time}"""
-    steps: Optional[int] = None
-    """training iterations"""
-    batch_size: Optional[int] = None
-    """data examples per iteration"""
-    lr: Optional[float] = None
-    """EBM Adam learning rate"""
     ema_decay: float = 0.9999
     """EMA decay of both networks for sampling and evaluation"""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N"""
-    log_every: int = 100
-    """iterations between progress lines / metrics.jsonl records"""
-    sample_every: Optional[int] = None
-    """iterations between sample pictures"""
-    save_every: Optional[int] = None
-    """iterations between checkpoints (ckpt.pt and a numbered snapshot)"""
-    resume: bool = False
-    """continue the run in --run-dir from its ckpt.pt with its own settings, exactly"""
-    save_minutes: float = 15.0
-    """also write ckpt.pt after this many minutes of wall clock since the last save (0 = off)"""
-    amp: Literal["none", "bf16"] = "none"
-    """bf16: autocast the energy network's passes (samplers and loss) to bfloat16, its output back
-    to fp32 (MH arithmetic, reductions, the Gibbs softmax and the EMA stay fp32); none: fp32"""
-    compile: bool = False
-    """torch.compile the samplers' energy-and-input-gradient pass (forward, input gradient and the
-    arithmetic around them in one fused, shape-generic graph; the first call compiles)"""
-    channels_last: bool = False
-    """keep the image network's convolution weights (and so its activations) channels-last (NHWC),
-    the layout GPU tensor cores convolve without transposing; 2D networks have no convolutions"""
-    fid_every: int = 0
-    """images: iterations between FIDs of --fid-samples EMA samples against the training split
-    (the evaluator's protocol), logged to metrics.jsonl; the checkpoint with the lowest is kept as
-    best.pt (0 = off)"""
-    fid_samples: int = 5000
-    """samples per FID of --fid-every (the official CDRL code: 5,000 every 20,000 iterations)"""
-    inception_weights: Optional[str] = None
-    """torch-fidelity's Inception weights file for --fid-every on machines without internet
-    (default: downloaded)"""
 
     # ---- CDRL ----
     initializer_lr: Optional[float] = None

@@ -6,6 +6,7 @@ pictures. Nothing here knows about energies, noise schedules, samplers or losses
 method script so that one script plus this file can be copied alone.
 """
 import contextlib
+import copy
 import dataclasses
 import datetime
 import gzip
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -735,6 +737,65 @@ def every(done: int, interval: int, total: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Settings: the command line, resuming from a checkpoint's settings, --help defaults
 # --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunArgs:
+    """The settings every method script shares, with the same names, order and meaning
+    (DESIGN.md). Each script's Args extends it with its method's fields and gives exp_name,
+    dataset (and where it differs ema_decay) its own default; a field left None takes the
+    script's PRESETS value for the dataset in the script's __post_init__."""
+    exp_name: str = "run"
+    """name used in the run folder"""
+    seed: int = 1
+    """random seed (weights, data order, noise)"""
+    dataset: str = "checkerboard"
+    """a 2D toy, an image set, folder:PATH or points:PATH (each script lists its own)"""
+    preset: Optional[Literal["cpu"]] = None
+    """cpu: the reduced image configuration of PRESETS["cpu"] (small nets; about 2 hours of
+    training on one CPU core) in place of the image defaults, for every field not given"""
+    data_dir: str = "data"
+    """where image datasets are read from (and downloaded to when online)"""
+    run_dir: Optional[str] = None
+    """output folder; default runs/{exp_name}__{dataset}__{seed}__{time}"""
+    steps: Optional[int] = None
+    """training iterations"""
+    batch_size: Optional[int] = None
+    """data examples per iteration (over all processes under torchrun)"""
+    lr: Optional[float] = None
+    """Adam learning rate of the energy network"""
+    ema_decay: Optional[float] = None
+    """EMA decay of the weights for sampling and evaluation"""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
+    log_every: int = 100
+    """iterations between progress lines / metrics.jsonl records"""
+    sample_every: Optional[int] = None
+    """iterations between sample pictures"""
+    save_every: Optional[int] = None
+    """iterations between checkpoints (ckpt.pt and a numbered snapshot)"""
+    resume: bool = False
+    """continue the run in --run-dir from its ckpt.pt with its own settings, exactly"""
+    save_minutes: float = 15.0
+    """also write ckpt.pt after this many minutes of wall clock since the last save (0 = off)"""
+    amp: Literal["none", "bf16"] = "none"
+    """bf16: autocast the energy network's passes (samplers and loss) to bfloat16, its output back
+    to fp32 (MH arithmetic, reductions, the Gibbs softmax and the EMA stay fp32); none: fp32"""
+    compile: bool = False
+    """torch.compile the samplers' energy-and-input-gradient pass (forward, input gradient and the
+    arithmetic around them in one fused, shape-generic graph; the first call compiles)"""
+    channels_last: bool = False
+    """keep the image network's convolution weights (and so its activations) channels-last (NHWC),
+    the layout GPU tensor cores convolve without transposing; 2D networks have no convolutions"""
+    fid_every: int = 0
+    """images: iterations between FIDs of --fid-samples EMA samples against the training split
+    (the evaluator's protocol), logged to metrics.jsonl; the checkpoint with the lowest is kept as
+    best.pt (0 = off)"""
+    fid_samples: int = 5000
+    """samples per FID of --fid-every (the official CDRL code: 5,000 every 20,000 iterations)"""
+    inception_weights: Optional[str] = None
+    """torch-fidelity's Inception weights file for --fid-every on machines without internet
+    (default: downloaded)"""
+
+
 def show_preset_defaults(args_class, presets: dict):
     """Make --help print real defaults instead of 'None': each preset field's per-dataset values
     from the script's PRESETS table (the one place those numbers live); the other fields left at
@@ -750,6 +811,8 @@ def show_preset_defaults(args_class, presets: dict):
     for field in dataclasses.fields(args_class):
         if field.default is not None:
             continue
+        # a field of RunArgs is shared by the three scripts' Args: annotate this class's copy
+        field = args_class.__dataclass_fields__[field.name] = copy.copy(field)
         if any(field.name in table for table in presets.values()):
             values = ", ".join(f"{kind} {as_text(table[field.name])}"
                                for kind, table in presets.items() if field.name in table)

@@ -158,61 +158,17 @@ PAPER_STEPS = {"2d": 100_000, "images": 120_000, "cpu": PRESETS["cpu"]["steps"]}
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
+    # the shared settings (run, data, lifecycle, speed, FID) are common.RunArgs's; here the
+    # method's defaults of a few of them, then its own
     exp_name: str = "daebm"
     """name used in the run folder"""
-    seed: int = 1
-    """random seed (weights, data order, noise)"""
     dataset: str = "rings"
     """rings | 8gaussians | checkerboard | swissroll | pinwheel | 2spirals | mnist | fashionmnist |
     cifar10 | cifar100 | svhn | celeba | folder:PATH (images) | points:PATH (2D, .npy or .csv)"""
-    preset: Optional[Literal["cpu"]] = None
-    """cpu: the reduced image configuration of PRESETS["cpu"] (a small net, 10 levels; about 2
-    hours of training on one CPU core) in place of the paper's, for every field not given"""
-    data_dir: str = "data"
-    """where image datasets are read from (and downloaded to when online)"""
-    run_dir: Optional[str] = None
-    """output folder; default runs/{exp_name}__{dataset}__{seed}__{time}"""
-    steps: Optional[int] = None
-    """training iterations; the learning-rate decays are fractions of it, so a run extended with
-    --resume --steps follows the new schedule from where it stands"""
-    batch_size: Optional[int] = None
-    """data examples (and chains) per iteration"""
-    lr: Optional[float] = None
-    """Adam learning rate"""
     ema_decay: float = 0.0
     """EMA decay of the weights for sampling and evaluation; 0 = no EMA (the official code has
     none)"""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N"""
-    log_every: int = 100
-    """iterations between progress lines / metrics.jsonl records"""
-    sample_every: Optional[int] = None
-    """iterations between sample pictures"""
-    save_every: Optional[int] = None
-    """iterations between checkpoints (ckpt.pt and a numbered snapshot)"""
-    resume: bool = False
-    """continue the run in --run-dir from its ckpt.pt with its own settings, exactly"""
-    save_minutes: float = 15.0
-    """also write ckpt.pt after this many minutes of wall clock since the last save (0 = off)"""
-    amp: Literal["none", "bf16"] = "none"
-    """bf16: autocast the energy network's passes (samplers and loss) to bfloat16, its output back
-    to fp32 (MH arithmetic, reductions, the Gibbs softmax and the EMA stay fp32); none: fp32"""
-    compile: bool = False
-    """torch.compile the samplers' energy-and-input-gradient pass (forward, input gradient and the
-    arithmetic around them in one fused, shape-generic graph; the first call compiles)"""
-    channels_last: bool = False
-    """keep the image network's convolution weights (and so its activations) channels-last (NHWC),
-    the layout GPU tensor cores convolve without transposing; 2D networks have no convolutions"""
-    fid_every: int = 0
-    """images: iterations between FIDs of --fid-samples EMA samples against the training split
-    (the evaluator's protocol), logged to metrics.jsonl; the checkpoint with the lowest is kept as
-    best.pt (0 = off)"""
-    fid_samples: int = 5000
-    """samples per FID of --fid-every (the official CDRL code: 5,000 every 20,000 iterations)"""
-    inception_weights: Optional[str] = None
-    """torch-fidelity's Inception weights file for --fid-every on machines without internet
-    (default: downloaded)"""
 
     # ---- DA-EBM ----
     num_levels: Optional[int] = None
@@ -222,7 +178,7 @@ class Args:
     beta_end: Optional[float] = None
     """b2 of the schedule"""
     n_chains: Optional[int] = None
-    """persistent chains"""
+    """persistent chains (--batch-size of them are the negatives of an iteration)"""
     langevin_steps: Optional[int] = None
     """K: Langevin steps at fixed t in one MGMS transition"""
     init_step_size: float = 0.1
@@ -239,7 +195,8 @@ class Args:
     """linear learning-rate warm-up (default: the paper's times --steps / the paper's run
     length)"""
     lr_schedule: Optional[Literal["linear", "multistep"]] = None
-    """'linear': constant to 60% of --steps, then linear decay; 'multistep': x0.1 at 70/80/90%"""
+    """'linear': constant to 60% of --steps, then linear decay; 'multistep': x0.1 at 70/80/90% (a
+    run extended with --resume --steps follows the new schedule from where it stands)"""
     adam_beta1: float = 0.0
     """Adam β1 (paper: 0)"""
     adam_beta2: float = 0.999

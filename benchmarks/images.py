@@ -198,6 +198,19 @@ def checkpoint_step(run_dir):
     return torch.load(path, map_location="cpu", weights_only=True)["step"]
 
 
+def account_for_cut_segments(record, step: int):
+    """Before a training segment starts at checkpoint step `step`: a segment whose driver was
+    killed (returncode None) ended at `step`; without a checkpoint (step 0: the run folder was
+    lost with its machine) the earlier segments trained nothing that remains, so they move to
+    "lost_segments" and the training wall time counts only the run that goes on."""
+    for segment in record["train_segments"]:
+        if segment["returncode"] is None:
+            segment.update(to_step=step, returncode="cut off")
+    if step == 0 and record["train_segments"]:
+        record.setdefault("lost_segments", []).extend(record["train_segments"])
+        record["train_segments"] = []
+
+
 def metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -239,14 +252,25 @@ def run(name, ns):
     log = open(os.path.join(RUNS_DIR, f"{name}.log"), "a")
     if "training_done" not in record:
         step = checkpoint_step(run_dir)
-        start = time.time()
-        proc = subprocess.run(command + (["--resume"] if step else []), cwd=ROOT, env=env,
-                              stdout=log, stderr=log)
-        record["train_segments"].append({"from_step": step, "to_step": checkpoint_step(run_dir),
-                                         "wall_s": round(time.time() - start, 1),
-                                         "returncode": proc.returncode,
-                                         "date": time.strftime("%Y-%m-%d")})
+        account_for_cut_segments(record, step)
+        segment = {"from_step": step, "to_step": None, "wall_s": 0.0, "returncode": None,
+                   "date": time.strftime("%Y-%m-%d")}
+        record["train_segments"].append(segment)
         record["machine"] = machine()
+        start = time.time()
+        proc = subprocess.Popen(command + (["--resume"] if step else []), cwd=ROOT, env=env,
+                                stdout=log, stderr=log)
+        # the segment's wall time written every 30 s: a driver killed with the session (its run
+        # resumes from the checkpoint next time) leaves its time on record
+        while True:
+            try:
+                proc.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                segment["wall_s"] = round(time.time() - start, 1)
+                save_record(record)
+        segment.update(to_step=checkpoint_step(run_dir), wall_s=round(time.time() - start, 1),
+                       returncode=proc.returncode)
         if proc.returncode == 0:
             record["training_done"] = time.strftime("%Y-%m-%d")
         save_record(record)

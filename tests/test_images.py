@@ -83,3 +83,35 @@ def test_runs_and_data_live_outside_the_checkout():
     for path in (images.RUNS_DIR, os.path.join(ROOT, images.DATA), os.path.join(ROOT,
                                                                                   images.WEIGHTS)):
         assert os.path.relpath(os.path.abspath(path), ROOT).startswith(os.pardir + os.sep)
+
+
+def test_cut_and_lost_training_segments():
+    """A segment whose driver was killed with the session ends where the next one starts; when
+    the checkpoint is gone the earlier segments count as lost, not as the run's training time."""
+    record = {"run": "r", "eval": {}, "train_segments": [
+        {"from_step": 0, "to_step": 500, "wall_s": 900.0, "returncode": -15},
+        {"from_step": 500, "to_step": None, "wall_s": 600.0, "returncode": None}]}
+    images.account_for_cut_segments(record, 700)
+    assert record["train_segments"][1]["to_step"] == 700
+    assert record["train_segments"][1]["returncode"] == "cut off"
+    assert images.train_wall(record) == 1500.0
+    images.account_for_cut_segments(record, 0)  # the run folder is gone: the run starts again
+    assert record["train_segments"] == [] and len(record["lost_segments"]) == 2
+    assert images.train_wall(record) == 0
+
+
+def test_a_run_records_its_training_segment(tmp_path, monkeypatch):
+    """The driver end to end on a stand-in training command (it writes one metrics line into the
+    run folder given last): one finished segment, its time, the run's speed."""
+    monkeypatch.setattr(images, "RECORDS", str(tmp_path / "records"))
+    monkeypatch.setattr(images, "RUNS_DIR", str(tmp_path / "runs"))
+    script = ("import json, os, sys, time; os.makedirs(sys.argv[-1]); open(os.path.join("
+              "sys.argv[-1], 'metrics.jsonl'), 'w').write(json.dumps({'step': 1, "
+              "'it_per_s': 2.5})); time.sleep(0.3)")
+    monkeypatch.setitem(images.RUNS, "stand-in", {"train": ["-c", script], "eval": {}})
+    os.makedirs(images.RUNS_DIR)
+    record = images.run("stand-in", None)
+    [segment] = record["train_segments"]
+    assert segment["returncode"] == 0 and segment["from_step"] == segment["to_step"] == 0
+    assert 0 < segment["wall_s"] < 60 and "training_done" in record
+    assert record["it_per_s_median"] == 2.5

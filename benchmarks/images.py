@@ -3,6 +3,7 @@
     python benchmarks/images.py data                  # the data folder (below), once per machine
     python benchmarks/images.py run --jobs 2          # train (or resume) and score every run
     python benchmarks/images.py run --runs daebm      # one run
+    python benchmarks/images.py run --stages train    # training only (resumable; stages below)
     python benchmarks/images.py table                 # the table of what is recorded
 
 Data (`../data`, beside the checkout, like the runs in `../runs/images`: a fresh clone of the
@@ -238,8 +239,11 @@ def persistent_chains(run_dir):
             "fid": common.frechet_distance(common.feature_statistics(features), reference)}
 
 
-def run(name, ns):
-    """Train (or resume) one run to its end, then its evaluator stages; the record after each."""
+def run(name, stages=None):
+    """Train (or resume) one run to its end, then its evaluator stages; the record after each.
+    `stages`: only these ("train" and/or evaluator stage names; None: all), e.g. training alone
+    near a session's end, where a cut-off training resumes and a cut-off evaluator stage does
+    not."""
     if name == "dsm-denoise":
         return run_dsm_reference()
     spec, record = RUNS[name], load_record(name)
@@ -251,6 +255,8 @@ def run(name, ns):
                                         os.path.relpath(run_dir, ROOT)])
     log = open(os.path.join(RUNS_DIR, f"{name}.log"), "a")
     if "training_done" not in record:
+        if stages is not None and "train" not in stages:
+            return record
         step = checkpoint_step(run_dir)
         account_for_cut_segments(record, step)
         segment = {"from_step": step, "to_step": None, "wall_s": 0.0, "returncode": None,
@@ -285,7 +291,8 @@ def run(name, ns):
                                 or k == "denoise_accept"} for r in rows if "psnr_mean" in r]
     save_record(record)
     for stage, stage_flags in spec["eval"].items():
-        if "result" in record["eval"].get(stage, {}):
+        if "result" in record["eval"].get(stage, {}) or (stages is not None
+                                                         and stage not in stages):
             continue
         if isinstance(stage_flags, str):  # a measurement of this file's own
             start = time.time()
@@ -466,6 +473,8 @@ def main(argv=None):
     parser.add_argument("--runs", nargs="+", choices=[*RUNS, "dsm-denoise"],
                         default=[*RUNS, "dsm-denoise"])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
+    parser.add_argument("--stages", nargs="+", help="run: only these of each run's stages "
+                        "('train' and the evaluator stages of RUNS; default: all)")
     parser.add_argument("--sources", default=os.path.join(ROOT, "..", "data_src"),
                         help="data: a folder with fashion_mnist_images/test (nnfs_book) and "
                         "fashion-t10k-labels-idx1-ubyte.gz (zalandoresearch/fashion-mnist)")
@@ -482,7 +491,7 @@ def main(argv=None):
         os.makedirs(RUNS_DIR, exist_ok=True)
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(ns.jobs) as pool:
-            for record in pool.map(lambda name: run(name, ns), ns.runs):
+            for record in pool.map(lambda name: run(name, ns.stages), ns.runs):
                 print(f"{record['run']}: {sorted(record['eval'])}", flush=True)
 
 

@@ -102,16 +102,23 @@ def test_cut_and_lost_training_segments():
 
 def test_a_run_records_its_training_segment(tmp_path, monkeypatch):
     """The driver end to end on a stand-in training command (it writes one metrics line into the
-    run folder given last): one finished segment, its time, the run's speed."""
+    run folder given last) and a stand-in evaluator stage: one finished segment, its time, the
+    run's speed; --stages runs only the stages named."""
     monkeypatch.setattr(images, "RECORDS", str(tmp_path / "records"))
     monkeypatch.setattr(images, "RUNS_DIR", str(tmp_path / "runs"))
     script = ("import json, os, sys, time; os.makedirs(sys.argv[-1]); open(os.path.join("
               "sys.argv[-1], 'metrics.jsonl'), 'w').write(json.dumps({'step': 1, "
               "'it_per_s': 2.5})); time.sleep(0.3)")
-    monkeypatch.setitem(images.RUNS, "stand-in", {"train": ["-c", script], "eval": {}})
+    monkeypatch.setitem(images.RUNS, "stand-in", {"train": ["-c", script],
+                                                  "eval": {"probe": "probe_stage"}})
+    monkeypatch.setattr(images, "probe_stage", lambda run_dir: {"seen": run_dir}, raising=False)
     os.makedirs(images.RUNS_DIR)
-    record = images.run("stand-in", None)
+    record = images.run("stand-in", ["probe"])  # --stages probe: not before the training
+    assert record["train_segments"] == [] and record["eval"] == {}
+    record = images.run("stand-in", ["train"])
     [segment] = record["train_segments"]
     assert segment["returncode"] == 0 and segment["from_step"] == segment["to_step"] == 0
     assert 0 < segment["wall_s"] < 60 and "training_done" in record
-    assert record["it_per_s_median"] == 2.5
+    assert record["it_per_s_median"] == 2.5 and record["eval"] == {}
+    record = images.run("stand-in")
+    assert record["eval"]["probe"]["result"]["seen"].endswith("stand-in")

@@ -781,7 +781,8 @@ class RunArgs:
     to fp32 (MH arithmetic, reductions, the Gibbs softmax and the EMA stay fp32); none: fp32"""
     compile: bool = False
     """torch.compile the samplers' energy-and-input-gradient pass (forward, input gradient and the
-    arithmetic around them in one fused, shape-generic graph; the first call compiles)"""
+    arithmetic around them in one fused, shape-generic graph; the first call compiles) and
+    DA-EBM's pass over all levels"""
     channels_last: bool = False
     """keep the image network's convolution weights (and so its activations) channels-last (NHWC),
     the layout GPU tensor cores convolve without transposing; 2D networks have no convolutions"""

@@ -80,7 +80,8 @@ RUNS = {
                  "guidance": ["--guidance-sweep", "-1,0,1,3", "--fid-samples", "2000", "--ood",
                               "none"],
                  "inpaint_center": [*NO_FID, "--inpaint", "center", "--n-inpaint", "1000"],
-                 "inpaint_right": [*NO_FID, "--inpaint", "right", "--n-inpaint", "1000"]},
+                 "inpaint_right": [*NO_FID, "--inpaint", "right", "--n-inpaint", "1000"],
+                 "composition": "composition"},  # a function of this file (below)
     },
     "dcd": {
         "train": ["dcd.py", "--dataset", "mnist", "--preset", "cpu", "--channels-last", "--amp",
@@ -237,6 +238,26 @@ def persistent_chains(run_dir):
     common.save_image_grid(at_zero[:64], os.path.join(run_dir, "chains_t0_final.png"))
     return {"n_chains": len(ckpt["chains_t"]), "n_at_t0": len(at_zero), "step": ckpt["step"],
             "fid": common.frechet_distance(common.feature_statistics(features), reference)}
+
+
+def composition(run_dir):
+    """CDRL: 64 samples from the sum of the energies of digits 1 and 7 (compositional
+    generation, cdrl.py docstring item 10) beside 64 of each digit alone, guidance 1, the same
+    noise for the three (pictures in the run folder)."""
+    import common
+    import eval_fid_ood
+
+    ckpt = common.load_checkpoint(os.path.join(run_dir, "ckpt.pt"), "cdrl")
+    module, args, model = eval_fid_ood.load_method(ckpt, "cpu")
+    pictures = []
+    for classes in ((1,), (7,), (1, 7)):
+        args.compose, args.guidance = classes, 1.0
+        with common.own_rng(args.seed):
+            samples = module.sample(model, 64, args, "cpu")
+        pictures.append(os.path.join(run_dir, f"compose_{'+'.join(map(str, classes))}.png"))
+        common.save_image_grid(samples, pictures[-1])
+    return {"classes": [1, 7], "guidance": 1.0, "pictures": [os.path.relpath(p, ROOT)
+                                                             for p in pictures]}
 
 
 def run(name, stages=None):

@@ -18,64 +18,37 @@ amortise the MCMC). Sampling runs from noise level by level: proposal, Langevin,
 then one Tweedie denoising step. The energy at the lowest level scores OOD inputs.
 
 Deliberate differences from the official code (github.com/AlvinZhuyx/CDRL):
-1. Several GPUs: the official CIFAR-10 run is 8 GPUs x 32 images with DistributedDataParallel;
-   here `torchrun --nproc_per_node=8` splits the global `--batch-size` 256 the same way, but
-   averages the gradients with one explicit all-reduce after each backward (DDP's hooks expect one
-   forward per backward, the Langevin loop makes many), so nothing overlaps the loss's backward. One
-   process with one batch of 256 gives the same effective batch (spectral norm and the initializer
-   have no batch statistics, so nothing else changes).
-2. The final Tweedie step uses the official code's half step scale (score = ∇f / (s²/2)), which
-   doubles the score of the recovery marginal f / s² (an apparent slip: the Langevin step and the
-   paper's appendix use s²). Kept for comparable numbers; `--exact-tweedie` uses s².
-3. The initializer's last convolution has zero weight AND zero bias, so it starts as exactly the
-   identity (x_i -> x_i); the official code zeroes the weight only, leaving a small random
-   per-channel bias.
-4. Spectral norm is `torch.nn.utils.parametrizations.spectral_norm` (one power iteration per
-   training forward, as the official `torch.nn.utils.spectral_norm`); its u/v start from 15 power
-   iterations at construction instead of none, and the normalised weights are computed once per
-   Langevin run instead of once per step (the same numbers in eval mode).
-5. EMA of both networks as torch_ema does it (decay min(0.9999, (1+k)/(10+k)) at update k), applied
-   to one copy of the whole model; spectral-norm vectors are copied from the trained model
-   (torch_ema leaves them live).
-6. Data: shuffled epochs of an in-memory tensor (`common.EpochLoader`) with random horizontal flips
-   on CIFAR, CelebA and folder sets (not on MNIST, FashionMNIST, SVHN); the official code flips
-   CIFAR-10 only (its only dataset). Other image sets use the CIFAR-10 configuration; the
-   initializer's attention sits at every resolution below full size (16 and 8 px at 32 px, as
-   official; 14 and 7 px for MNIST).
-7. 2D: the default toy is this project's `checkerboard` ([-4, 4]², 8 squares of side 2), the
-   official toy is the complementary 8-square colouring scaled to [-8, 8]². Same networks and step
-   sizes as the official toy script, but a schedule that finishes in minutes on a CPU
-   (PRESETS["2d"]; the official schedule is `--steps 100000 --batch-size 2500 --lr 3e-6
-   --initializer-lr 1e-5 --warmup-steps 10000`, days on a CPU: docs/RESULTS.md). The official toy
-   sampler skips the Tweedie step; here 2D sampling uses it too (how far it moves a point:
-   docs/RESULTS.md).
-8. Class-conditional sampling uses balanced labels (sample k has class k mod K) instead of uniform
-   random ones, and `--guidance 0` evaluates the conditional networks only (the unconditional branch
-   has weight 0).
-9. ImageNet 32x32 (`--dataset imagenet32`, PRESETS["imagenet32"]: the official conditional
-   configuration) reads the downsampled-ImageNet .npz batches of Chrabaszcz et al. (2017), the
-   standard 32x32 benchmark set; the official code instead reads ImageNet at 64x64 from image files
-   and resizes each to 32x32 with torchvision's Resize + CenterCrop when it loads it.
-10. Compositional generation (`--compose c1 c2 ...`, ours: neither the official code nor the parts
-   of the paper available to us give the rule): every level's EBM is the sum of the (guided)
-   conditional networks, f(y) = Σ_k [(1+w) f(y, c_k) - w f(y, ∅)], a product of the conditional
-   densities, in the Langevin steps and the Tweedie step; the initializer's Gaussian proposals
-   N(g(x, c_k), std²) are multiplied the same way, giving mean (1/K) Σ_k [(1+w) g(x, c_k) - w
-   g(x, ∅)] and std / sqrt(K). One class is exactly conditional sampling.
-11. Inpainting (`inpaint`, `python eval_fid_ood.py --inpaint center`; neither the official code nor
-   the parts of the paper available to us give the scheme): the replacement method (Song et al.
-   2021; RePaint without resampling): at each level the known pixels are the diffused observation
-   and stay fixed through the Langevin steps, so those steps sample the missing pixels from the
-   recovery density given the known ones; the final image keeps the known pixels exactly.
-12. FID during training is an option (`--fid-every N --fid-samples M`, off by default, as in every
-   script); the official code always measures it, every 20,000 iterations on 5,000 EMA samples, and
-   keeps the lowest as best.pth.tar. It compares against 5,000 test images with
-   pytorch_fid_wrapper; ours against the whole training split with torch-fidelity's Inception, the
-   evaluator's protocol and cached statistics, so the curve matches eval_fid_ood.py's numbers, not
-   the official log's. Every measurement draws from the same seeds.
-13. `--preset cpu` (PRESETS["cpu"]): a reduced MNIST configuration for a CPU (EBM width 32 with one
-   block per resolution, initializer width 32 with one block, batch 64, 3,500 iterations), the
-   initializer's learning rate 1e-4 (the official 1e-5 is for a run 140 times as long).
+1. Several GPUs: `torchrun` splits the global `--batch-size` as the official 8 x 32 DDP run does,
+   but averages gradients with one explicit all-reduce (DDP's hooks expect one forward per
+   backward); one process with batch 256 is the same effective batch (no batch statistics).
+2. The final Tweedie step keeps the official half step scale (score = ∇f / (s²/2), an apparent
+   slip: Langevin and the appendix use s²), for comparable numbers; `--exact-tweedie` uses s².
+3. The initializer's last convolution has zero weight and zero bias (exactly the identity at the
+   start); the official code zeroes the weight only.
+4. Spectral norm by `torch.nn.utils.parametrizations.spectral_norm`; u/v start from 15 power
+   iterations, and the normalised weights are computed once per Langevin run (same numbers in eval).
+5. EMA of both networks as torch_ema does it (decay min(0.9999, (1+k)/(10+k))), on one copy of the
+   model; spectral-norm vectors are copied from the trained model (torch_ema leaves them live).
+6. Data: shuffled epochs of an in-memory tensor, horizontal flips on CIFAR, CelebA and folders (the
+   official code: CIFAR-10 only); other image sets use the CIFAR-10 configuration, the
+   initializer's attention at every resolution below full size (MNIST: 14 and 7 px).
+7. 2D: the default toy is our `checkerboard` (official: the complementary colouring on [-8, 8]²),
+   same networks and step sizes, a schedule of minutes (official: days on a CPU, docs/RESULTS.md);
+   the 2D sampler ends with the Tweedie step too (the official toy sampler skips it).
+8. Conditional sampling uses balanced labels (k mod K), not random ones; `--guidance 0` evaluates
+   the conditional networks only.
+9. `--dataset imagenet32` reads the downsampled-ImageNet .npz batches (Chrabaszcz et al. 2017); the
+   official code resizes 64x64 ImageNet files to 32x32 as it loads them.
+10. Compositional generation (`--compose c1 c2 ...`, ours: no rule given): each level's EBM is
+   Σ_k [(1+w) f(y, c_k) - w f(y, ∅)] in the Langevin and Tweedie steps; the initializer's Gaussian
+   proposals multiply to mean (1/K) Σ_k [(1+w) g(x, c_k) - w g(x, ∅)], std / sqrt(K).
+11. Inpainting (`inpaint`, ours: no scheme given): replacement (Song et al. 2021): at each level the
+   known pixels are the diffused observation, fixed through the Langevin steps and kept at the end.
+12. FID during training is optional (`--fid-every`; official: always, 5,000 samples every 20,000
+   iterations against 5,000 test images); ours: the evaluator's protocol, against the training set.
+13. `--preset cpu`: a reduced MNIST configuration (EBM and initializer width 32, one block per
+   resolution, batch 64, 3,500 iterations, initializer lr 1e-4: official 1e-5 for a run 140x as
+   long).
 """
 import contextlib
 import copy

@@ -26,69 +26,39 @@ likelihood. With a single kernel, VP at σ equals VE at σ / sqrt(1 - σ²) (the
 a), so the two differ only in the time-dependent ladder below, where the EBM sees y at its own
 scale.
 
-Our choices (the abstract states none of them; each is a deliberate decision, listed so it can be
-changed):
-1. Estimators of the negative term: `langevin` = K Langevin steps on the posterior with step η =
-   step_ratio · (b / a)², started at the positive x_t (--chain-start positive: at p_θ = p_data an
-   exact posterior draw, so the fixed point is exact up to the step's discretisation bias, which
-   --metropolis removes) or at y / a (a draw of p(y), not of the posterior: biased for small K);
-   K = 1 is our one-step variant, the paper's "DCD-VE" one-step estimator may differ.
-   `--adapt-step-ratio` (with --metropolis) adapts each level's step ratio toward 0.574 MALA
-   acceptance during training (a model buffer the sampler and the denoiser use too).
-   `importance` = M proposals x̃_j ~ N(y / a, (b / a)² I), the Gaussian factor of the posterior,
-   weighted ∝ exp(-E(x̃_j)), no chain, with the w-stabilisation of Energy Discrepancy (Schröder,
-   Ou, Lim, Li, Vollmer, Duncan 2023, arXiv 2307.06431; code J-zin/energy-discrepancy): loss =
-   mean log (w/M + (1/M) Σ_j exp(E(x) - E(x̃_j))), i.e. the positive joins the proposals with
-   weight w. Without it (--importance-w 0) the loss is unbounded below and its fixed point biased
-   for finite M; with w = 1 the negative phase is a conditional importance-resampling step, which
-   leaves the posterior invariant, so the fixed point is exact for any M. For VE this is ED's
-   Gaussian-perturbation loss.
-2. `--kernel cd` = classic CD: K unadjusted Langevin steps on p_θ itself from data, step
-   --cd-step-size, loss = mean E(x) - mean E(x̃) with x̃ detached (this drops the gradient through
-   the θ-dependent kernel, the term the abstract says CD neglects).
-3. 2D and `--task denoise`: one time-independent EBM (one level). Denoising trains on clean images
-   (the last --holdout images of the training split are never trained on), corrupts those with y = x
-   + σ_d ε and estimates x by the posterior mean under p_θ(x | y) (average over the second half of a
-   MALA chain on the posterior from y, --denoise-steps, each image's step adapted over the first
-   half: unadjusted Langevin at the initial step diverges on a sharp posterior) and by one
-   posterior sample; PSNR against the clean images, logged during training. With digits at σ_d =
-   0.3 no estimator we tried beat the noisy input at the end of a CPU run; why: docs/RESULTS.md,
-   image results.
-4. Generation: a time-dependent EBM E_θ(x, t) over a ladder x_0 .. x_L (L = --num-levels, default 6)
-   of diffused data, CDRL's cosine log-SNR schedule clipped to [-5.1, 9.8]; level t is trained by
-   DCD with the kernel x_t -> x_{t+1} (VP: x_{t+1} = a_t x_t + b_t ε, a_t = sqrt(ᾱ_{t+1} / ᾱ_t),
-   b_t² = 1 - a_t²; VE: the same levels divided by sqrt(ᾱ_t), a_t = 1, b_t² = σ_{t+1}² - σ_t²), one
-   random level per example. Sampling starts from N(0, (σ_L² + s_L²) I) (s = signal scale: VP 1, VE
-   sqrt(1 + σ_L²)) and draws each lower level from the posterior p_θ(x_t | x_{t+1}) by K Langevin
-   steps (--sample-langevin-steps), then divides by the signal scale of level 0. On the ladder the
-   energy is the network output divided by b_t² (DRL's step-size normalisation: the posterior's
-   quadratic term and the energy then have comparable gradients at every level) and VE inputs are
-   divided by sqrt(1 + σ_t²); with one level the energy is the network output.
-5. Networks: 2D MLP 2-128-128-128-1 with SiLU (the spec's width range); images a ResNet with a
-   learned per-level embedding (DA-EBM's block: SiLU, conv, per-channel level bias, conv;
-   --ebm-blocks per resolution, average pooling, output <sum-pool SiLU(h), Linear(SiLU(emb))>), no
-   normalisation layers.
-6. Training: Adam (β = 0.9, 0.999), gradient-norm clip --grad-clip, EMA of the weights with
-   torch_ema's decay warm-up min(decay, (1 + k) / (10 + k)); shuffled epochs of an in-memory tensor,
-   random horizontal flips on CIFAR, CelebA and folder sets. An energy-magnitude penalty
-   --energy-reg α (mean E(pos)² + mean E(neg)²) (Du & Mordatch 2019), on for images (1e-2): without
-   it our brief MNIST denoising runs diverged (docs/RESULTS.md); it also caps the energies near
-   1/(2α), far below the gaps a sharp image posterior needs (docs/RESULTS.md, image results); in 2D
-   on for the chain methods (item 8). The image defaults (PRESETS["images"], and PRESETS["cpu"] for
-   --preset cpu) are ours and were not tuned.
-7. Post-training sampling of a one-level model (2D, denoising checkpoints): --sample-langevin-steps
-   unadjusted Langevin steps on p_θ from N(0, I) with --cd-step-size (DCD comes with no
-   unconditional sampler; 2D quality is measured by the exact grid density instead).
-8. 2D defaults (PRESETS["2d"]: importance, σ = 0.3, M = 6; for langevin K = 5, step ratio 0.3; CD
-   step 0.03): the estimator, M and the chain settings were chosen by a first DCD-vs-CD measurement
-   made before the w-stabilisation and the chain start at the positive existed; the energy penalty
-   α of the chain methods by the tuning runs on the checkerboard (without one both diverged): CD
-   0.3 (also Energy Discrepancy's CD baseline), DCD-Langevin 0.1, importance none; σ moved from 0.1
-   to 0.3 when the comparison at equal cost (benchmarks/toys.py dcd-vs-cd) found importance at
-   σ = 0.1 losing most of the mass of the rings toy. In that comparison (six toys, three seeds)
-   importance at σ = 0.3 and σ = 1 were the two best configurations on every toy and seed and beat
-   CD everywhere, while DCD-Langevin beat CD on some toys only; the quick start stayed within its
-   bar (docs/RESULTS.md, 2D results).
+Our choices (the abstract states none of them; each is deliberate and can be changed):
+1. `langevin` negatives: K posterior Langevin steps, step η = step_ratio (b / a)², from the positive
+   x_t (--chain-start positive: exact fixed point up to discretisation, which --metropolis removes)
+   or from y / a (biased for small K); K = 1 is our one-step variant (the paper's DCD-VE may
+   differ).
+2. `--adapt-step-ratio` (with --metropolis): each level's step ratio adapts toward 0.574 MALA
+   acceptance in training (a model buffer the sampler and the denoiser use too).
+3. `importance` negatives: M proposals x̃_j ~ N(y / a, (b / a)² I) weighted ∝ exp(-E(x̃_j)) with
+   Energy Discrepancy's w-stabilisation (Schröder et al. 2023, arXiv 2307.06431): the positive joins
+   them with weight w; w = 1 is an importance-resampling step, exact fixed point for any M.
+4. `--kernel cd` = classic CD: K unadjusted Langevin steps on p_θ from data (--cd-step-size), loss
+   mean E(x) - mean E(x̃), x̃ detached (the gradient through the kernel that CD neglects is dropped).
+5. 2D and `--task denoise` train one time-independent EBM. Denoising holds out the last --holdout
+   images, corrupts them (y = x + σ_d ε) and scores PSNR of the posterior mean (second half of a
+   MALA chain from y, per-image step adapted in the first half) and of one posterior sample.
+6. Generation: E_θ(x, t) over a ladder of --num-levels (6) diffused levels, CDRL's cosine log-SNR
+   schedule in [-5.1, 9.8], level t trained by DCD with the kernel x_t -> x_{t+1} (VP: a_t² =
+   ᾱ_{t+1} / ᾱ_t; VE: levels divided by sqrt(ᾱ_t), a_t = 1), one random level per example.
+7. Sampling the ladder: from N(0, (σ_L² + s_L²) I), each lower level by K posterior Langevin steps,
+   divided by level 0's signal scale; the energy is the network output / b_t² (DRL's step-size
+   normalisation), VE inputs divided by sqrt(1 + σ_t²); one level: the network output.
+8. Networks: 2D MLP 2-128-128-128-1 with SiLU; images DA-EBM's ResNet block with a learned level
+   embedding (per-channel bias), --ebm-blocks per resolution, average pooling, no normalisation.
+9. Training: Adam (0.9, 0.999), gradient clip, EMA with torch_ema's warm-up, shuffled epochs, flips
+   on CIFAR, CelebA and folders; energy penalty --energy-reg α (E(pos)² + E(neg)², Du & Mordatch
+   2019), 1e-2 on images (brief MNIST runs diverged without); it caps energies near 1/(2α).
+10. One-level post-training sampling (2D, denoising): --sample-langevin-steps unadjusted Langevin
+   steps on p_θ from N(0, I), step --cd-step-size (DCD has no unconditional sampler of its own).
+11. 2D defaults (importance, σ = 0.3, M = 6; langevin K = 5, ratio 0.3; CD step 0.03; α: CD 0.3,
+   DCD-Langevin 0.1, importance 0) by measurement: importance at σ 0.3 and 1 was best at equal cost
+   on every toy and seed (benchmarks/toys.py dcd-vs-cd; docs/RESULTS.md, 2D results).
+12. The image defaults (PRESETS["images"], and PRESETS["cpu"] for --preset cpu) are ours, untuned;
+   on digits at σ_d = 0.3 no estimator beat the noisy input (why: docs/RESULTS.md, image results).
 """
 import copy
 import math
@@ -104,8 +74,8 @@ import torch.nn.functional as F
 import common
 
 # Per-dataset defaults of the fields left at None: "2d" for the toys, "images" for every image set.
-# The abstract fixes none of them, so every value is ours (docstring items 6 and 8; how the 2D ones
-# were chosen: docs/RESULTS.md, DCD).
+# The abstract fixes none of them, so every value is ours (docstring items 9, 11 and 12; how the
+# 2D ones were chosen: docs/RESULTS.md, DCD).
 PRESETS = {
     "2d": {
         "steps": 3000,  # ours
@@ -115,7 +85,7 @@ PRESETS = {
         "sample_every": 1000,  # ours
         "save_every": 1000,  # ours
         "estimator": "importance",  # ours, by measurement
-        "sigma": 0.3,  # ours, by measurement (docstring item 8)
+        "sigma": 0.3,  # ours, by measurement (docstring item 11)
         "langevin_steps": 5,  # ours
         "step_ratio": 0.3,  # ours
         "cd_step_size": 0.03,  # ours
@@ -134,7 +104,7 @@ PRESETS = {
         "step_ratio": 0.2,  # ours
         "cd_step_size": 1e-4,  # ours
         "num_levels": 6,  # ours (--task generate; --task denoise trains one level)
-        "energy_reg": 1e-2,  # ours: without it brief MNIST runs diverged (docstring item 6)
+        "energy_reg": 1e-2,  # ours: without it brief MNIST runs diverged (docstring item 9)
         "ebm_channels": 128,  # ours
         "ebm_channel_mult": (1, 2, 2, 2),  # ours
         "ebm_blocks": 2,  # ours
@@ -212,7 +182,7 @@ class Args(common.RunArgs):
     energy_reg: Optional[float] = None
     """weight α of the energy-magnitude penalty α (mean E(pos)² + mean E(neg)²) (Du & Mordatch 2019;
     the negatives being the proposals for importance; keeps unadjusted Langevin in range) (default:
-    images 0.01; 2D by method, docstring item 8: --kernel cd 0.3, --estimator langevin 0.1,
+    images 0.01; 2D by method, docstring item 11: --kernel cd 0.3, --estimator langevin 0.1,
     importance 0)"""
     mlp_width: int = 128
     """2D MLP hidden width"""
@@ -251,7 +221,7 @@ class Args(common.RunArgs):
         if self.task == "denoise" and self.num_levels is None:
             self.num_levels = 1
         common.apply_presets(self, PRESETS)
-        if self.energy_reg is None:  # 2D: what each method did best with (docstring item 8)
+        if self.energy_reg is None:  # 2D: what each method did best with (docstring item 11)
             self.energy_reg = 0.3 if self.kernel == "cd" else \
                 0.1 if self.estimator == "langevin" else 0.0
         if self.hflip is None:

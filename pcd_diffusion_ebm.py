@@ -14,56 +14,32 @@ After training, samples are chains started from noise at t = T and kept at their
 0; the energy at t = 0 scores OOD inputs.
 
 Deliberate differences from the official code (github.com/XinweiZhang/DAEBM):
-1. MALA acceptance is correct: the reverse-proposal term is -ξ + (s/2)(∇U(x) + ∇U(x')). The official
-   code uses s²/2 instead of s/2, which is not the Metropolis-Hastings ratio of its own proposal.
-   `--official-mh-ratio` reproduces it.
-2. Acceptance statistics for step-size adaptation are averaged over the chains actually at each
-   level in the window (sum / count, and the MH acceptance probability rather than the 0/1 outcome,
-   same expectation). The official code averages per-iteration level means with empty levels counted
-   as 0, which biases the rate down at levels few chains visit.
+1. Correct MALA ratio: reverse-proposal term -ξ + (s/2)(∇U(x) + ∇U(x')); the official s²/2 is not
+   the MH ratio of its own proposal (`--official-mh-ratio` reproduces it).
+2. Step-size adaptation averages the MH acceptance probability over the chains at each level in
+   the window (sum / count); the official code averages per-iteration level means, empty levels 0.
 3. The learning-rate schedule is a per-iteration function of the step (warm-up, then the paper's
-   decay expressed as fractions of --steps); the official code steps its decay once per epoch. With
-   --steps at the paper's value the two differ only by the within-epoch granularity.
-4. The learning-rate warm-up is the paper's at its run length (2D: 500 iterations of 100,000;
-   images: 6,000 of 120,000) scaled by --steps / that length, so that a shorter run (the 2D quick
-   start: 20,000, warm-up 100) spends the same fraction of itself warming up. The MH start (2D 500,
-   images 6,000) and the step-size adaptation interval (2D 500 = once per official epoch of 50k
-   points at batch 100; images 100) are the paper's, not scaled: adapted as often as a scaled
-   schedule would, the step sizes at t = 0 outgrew the model and short runs diverged; MALA switched
-   on at a scaled start met energies still swinging after the warm-up, and the 2D quick start
-   diverged on 8gaussians soon after (measurements: docs/RESULTS.md, DA-EBM quick start and "the
-   MH start is not scaled").
-5. Data batches come from shuffled epochs of an in-memory tensor (`common.EpochLoader`), not a
-   DataLoader; the 2D training set is 50,000 fixed points drawn once, as in the official toy script.
-6. Optional EMA of the weights (`--ema-decay`, off by default as in the official code): when on, the
-   EMA model is what the checkpoint's "ema" holds for post-training sampling and evaluation; the
-   persistent chains always use the trained weights.
-7. The long-run stability check reports numbers (mean energy at t = 0 and RMS drift from the start,
-   against MALA steps) besides the image grid; the official check is visual only.
-8. CIFAR-10, CIFAR-100, SVHN, CelebA and folder datasets use the MNIST configuration with 3
-   channels; the paper has no configuration for them.
-9. 2D default run length: `python pcd_diffusion_ebm.py` trains the paper's rings configuration for
-   20,000 iterations instead of the paper's 100,000 so that the quick start takes minutes, not
-   hours, on a CPU; the learning-rate milestones are fractions of --steps, so `--steps 100000` is
-   the paper's run.
-10. At the end of a run the post-training samples and the long-run check cost at most what training
-   did (--steps MGMS transitions, --steps x K MALA steps), so that a short run ends soon after its
-   last iteration; the chains that have not reached their M-th visit by then are dropped with a
-   warning. At paper scale neither bound binds. `eval_fid_ood.py` and `sample` are not bounded.
-11. Post-training sampler: 1,000 parallel chains for images (official 100), and the chains persist
-   on the model between `sample` calls until its weights change, so the evaluator's 50,000 samples
-   drawn in batches of 250 cost the transitions of one run: no chain in flight is dropped between
-   batches. A kept sample is still a chain's state at its M-th visit to t = 0 from noise at t = T;
-   only the number of chains in flight differs, which changes speed, not what a chain does.
-12. The 2D net's per-row softplus is written as log(1 + e^x) (`softplus`), equal to the official
-   F.softplus to float rounding (within 1e-6 relative, `tests/test_daebm.py`), for CPU speed.
-13. Under torchrun (the official code runs one GPU) the persistent chains are split over the ranks
-   (rows rank, rank + N, ...) and each rank draws its share of the batch of chains, with
-   replacement, from its own rows; the step sizes adapt on the acceptance summed over all ranks.
-   With one process this is the official single pool.
-14. `--preset cpu` (PRESETS["cpu"]): a reduced MNIST configuration for a CPU (width 32, T = 10,
-   K = 15, batch 64, 2,000 iterations, lr 1e-4); its post-training sampler is the official code's
-   annealed sweep, since early in such a run no MGMS chain from noise reached t = 0 (RESULTS.md).
+   decay as fractions of --steps), not stepped once per epoch.
+4. The warm-up is the paper's (2D 500 of 100,000; images 6,000 of 120,000) scaled by --steps / that
+   length; the MH start and the adaptation interval are the paper's, unscaled: scaled, short runs
+   diverged (docs/RESULTS.md, DA-EBM quick start and "the MH start is not scaled").
+5. Data: shuffled epochs of an in-memory tensor (`common.EpochLoader`); the 2D training set is
+   50,000 points drawn once, as in the official toy script.
+6. Optional EMA (`--ema-decay`, off as official): when on, "ema" in the checkpoint samples and
+   evaluates; the persistent chains always use the trained weights.
+7. The long-run check also reports numbers (mean energy at t = 0, RMS drift), not only pictures.
+8. CIFAR-10/100, SVHN, CelebA and folders use the MNIST configuration with 3 channels.
+9. The 2D quick start trains 20,000 iterations (paper 100,000: `--steps 100000`).
+10. At the end of a run, final samples and the long-run check cost at most what training did
+   (--steps transitions, --steps x K MALA steps); `eval_fid_ood.py` and `sample` are unbounded.
+11. Post-training sampler: 1,000 chains for images (official 100), kept on the model between
+   `sample` calls, so 50,000 samples in batches cost the transitions of one run.
+12. The 2D net's softplus is written as log(1 + e^x), F.softplus to float rounding, for CPU speed.
+13. Under torchrun the persistent chains are split over the ranks, each drawing its share of the
+   batch from its own rows; step sizes adapt on the acceptance summed over all ranks.
+14. `--preset cpu`: a reduced MNIST configuration (width 32, T = 10, K = 15, batch 64, 2,000
+   iterations, lr 1e-4) with the official annealed sampler: early in such a run no MGMS chain from
+   noise reached t = 0 (docs/RESULTS.md).
 """
 import copy
 import math

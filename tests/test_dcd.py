@@ -250,7 +250,7 @@ def test_energy_penalty_gradient(estimator, monkeypatch):
 
 
 def test_2d_energy_penalty_default_is_each_methods_tuned_value():
-    # docstring item 8: CD 0.3 and DCD-Langevin 0.1 (without a penalty both diverged on the
+    # dcd.py docstring item 11: CD 0.3 and DCD-Langevin 0.1 (without a penalty both diverged on the
     # checkerboard), importance none; images 1e-2 whatever the method; a given value is kept
     def alpha(**fields):
         return dcd.Args(**{"dataset": "checkerboard", **fields}).energy_reg

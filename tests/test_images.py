@@ -122,3 +122,23 @@ def test_a_run_records_its_training_segment(tmp_path, monkeypatch):
     assert record["it_per_s_median"] == 2.5 and record["eval"] == {}
     record = images.run("stand-in")
     assert record["eval"]["probe"]["result"]["seen"].endswith("stand-in")
+
+
+def test_every_command_of_the_runs_parses():
+    """Each run's training flags are settings of its script and each evaluator stage's flags are
+    the evaluator's (a typo would otherwise surface after hours of training)."""
+    import tyro
+
+    import eval_fid_ood
+    from conftest import METHODS, SCRIPTS
+
+    module_of = {script: METHODS[method] for method, script in SCRIPTS.items()}
+    for name, spec in images.RUNS.items():
+        script, *flags = spec["train"]
+        args = tyro.cli(module_of[script].Args, args=[*flags, *images.TRAIN, "--run-dir", "r"])
+        assert args.preset == "cpu" and args.dataset == "mnist", name
+        for stage, stage_flags in spec["eval"].items():
+            if isinstance(stage_flags, str):
+                assert callable(getattr(images, stage_flags)), (name, stage)
+            else:
+                tyro.cli(eval_fid_ood.EvalArgs, args=["--ckpt", "r", *images.EVAL, *stage_flags])

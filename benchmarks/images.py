@@ -215,6 +215,20 @@ def account_for_cut_segments(record, step: int):
         record["train_segments"] = []
 
 
+def curves(record, run_dir):
+    """The record with the run's speed (median it/s), FID curve and denoising curve so far, from
+    its metrics.jsonl."""
+    rows = metrics(run_dir)
+    speeds = [r["it_per_s"] for r in rows if "it_per_s" in r]
+    if speeds:
+        record["it_per_s_median"] = float(np.median(speeds))
+    record["fid_curve"] = [{k: r[k] for k in ("step", "fid", "fid_samples", "fid_seconds")}
+                           for r in rows if "fid" in r]
+    record["denoise_curve"] = [{k: v for k, v in r.items() if k == "step" or "psnr" in k
+                                or k == "denoise_accept"} for r in rows if "psnr_mean" in r]
+    return record
+
+
 def metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -297,7 +311,7 @@ def run(name, stages=None):
                 break
             except subprocess.TimeoutExpired:
                 segment["wall_s"] = round(time.time() - start, 1)
-                save_record(record)
+                save_record(curves(record, run_dir))
         segment.update(to_step=checkpoint_step(run_dir), wall_s=round(time.time() - start, 1),
                        returncode=proc.returncode)
         if proc.returncode == 0:
@@ -306,13 +320,7 @@ def run(name, stages=None):
         if proc.returncode != 0:
             print(f"{name}: training stopped (exit {proc.returncode}, see {log.name})")
             return record
-    rows = metrics(run_dir)
-    record["it_per_s_median"] = float(np.median([r["it_per_s"] for r in rows if "it_per_s" in r]))
-    record["fid_curve"] = [{k: r[k] for k in ("step", "fid", "fid_samples", "fid_seconds")}
-                           for r in rows if "fid" in r]
-    record["denoise_curve"] = [{k: v for k, v in r.items() if k == "step" or "psnr" in k
-                                or k == "denoise_accept"} for r in rows if "psnr_mean" in r]
-    save_record(record)
+    save_record(curves(record, run_dir))
     for stage, stage_flags in spec["eval"].items():
         if "result" in record["eval"].get(stage, {}) or (stages is not None
                                                          and stage not in stages):

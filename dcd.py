@@ -37,7 +37,8 @@ Our choices (the abstract states none of them; each is deliberate and can be cha
    Energy Discrepancy's w-stabilisation (Schröder et al. 2023, arXiv 2307.06431): the positive joins
    them with weight w; w = 1 is an importance-resampling step, exact fixed point for any M.
 4. `--kernel cd` = classic CD: K unadjusted Langevin steps on p_θ from data (--cd-step-size), loss
-   mean E(x) - mean E(x̃), x̃ detached (the gradient through the kernel that CD neglects is dropped).
+   mean E(x) - mean E(x̃), x̃ detached (the gradient through the kernel, which CD neglects, is
+   dropped).
 5. 2D and `--task denoise` train one time-independent EBM. Denoising holds out the last --holdout
    images, corrupts them (y = x + σ_d ε) and scores PSNR of the posterior mean (second half of a
    MALA chain from y, per-image step adapted in the first half) and of one posterior sample.

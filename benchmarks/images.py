@@ -452,8 +452,11 @@ def table() -> str:
     """Markdown: one row per recorded run (generation runs, then the denoising ones)."""
     records = [load_record(name) for name in [*RUNS, "dsm-denoise"]
                if os.path.exists(os.path.join(RECORDS, f"{name}.json"))]
+    long_runs = [r["eval"]["long_run"]["result"]["long_run"] for r in records
+                 if "result" in r["eval"].get("long_run", {})]
+    long_run_n = f"{long_runs[0]['n_samples']} samples" if long_runs else "not measured"
     lines = ["| run | FID, 10,000 samples | FID curve (500 samples: step FID) | AUROC "
-             "Fashion-MNIST / mean of 4 sets | long-run FID x1 / x10 / x100 (200 samples) | "
+             f"Fashion-MNIST / mean of 4 sets | long-run FID x1 / x10 / x100 ({long_run_n}) | "
              "denoising PSNR, estimate / noisy input (dB) | training wall | it/s |",
              "|---" * 8 + "|"]
     for record in records:
@@ -470,7 +473,31 @@ def table() -> str:
         runs = " / ".join(cell(r["fid"]) for r in long_run.get("records", [])) or "not measured"
         lines.append(f"| {record['run']} | {cell(score.get('fid'))} | {curve or '-'} | {auroc} | "
                      f"{runs} | - | {train_wall(record) / 3600:.2f} h | {speed(record)} |")
-    return "\n".join(lines)
+    return "\n".join(lines + claims(records))
+
+
+def claims(records) -> list:
+    """Each paper's own image claim that the main table has no column for: CDRL's guidance sweep
+    and inpainting, DA-EBM's persistent chains at t = 0 (a bullet each; 'not measured' where a
+    stage has no result)."""
+    results = {r["run"]: {stage: entry.get("result") for stage, entry in r["eval"].items()}
+               for r in records}
+    cdrl, daebm = results.get("cdrl", {}), results.get("daebm", {})
+    guidance = cdrl.get("guidance") or {}
+    lines = ["", "- CDRL guidance sweep: " + (
+        f"FID of {guidance['fid_samples']} samples each, the same noise: "
+        + ", ".join(f"w = {r['guidance']:g}: {r['fid']:.1f}" for r in guidance["guidance_sweep"])
+        if guidance else "not measured")]
+    for region in ("center", "right"):
+        inpaint = (cdrl.get(f"inpaint_{region}") or {}).get("inpaint")
+        lines.append(f"- CDRL inpainting, {region}: " + (
+            f"MSE {inpaint['mse']:.3f} against {inpaint['mse_known_mean']:.3f} for the known-mean "
+            f"fill ({inpaint['n']} held-out digits)" if inpaint else "not measured"))
+    chains = daebm.get("chains")
+    lines.append("- DA-EBM persistent chains at t = 0 (final checkpoint): " + (
+        f"{chains['n_at_t0']} of {chains['n_chains']}, FID {chains['fid']:.1f} on those"
+        if chains else "not measured"))
+    return lines
 
 
 def train_wall(record) -> float:

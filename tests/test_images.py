@@ -55,7 +55,7 @@ def test_table_from_records(tmp_path, monkeypatch, capsys):
                   "it_per_s_median": 0.3, "fid_curve": [{"step": 500, "fid": 120.4}],
                   "eval": {"score": {"result": {"fid": 55.55, "ood": {
                       "fashionmnist": {"auroc": 0.9}}, "ood_mean": 0.7}},
-                      "long_run": {"result": {"long_run": {"records": [
+                      "long_run": {"result": {"long_run": {"n_samples": 100, "records": [
                           {"fid": 60.0}, {"fid": 61.0}, {"fid": 70.25}]}}}}},
         "dcd-denoise-langevin": {"run": "dcd-denoise-langevin", "train_segments": [
             {"wall_s": 360}], "eval": {}, "denoise_curve": [
@@ -67,13 +67,32 @@ def test_table_from_records(tmp_path, monkeypatch, capsys):
         with open(tmp_path / f"{name}.json", "w") as f:
             json.dump(record, f)
     images.main(["table"])
+    printed = capsys.readouterr().out
+    assert "long-run FID x1 / x10 / x100 (100 samples)" in printed.splitlines()[0]
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:]
-            for line in capsys.readouterr().out.splitlines()[2:]}
+            for line in printed.splitlines()[2:] if line.startswith("| ")}
     assert rows["daebm"] == ["55.5", "500: 120", "0.900 / 0.700", "60.0 / 61.0 / 70.2", "-",
                              "1.50 h", "0.30 |"]
     assert rows["dcd-denoise-langevin"][4:6] == ["18.33 / 19.18", "0.10 h"]
     assert rows["dsm-denoise"][4:6] == ["25.50 / 19.18", "0.10 h"]
     assert "cdrl" not in rows
+
+
+def test_claims_below_the_table():
+    """The papers' own claims without a column: CDRL's guidance sweep and inpainting against the
+    known-mean fill, DA-EBM's chains at t = 0; a stage not run says so."""
+    cdrl = {"run": "cdrl", "eval": {
+        "guidance": {"result": {"fid_samples": 2000, "guidance_sweep": [
+            {"guidance": -1.0, "fid": 80.04}, {"guidance": 1.0, "fid": 60.96}]}},
+        "inpaint_center": {"result": {"inpaint": {"mse": 0.2881, "mse_known_mean": 0.2806,
+                                                  "n": 1000}}}}}
+    lines = images.claims([cdrl])
+    assert "- CDRL guidance sweep: FID of 2000 samples each, the same noise: w = -1: 80.0, " \
+           "w = 1: 61.0" in lines
+    assert "- CDRL inpainting, center: MSE 0.288 against 0.281 for the known-mean fill (1000 " \
+           "held-out digits)" in lines
+    assert "- CDRL inpainting, right: not measured" in lines
+    assert "- DA-EBM persistent chains at t = 0 (final checkpoint): not measured" in lines
 
 
 def test_runs_and_data_live_outside_the_checkout():

@@ -75,9 +75,9 @@ RUNS = {
         # w = -1 is the null class alone: (1 + w) f(y, c) - w f(y, ∅) = f(y, ∅), the
         # unconditional model of classifier-free guidance; w = 0 conditional; w > 0 guided
         # the cheap stages first, the unconditional FID of 10,000 samples (the guidance sweep
-        # has it at 2,000) last
+        # has it at 1,000) last
         "eval": {"score": SCORE,
-                 "guidance": ["--guidance-sweep", "-1,0,1,3", "--fid-samples", "2000", "--ood",
+                 "guidance": ["--guidance-sweep", "-1,0,1,3", "--fid-samples", "1000", "--ood",
                               "none"],
                  "inpaint_center": [*NO_FID, "--inpaint", "center", "--n-inpaint", "1000"],
                  "inpaint_right": [*NO_FID, "--inpaint", "right", "--n-inpaint", "1000"],

@@ -186,11 +186,17 @@ def load_record(name):
 
 
 def save_record(record):
+    """Write a run's record, keeping the stage results that another driver of the same run (the
+    other lane, running another of its stages) wrote since this one loaded it."""
     os.makedirs(RECORDS, exist_ok=True)
     path = os.path.join(RECORDS, f"{record['run']}.json")
-    with open(path + ".tmp", "w") as f:
+    for stage, entry in load_record(record["run"])["eval"].items():
+        if "result" in entry and "result" not in record["eval"].get(stage, {}):
+            record["eval"][stage] = entry
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
         json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(temporary, path)
 
 
 def checkpoint_step(run_dir):

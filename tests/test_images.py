@@ -95,6 +95,20 @@ def test_claims_below_the_table():
     assert "- DA-EBM persistent chains at t = 0 (final checkpoint): not measured" in lines
 
 
+def test_two_drivers_of_one_run_keep_both_stages(tmp_path, monkeypatch):
+    """Two lanes may run two stages of one run at once: each driver saves the record it loaded
+    plus its own stage, and the later save must not drop the earlier one's result."""
+    monkeypatch.setattr(images, "RECORDS", str(tmp_path))
+    images.save_record({"run": "r", "train_segments": [], "eval": {}})
+    lane_a, lane_b = images.load_record("r"), images.load_record("r")
+    lane_b["eval"]["long_run"] = {"result": {"fid": 1.0}}
+    images.save_record(lane_b)
+    lane_a["eval"]["score"] = {"result": {"fid": 2.0}}
+    images.save_record(lane_a)
+    assert images.load_record("r")["eval"] == {"long_run": {"result": {"fid": 1.0}},
+                                               "score": {"result": {"fid": 2.0}}}
+
+
 def test_runs_and_data_live_outside_the_checkout():
     """A run cut off by a session's end resumes in the next session, which starts from a fresh
     clone: its checkpoint, the data and the cached Inception statistics must not be inside the

@@ -39,9 +39,9 @@ Images
   right or bottom half, missing; the method fills them in given the rest. mse: mean squared error
   over the missing pixels against the held-out truth, on the [0, 1] scale; mse_known_mean: the same
   for filling each image's missing pixels with its known pixels' per-channel mean (a floor any
-  model should beat); picture eval_inpaint.png (rows: truth, masked input, inpainted). A folder:PATH
-  set has no test split: its "test split" here and in ood is the folder itself (the "split" entry
-  says so).
+  model should beat); picture eval_inpaint_<region>.png (rows: truth, masked input, inpainted). A
+  folder:PATH set has no test split: its "test split" here and in ood is the folder itself (the
+  "split" entry says so).
 2D
 - nll: mean -log p_θ of --n-test fresh points of the toy, with p_θ = exp(-energy) normalised exactly
   on a --grid-resolution² grid over the data box (logsumexp over the cells); true_nll: the same
@@ -364,7 +364,8 @@ def evaluate_inpainting(module, model, args, ea: EvalArgs, data_dir: str, device
         rows = min(8, len(test))
         common.save_image_grid(torch.cat([truth[:rows], torch.where(missing[:rows], 0.0,
                                                                     truth[:rows]), filled[:rows]]),
-                               os.path.join(out_dir, "eval_inpaint.png"), nrow=rows)
+                               os.path.join(out_dir, f"eval_inpaint_{ea.inpaint}.png"),
+                               nrow=rows)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -428,7 +428,8 @@ def test_inpainting_mse_against_a_reference_computation(tmp_path, image_folder, 
     results = eval_fid_ood.evaluate(ea)["inpaint"]
     assert results["region"] == "center" and results["n"] == 6
     assert results["split"] == "training images (folder datasets have no test split)"
-    assert (run / "eval_inpaint.png").exists()
+    # one picture per region: two inpainting runs of one checkpoint keep both
+    assert [p.name for p in run.glob("eval_inpaint*.png")] == ["eval_inpaint_center.png"]
     # by hand: the seeded subset of the test split (here the folder) in batches of 4, each seeded
     # by batch_seed, with the central 4x4 of the 8x8 images missing
     test = common.load_images(f"folder:{image_folder}", "unused", train=False)

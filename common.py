@@ -923,6 +923,13 @@ def apply_presets(args, presets: dict):
                         "NLL")
 
 
+def require(*checks):
+    """(condition, message) pairs: the first false condition raises its message as a UserError."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 def check_positive(args, names):
     for key in names:
         if getattr(args, key) <= 0:

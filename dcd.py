@@ -2,29 +2,18 @@
 Li, Zhang 2023, arXiv 2307.01668), with classic short-run contrastive divergence (CD) beside it as
 the baseline.
 
-What the paper states (its abstract; the body and any official code were not available to us):
-  - CD is one member of a family, DCD: replace the Langevin dynamics inside CD, a kernel that
-    depends on the EBM, by an EBM-parameter-free diffusion process. DCD is cheaper than CD and has
-    no "non-negligible extra gradient term" that short-run CD neglects.
-  - Experiments: 2D synthetic data and image denoising, where DCD beats CD "by a large margin", and
-    CelebA 32x32 generation "comparable to existing EBMs"; third-party summaries also name a
-    one-step estimator "DCD-VE" and time-dependent EBMs trained with DCD.
-
-The mathematics that definition implies (our derivation, `../shared/methods/dcd.md`): for a Markov
-kernel Q,
-    DCD_Q(θ) = KL(p_data || p_θ) - KL(Q p_data || Q p_θ) >= 0,
-and for a θ-free Gaussian kernel (VE: y = x + σ ε; VP: y = sqrt(1 - σ²) x + σ ε) the chain rule of
-KL gives DCD_Q = E_y KL(p_data(x | y) || p_θ(x | y)): the expected KL between the posteriors of
-diffused data, i.e. the negative recovery likelihood of Gao et al. (2021) up to a constant. Its
-exact gradient (log Z cancels) is
-    ∇DCD = E_{x ~ data} ∇E_θ(x) - E_{x ~ data, y ~ q(y|x)} E_{x̃ ~ p_θ(x̃ | y)} ∇E_θ(x̃),
-    p_θ(x̃ | y) ∝ exp(-E_θ(x̃) - ||y - a x̃||² / (2 b²)),
-with VE: a = 1, b = σ and VP: a = sqrt(1 - σ²), b = σ:
-the negatives are "recoveries" of diffused data, never unconditional model samples. As σ -> 0, DCD /
-σ² tends to half the Fisher divergence (score matching); as σ grows, DCD tends to maximum
-likelihood. With a single kernel, VP at σ equals VE at σ / sqrt(1 - σ²) (the same posterior of y /
-a), so the two differ only in the time-dependent ladder below, where the EBM sees y at its own
-scale.
+The abstract (the body and any official code were not available to us): CD is one member of a
+family, DCD, which replaces CD's Langevin kernel (it depends on the EBM) by an EBM-free diffusion;
+DCD is cheaper and has no neglected gradient term; experiments on 2D data, image denoising (DCD
+beats CD "by a large margin") and CelebA 32x32 generation. Our derivation
+(../shared/methods/dcd.md): for a kernel Q, DCD_Q = KL(p_data || p_θ) - KL(Q p_data || Q p_θ) >=
+0; for a θ-free Gaussian kernel (VE: y = x + σ ε; VP: y = sqrt(1 - σ²) x + σ ε) it is E_y
+KL(p_data(x | y) || p_θ(x | y)), Gao et al.'s (2021) negative recovery likelihood up to a
+constant, with the exact gradient
+    ∇DCD = E_{x ~ data} ∇E_θ(x) - E_{x, y ~ q(y|x)} E_{x̃ ~ p_θ(x̃ | y)} ∇E_θ(x̃),
+    p_θ(x̃ | y) ∝ exp(-E_θ(x̃) - ||y - a x̃||² / (2 b²))   (VE: a = 1, b = σ; VP: a = sqrt(1 - σ²)):
+the negatives are recoveries of diffused data, never unconditional samples. σ -> 0: half the
+Fisher divergence (score matching) per σ²; σ large: maximum likelihood.
 
 Our choices (the abstract states none of them; each is deliberate and can be changed):
 1. `langevin` negatives: K posterior Langevin steps, step η = step_ratio (b / a)², from the positive
@@ -138,15 +127,12 @@ class Args(common.RunArgs):
 
     # ---- DCD ----
     task: Literal["generate", "denoise"] = "generate"
-    """images: 'generate' = time-dependent EBM over a noise ladder; 'denoise' = one clean-data EBM,
-    scored by denoising PSNR on held-out images every --sample-every (2D always trains one
-    time-independent EBM)"""
+    """images: 'generate' = a time-dependent EBM on a noise ladder; 'denoise' = one clean-data EBM
+    scored by denoising PSNR on held-out images every --sample-every (2D: always one EBM)"""
     kernel: Literal["ve", "vp", "cd"] = "ve"
-    """ve / vp: DCD with that Gaussian diffusion kernel; cd: classic short-run CD (one-level
-    models)"""
+    """ve / vp: DCD with that Gaussian kernel; cd: classic short-run CD (one-level models)"""
     estimator: Optional[Literal["langevin", "importance"]] = None
-    """DCD negatives: 'langevin' (K posterior Langevin steps, --chain-start) or 'importance' (M
-    proposals around y and the positive, --importance-w)"""
+    """DCD negatives: K posterior Langevin steps (langevin) or M proposals around y (importance)"""
     sigma: Optional[float] = None
     """one-level models: std of the kernel's added noise (VP needs < 1)"""
     langevin_steps: Optional[int] = None
@@ -156,22 +142,17 @@ class Args(common.RunArgs):
     num_proposals: int = 6
     """M: proposals per example of the importance estimator (6: the cost of CD with K = 5)"""
     importance_w: float = 1.0
-    """importance: w of Energy Discrepancy's stabilisation (Schröder et al. 2023): the positive
-    joins the M proposals with weight w; 1 = a conditional importance-resampling step, exact at
-    p_θ = p_data; 0 = plain self-normalised importance sampling (biased, unbounded below)"""
+    """importance: weight of the positive among the proposals (Schröder et al. 2023); 1 = exact
+    at p_θ = p_data; 0 = plain self-normalised importance sampling (biased)"""
     chain_start: Literal["positive", "y"] = "positive"
-    """langevin: where the posterior chain starts: the positive x_t (a draw of p_θ(x | y) when p_θ =
-    p_data) or y / a (a draw of p(y), not of the posterior)"""
+    """langevin: the posterior chain starts at the positive x_t (exact if p_θ = p_data) or y / a"""
     metropolis: bool = False
-    """langevin: Metropolis-adjust every posterior step (MALA), removing the step-size bias; the
-    ladder's sampler then runs MALA too"""
+    """langevin: Metropolis-adjust every posterior step (MALA); the ladder's sampler too"""
     adapt_step_ratio: bool = False
-    """langevin with --metropolis: adapt each level's step ratio during training toward MALA's
-    0.574 acceptance (from --step-ratio; a buffer of the model, which the sampler and the
-    denoiser use): the posterior of sharp data (digits) can be far narrower than the kernel"""
+    """langevin with --metropolis: adapt each level's step ratio in training toward 0.574 MALA
+    acceptance (a model buffer the sampler and denoiser use); sharp data need far smaller steps"""
     cd_step_size: Optional[float] = None
-    """CD Langevin step η (x ← x - η/2 ∇E + sqrt(η) ξ), also the one-level post-training
-    sampler's"""
+    """CD Langevin step η (x ← x - η/2 ∇E + sqrt(η) ξ), also the one-level sampler's"""
     num_levels: Optional[int] = None
     """levels of the time-dependent ladder (1 = a time-independent EBM: 2D and --task denoise)"""
     logsnr_min: float = -5.1
@@ -181,10 +162,8 @@ class Args(common.RunArgs):
     grad_clip: float = 1.0
     """gradient-norm clip; 0 = off"""
     energy_reg: Optional[float] = None
-    """weight α of the energy-magnitude penalty α (mean E(pos)² + mean E(neg)²) (Du & Mordatch 2019;
-    the negatives being the proposals for importance; keeps unadjusted Langevin in range) (default:
-    images 0.01; 2D by method, docstring item 11: --kernel cd 0.3, --estimator langevin 0.1,
-    importance 0)"""
+    """α of the penalty α (mean E(pos)² + mean E(neg)²) (Du & Mordatch 2019); 2D: --kernel cd 0.3,
+    --estimator langevin 0.1, importance 0 (docstring item 11)"""
     mlp_width: int = 128
     """2D MLP hidden width"""
     ebm_channels: Optional[int] = None
@@ -198,11 +177,10 @@ class Args(common.RunArgs):
     holdout: int = 1000
     """denoise: images at the end of the training split held out (never trained on) and denoised"""
     denoise_steps: int = 100
-    """denoise: posterior Langevin steps (step --step-ratio · σ_d²); the estimate is the mean of the
-    second half"""
+    """denoise: posterior MALA steps from y; the estimate is the mean of the second half"""
     sample_langevin_steps: Optional[int] = None
-    """sampling: posterior steps per ladder level (default --langevin-steps); one-level models:
-    steps of the unconditional chain (default 500)"""
+    """sampling: posterior steps per ladder level (default --langevin-steps); one level: steps of
+    the unconditional chain (default 500)"""
     hflip: Optional[bool] = None
     """random horizontal flips of training images (default on for cifar10/cifar100/celeba/folder)"""
     image_size: Optional[int] = None
@@ -238,33 +216,26 @@ class Args(common.RunArgs):
         common.check_positive(self, ["langevin_steps", "num_proposals", "num_levels", "mlp_width",
                                      "holdout", "denoise_steps",
                                      "sample_langevin_steps", "sample_batch", "n_grid", "n_points"])
-        if not (self.step_ratio > 0 and self.cd_step_size > 0 and self.grad_clip >= 0
-                and self.energy_reg >= 0 and self.importance_w >= 0):
-            raise common.UserError("--step-ratio and --cd-step-size must be positive, --grad-clip, "
-                                   "--energy-reg and --importance-w >= 0")
-        if toy and self.task == "denoise":
-            raise common.UserError("--task denoise needs an image dataset; 2D toys train one EBM "
-                                   "already")
-        if toy and self.num_levels != 1:
-            raise common.UserError("2D toys train a time-independent EBM: --num-levels must be 1")
-        if self.task == "denoise" and self.num_levels != 1:
-            raise common.UserError("--task denoise trains a one-level (clean-data) EBM: "
-                                   "--num-levels must be 1")
-        if self.num_levels == 1:
-            if not self.sigma > 0 or (self.kernel == "vp" and self.sigma >= 1):
-                raise common.UserError("--sigma must be positive (and below 1 for --kernel vp), "
-                                       f"got {self.sigma}")
-        elif self.kernel == "cd":
-            raise common.UserError("--kernel cd is the one-level baseline: use it with "
-                                   "--num-levels 1")
-        if self.adapt_step_ratio and not (self.kernel != "cd" and self.estimator == "langevin"
-                                          and self.metropolis):
-            raise common.UserError("--adapt-step-ratio adapts the posterior MALA chain: it needs "
-                                   "--estimator langevin --metropolis (and a DCD kernel)")
-        if self.task == "denoise" and not self.denoise_sigma > 0:
-            raise common.UserError(f"--denoise-sigma must be positive, got {self.denoise_sigma}")
-        if self.logsnr_min >= self.logsnr_max:
-            raise common.UserError("--logsnr-min must be below --logsnr-max")
+        one_level, langevin_mala = self.num_levels == 1, self.estimator == "langevin" and \
+            self.metropolis and self.kernel != "cd"
+        common.require(
+            (self.step_ratio > 0 and self.cd_step_size > 0 and self.grad_clip >= 0
+             and self.energy_reg >= 0 and self.importance_w >= 0, "--step-ratio and "
+             "--cd-step-size must be positive, --grad-clip, --energy-reg and --importance-w >= 0"),
+            (not (toy and self.task == "denoise"),
+             "--task denoise needs an image dataset; 2D toys train one EBM already"),
+            (one_level or not toy, "2D toys train a time-independent EBM: --num-levels must be 1"),
+            (one_level or self.task != "denoise",
+             "--task denoise trains a one-level (clean-data) EBM: --num-levels must be 1"),
+            (not one_level or (self.sigma > 0 and (self.kernel != "vp" or self.sigma < 1)),
+             f"--sigma must be positive (and below 1 for --kernel vp), got {self.sigma}"),
+            (one_level or self.kernel != "cd",
+             "--kernel cd is the one-level baseline: use it with --num-levels 1"),
+            (langevin_mala or not self.adapt_step_ratio, "--adapt-step-ratio adapts the posterior "
+             "MALA chain: it needs --estimator langevin --metropolis (and a DCD kernel)"),
+            (self.task != "denoise" or self.denoise_sigma > 0,
+             f"--denoise-sigma must be positive, got {self.denoise_sigma}"),
+            (self.logsnr_min < self.logsnr_max, "--logsnr-min must be below --logsnr-max"))
 
 
 common.show_preset_defaults(Args, PRESETS)

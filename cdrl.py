@@ -238,20 +238,16 @@ class Args(common.RunArgs):
         common.check_positive(self, ["num_levels", "langevin_steps", "sample_langevin_steps",
                                      "ebm_channels", "ebm_blocks", "init_channels", "init_blocks",
                                      "sample_batch", "n_grid", "n_points"])
-        if not (self.initializer_lr > 0 and self.step_scale > 0 and self.grad_clip > 0):
-            raise common.UserError("--initializer-lr, --step-scale and --grad-clip must be "
-                                   "positive")
-        if not (0 <= self.label_dropout < 1 and 0 <= self.init_dropout < 1):
-            raise common.UserError("--label-dropout and --init-dropout must be in [0, 1)")
-        if self.warmup_steps < 0:
-            raise common.UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        if self.logsnr_min >= self.logsnr_max:
-            raise common.UserError("--logsnr-min must be below --logsnr-max")
-        if self.guidance != 0 and not self.conditional:
-            raise common.UserError("--guidance needs a --conditional model")
         self.compose = tuple(self.compose)
-        if self.compose and not self.conditional:
-            raise common.UserError("--compose needs a --conditional model")
+        common.require(
+            (self.initializer_lr > 0 and self.step_scale > 0 and self.grad_clip > 0,
+             "--initializer-lr, --step-scale and --grad-clip must be positive"),
+            (0 <= self.label_dropout < 1 and 0 <= self.init_dropout < 1,
+             "--label-dropout and --init-dropout must be in [0, 1)"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (self.logsnr_min < self.logsnr_max, "--logsnr-min must be below --logsnr-max"),
+            (self.guidance == 0 or self.conditional, "--guidance needs a --conditional model"),
+            (not self.compose or self.conditional, "--compose needs a --conditional model"))
         self.check_compose()
 
     def check_compose(self):

@@ -219,11 +219,11 @@ class Args(common.RunArgs):
             self.channel_mult = tuple(self.channel_mult)
         common.check_positive(self, ["n_chains", "langevin_steps", "adapt_every", "num_levels",
                                      "visits_to_keep", "sample_chains", "max_transitions"])
-        if not self.init_step_size > 0:
-            raise common.UserError(f"--init-step-size must be positive, got {self.init_step_size}")
-        if self.n_chains < self.batch_size:
-            raise common.UserError(f"--n-chains {self.n_chains} is smaller than --batch-size "
-                                   f"{self.batch_size}")
+        common.require(
+            (self.init_step_size > 0, f"--init-step-size must be positive, got "
+             f"{self.init_step_size}"),
+            (self.n_chains >= self.batch_size, f"--n-chains {self.n_chains} is smaller than "
+             f"--batch-size {self.batch_size}"))
 
 
 common.show_preset_defaults(Args, PRESETS)

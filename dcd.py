@@ -5,7 +5,8 @@ the baseline.
 The abstract (the body and any official code were not available to us): CD is one member of a
 family, DCD, which replaces CD's Langevin kernel (it depends on the EBM) by an EBM-free diffusion;
 DCD is cheaper and has no neglected gradient term; experiments on 2D data, image denoising (DCD
-beats CD "by a large margin") and CelebA 32x32 generation. Our derivation
+beats CD "by a large margin") and CelebA 32x32 generation (third-party summaries name a one-step
+"DCD-VE" and time-dependent EBMs). Our derivation
 (../shared/methods/dcd.md): for a kernel Q, DCD_Q = KL(p_data || p_θ) - KL(Q p_data || Q p_θ) >=
 0; for a θ-free Gaussian kernel (VE: y = x + σ ε; VP: y = sqrt(1 - σ²) x + σ ε) it is E_y
 KL(p_data(x | y) || p_θ(x | y)), Gao et al.'s (2021) negative recovery likelihood up to a
@@ -13,7 +14,8 @@ constant, with the exact gradient
     ∇DCD = E_{x ~ data} ∇E_θ(x) - E_{x, y ~ q(y|x)} E_{x̃ ~ p_θ(x̃ | y)} ∇E_θ(x̃),
     p_θ(x̃ | y) ∝ exp(-E_θ(x̃) - ||y - a x̃||² / (2 b²))   (VE: a = 1, b = σ; VP: a = sqrt(1 - σ²)):
 the negatives are recoveries of diffused data, never unconditional samples. σ -> 0: half the
-Fisher divergence (score matching) per σ²; σ large: maximum likelihood.
+Fisher divergence (score matching) per σ²; σ large: maximum likelihood. One VP kernel at σ equals
+VE at σ / sqrt(1 - σ²) (the same posterior of y / a): the two differ only on the ladder (item 6).
 
 Our choices (the abstract states none of them; each is deliberate and can be changed):
 1. `langevin` negatives: K posterior Langevin steps, step η = step_ratio (b / a)², from the positive
@@ -143,14 +145,17 @@ class Args(common.RunArgs):
     """M: proposals per example of the importance estimator (6: the cost of CD with K = 5)"""
     importance_w: float = 1.0
     """importance: weight of the positive among the proposals (Schröder et al. 2023); 1 = exact
-    at p_θ = p_data; 0 = plain self-normalised importance sampling (biased)"""
+    at p_θ = p_data; 0 = plain self-normalised importance sampling (biased, unbounded below)"""
     chain_start: Literal["positive", "y"] = "positive"
-    """langevin: the posterior chain starts at the positive x_t (exact if p_θ = p_data) or y / a"""
+    """langevin: the posterior chain starts at the positive x_t (exact if p_θ = p_data) or at y / a
+    (a draw of p(y), not of the posterior)"""
     metropolis: bool = False
-    """langevin: Metropolis-adjust every posterior step (MALA); the ladder's sampler too"""
+    """langevin: Metropolis-adjust every posterior step (MALA, no step-size bias); the ladder's
+    sampler too"""
     adapt_step_ratio: bool = False
-    """langevin with --metropolis: adapt each level's step ratio in training toward 0.574 MALA
-    acceptance (a model buffer the sampler and denoiser use); sharp data need far smaller steps"""
+    """langevin with --metropolis: adapt each level's step ratio (from --step-ratio) in training
+    toward 0.574 MALA acceptance (a model buffer the sampler and denoiser use); sharp data need
+    far smaller steps"""
     cd_step_size: Optional[float] = None
     """CD Langevin step η (x ← x - η/2 ∇E + sqrt(η) ξ), also the one-level sampler's"""
     num_levels: Optional[int] = None
@@ -177,7 +182,8 @@ class Args(common.RunArgs):
     holdout: int = 1000
     """denoise: images at the end of the training split held out (never trained on) and denoised"""
     denoise_steps: int = 100
-    """denoise: posterior MALA steps from y; the estimate is the mean of the second half"""
+    """denoise: posterior MALA steps from y (first step --step-ratio · σ_d², adapted per image over
+    the first half); the estimate is the mean of the second half"""
     sample_langevin_steps: Optional[int] = None
     """sampling: posterior steps per ladder level (default --langevin-steps); one level: steps of
     the unconditional chain (default 500)"""

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import pcd_diffusion_ebm as daebm
+from conftest import run_command_line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,3 +432,14 @@ def test_bf16_blocks_stay_bf16_with_the_level_table():
         out = model.energy(torch.randn(4, 1, 28, 28), t, table)
     assert out.dtype == torch.float32 and seen.pop("conv_in") == torch.float32
     assert len(seen) >= 5 and set(seen.values()) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--init-step-size", "0"), "--init-step-size must be positive, got 0.0"),
+    (("--n-chains", "10"), "--n-chains 10 is smaller than --batch-size 100"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
+    code, err = run_command_line("daebm", [*argv, "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]

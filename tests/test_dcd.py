@@ -514,6 +514,13 @@ def test_smoke_denoise_task_logs_psnr(tmp_path, image_folder, overrides):
      "--sigma must be positive (and below 1 for --kernel vp)"),
     (("--dataset", "celeba", "--kernel", "cd"), "--kernel cd is the one-level baseline"),
     (("--estimator", "langevin", "--adapt-step-ratio"), "--adapt-step-ratio adapts the posterior"),
+    (("--num-levels", "3"), "2D toys train a time-independent EBM"),
+    (("--dataset", "mnist", "--task", "denoise", "--num-levels", "3"),
+     "--task denoise trains a one-level"),
+    (("--dataset", "mnist", "--task", "denoise", "--denoise-sigma", "0"),
+     "--denoise-sigma must be positive"),
+    (("--step-ratio", "0",), "--step-ratio and --cd-step-size must be positive"),
+    (("--logsnr-min", "10"), "--logsnr-min must be below --logsnr-max"),
     (("--dataset", "mnist", "--data-dir", "/nonexistent/nodata", "--device", "cpu"),
      "mnist data not found"),
 ])

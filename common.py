@@ -97,32 +97,6 @@ def draw_2d(name: str, n: int, seed: int) -> torch.Tensor:
         raise UserError(f"unknown 2D toy {name!r}; choose one of {', '.join(TOY_2D)}")
 
 
-def toy_log_density(name: str, points: torch.Tensor):
-    """log p(x) of the toys whose density has a closed form (rings, 8gaussians, checkerboard),
-    float64 (n,); None for the others (swissroll, pinwheel, 2spirals: their density is an integral
-    over the generator's latent). Written from draw_2d's generators above; tests check both against
-    each other."""
-    x = points.double()
-    # radius ~ N(k, 0.01²) with k uniform on 1..4, angle uniform: p = p(r) / (2π r)
-    if name == "rings":
-        r = x.norm(dim=1)
-        radii = torch.arange(1, 5, dtype=torch.float64)
-        log_p_r = torch.logsumexp(torch.distributions.Normal(radii, 0.01).log_prob(r[:, None]), 1)
-        log_p_r = log_p_r - math.log(4)
-        return log_p_r - torch.log(2 * math.pi * r)
-    if name == "8gaussians":  # equal mixture of N(4 (cos, sin)(2πk/8) / 1.414, (0.5 / 1.414)² I)
-        angle = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
-        centers = 4 * torch.stack([angle.cos(), angle.sin()], 1) / 1.414
-        log_n = torch.distributions.Normal(centers, 0.5 / 1.414).log_prob(x[:, None, :]).sum(2)
-        return torch.logsumexp(log_n, 1) - math.log(8)
-    # uniform on the 8 black 2x2 squares of [-4, 4)²: 1/32 there, 0 elsewhere
-    if name == "checkerboard":
-        cell = torch.floor(x / 2)
-        inside = (x.abs() < 4).all(1) & ((cell[:, 0] + cell[:, 1]) % 2 == 0)
-        return torch.where(inside, -math.log(32), -math.inf)
-    return None
-
-
 def load_points(dataset: str) -> torch.Tensor:
     """The (n, 2) float32 points of a `points:PATH` data set: a .npy array, or a .csv table of two
     comma-separated columns with an optional header line. One clear line for a bad file."""
@@ -1199,12 +1173,18 @@ class StopGuard:
         self.stopping = stop
         return stop or due
 
-    def saved(self):
-        self.last_save = time.time()
+    def due(self, done: int, args) -> tuple:
+        """After `done` iterations: (log, sample, FID, save) due, each every its --*-every and at
+        the end; a save also with each FID measurement and when save_due() asks (once per
+        iteration)."""
+        log, sample, fid = (every(done, interval, args.steps)
+                            for interval in (args.log_every, args.sample_every, args.fid_every))
+        return log, sample, fid, self.save_due() or every(done, args.save_every, args.steps) or fid
 
-    def exit_if_stopped(self, run_dir: str, step: int, script: str):
-        """After the save: tell how to resume and exit non-zero (130 for SIGINT, 143 for
-        SIGTERM)."""
+    def saved(self, run_dir: str, step: int, script: str):
+        """After each save: restart the wall-clock interval; if stopping, tell how to resume and
+        exit non-zero (130 for SIGINT, 143 for SIGTERM)."""
+        self.last_save = time.time()
         if not self.stopping:
             return
         name = self.signal_name or "SIGTERM"  # a rank the signal did not reach: another rank's

@@ -740,11 +740,7 @@ def main(args: Args):
             common.update_ema(ema, model, decay, copy_buffers=args.adapt_step_ratio)
 
             done = step + 1
-            log_now = common.every(done, args.log_every, args.steps)
-            sample_now = common.every(done, args.sample_every, args.steps)
-            fid_now = common.every(done, args.fid_every, args.steps)
-            save_now = (guard.save_due() or common.every(done, args.save_every, args.steps)
-                        or fid_now)
+            log_now, sample_now, fid_now, save_now = guard.due(done, args)
             if log_now or sample_now or save_now:
                 loss, energy_pos, energy_neg, diagnostic = common.mean_over_ranks(
                     loss, energy_pos, energy_neg, diagnostic)
@@ -770,8 +766,7 @@ def main(args: Args):
             best = fid_now and fid.measure(sample, ema, done, log, guard.stopping)
             if save_now:
                 checkpoint(done, snapshot=done % args.save_every == 0, best=best)
-                guard.saved()
-                guard.exit_if_stopped(args.run_dir, done, "dcd.py")
+                guard.saved(args.run_dir, done, "dcd.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")
     common.end_processes()
 

@@ -369,8 +369,34 @@ def evaluate_inpainting(module, model, args, ea: EvalArgs, data_dir: str, device
 
 
 # --------------------------------------------------------------------------------------------------
-# 2D: exact density on a grid, and the long-run drift
+# 2D: the toys' true density, the model's exact density on a grid, and the long-run drift
 # --------------------------------------------------------------------------------------------------
+def toy_log_density(name: str, points: torch.Tensor):
+    """log p(x) of the toys whose density has a closed form (rings, 8gaussians, checkerboard),
+    float64 (n,); None for the others (swissroll, pinwheel, 2spirals: their density is an integral
+    over the generator's latent). Written from common.draw_2d's generators; tests check both
+    against each other."""
+    x = points.double()
+    # radius ~ N(k, 0.01²) with k uniform on 1..4, angle uniform: p = p(r) / (2π r)
+    if name == "rings":
+        r = x.norm(dim=1)
+        radii = torch.arange(1, 5, dtype=torch.float64)
+        log_p_r = torch.logsumexp(torch.distributions.Normal(radii, 0.01).log_prob(r[:, None]), 1)
+        log_p_r = log_p_r - math.log(4)
+        return log_p_r - torch.log(2 * math.pi * r)
+    if name == "8gaussians":  # equal mixture of N(4 (cos, sin)(2πk/8) / 1.414, (0.5 / 1.414)² I)
+        angle = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
+        centers = 4 * torch.stack([angle.cos(), angle.sin()], 1) / 1.414
+        log_n = torch.distributions.Normal(centers, 0.5 / 1.414).log_prob(x[:, None, :]).sum(2)
+        return torch.logsumexp(log_n, 1) - math.log(8)
+    # uniform on the 8 black 2x2 squares of [-4, 4)²: 1/32 there, 0 elsewhere
+    if name == "checkerboard":
+        cell = torch.floor(x / 2)
+        inside = (x.abs() < 4).all(1) & ((cell[:, 0] + cell[:, 1]) % 2 == 0)
+        return torch.where(inside, -math.log(32), -math.inf)
+    return None
+
+
 def grid_log_density(energy_fn, lo: float, hi: float, resolution: int, chunk: int = 65536):
     """log p on the cell centres of a resolution^2 grid over [lo, hi]^2 (row = y, as
     common.grid_2d), normalised so that Σ p Δ = 1 with Δ the cell area. energy_fn maps (n, 2)
@@ -462,7 +488,7 @@ def evaluate_2d(module, model, args, ea: EvalArgs, device, results: dict, out_di
                     "n_test": ea.n_test})
     if args.dataset.startswith("points:"):
         results["test_points"] = "drawn with replacement from the training file (no test split)"
-    true_log_p = common.toy_log_density(args.dataset, test)
+    true_log_p = toy_log_density(args.dataset, test)
     if true_log_p is not None:
         results["true_nll"] = -true_log_p.mean().item()
     save()

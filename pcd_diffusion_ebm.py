@@ -785,11 +785,7 @@ def main(args: Args):
                 window_rate = adapt_step_sizes(model, accept_stats, metropolis)
 
             done = step + 1
-            log_now = common.every(done, args.log_every, args.steps)
-            sample_now = common.every(done, args.sample_every, args.steps)
-            fid_now = common.every(done, args.fid_every, args.steps)
-            save_now = (guard.save_due() or common.every(done, args.save_every, args.steps)
-                        or fid_now)
+            log_now, sample_now, fid_now, save_now = guard.due(done, args)
             if log_now or sample_now or save_now:
                 loss, energy_pos, energy_neg, frac_t0 = common.mean_over_ranks(
                     loss, energy_pos, energy_neg, (chains_t == 0).float().mean())
@@ -814,8 +810,7 @@ def main(args: Args):
             best = fid_now and fid.measure(sample, ema or model, done, log, guard.stopping)
             if save_now:
                 checkpoint(done, snapshot=done % args.save_every == 0, best=best)
-                guard.saved()
-                guard.exit_if_stopped(args.run_dir, done, "pcd_diffusion_ebm.py")
+                guard.saved(args.run_dir, done, "pcd_diffusion_ebm.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")
     common.end_processes()
 

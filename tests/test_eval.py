@@ -148,18 +148,18 @@ TOY_ENTROPY = {"rings": 0.5 * math.log(2 * math.pi * math.e * 1e-4) + math.log(4
 @pytest.mark.parametrize("name", sorted(TOY_ENTROPY))
 def test_true_toy_densities_integrate_to_one_and_match_their_samplers(name):
     lo, hi, resolution = -5.0, 5.0, 2000  # cells of 0.005, finer than the rings' width
-    mass = common.toy_log_density(name, common.grid_2d(lo, hi, resolution)).exp().sum().item()
+    mass = eval_fid_ood.toy_log_density(name, common.grid_2d(lo, hi, resolution)).exp().sum().item()
     assert abs(mass * ((hi - lo) / resolution) ** 2 - 1) < 1e-4
     # the samples' mean NLL is the entropy: a density that disagrees with the sampler (moved
     # centres, wrong width, the other checkerboard colour) misses by far more than the Monte Carlo
     # error (~0.003)
-    nll = -common.toy_log_density(name, common.draw_2d(name, 200_000, seed=1)).mean().item()
+    nll = -eval_fid_ood.toy_log_density(name, common.draw_2d(name, 200_000, seed=1)).mean().item()
     assert abs(nll - TOY_ENTROPY[name]) < 0.01
 
 
 def test_toys_without_closed_form_have_no_true_density():
     for name in ("swissroll", "pinwheel", "2spirals"):
-        assert common.toy_log_density(name, torch.zeros(3, 2)) is None
+        assert eval_fid_ood.toy_log_density(name, torch.zeros(3, 2)) is None
 
 
 def test_grid_draws_follow_the_grid_density_and_bin_mass_adds_up():
@@ -216,7 +216,7 @@ def test_eval_2d_checkpoint_of_every_method(tmp_path, method):
     assert saved["nll"] == results["nll"] and math.isfinite(results["nll"])
     assert saved["method"] == method
     fresh = common.draw_2d(results["dataset"], 2000, seed=12345)
-    true = -common.toy_log_density(results["dataset"], fresh).mean()
+    true = -eval_fid_ood.toy_log_density(results["dataset"], fresh).mean()
     assert results["true_nll"] == pytest.approx(true.item())
     # the same NLL computed independently: the model's energy at the test points themselves,
     # normalised by a grid twice as fine (a smooth, barely trained energy: the two agree to the

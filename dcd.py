@@ -18,10 +18,9 @@ Fisher divergence (score matching) per σ²; σ large: maximum likelihood. One V
 VE at σ / sqrt(1 - σ²) (the same posterior of y / a): the two differ only on the ladder (item 6).
 
 Our choices (the abstract states none of them; each is deliberate and can be changed):
-1. `langevin` negatives: K posterior Langevin steps, step η = step_ratio (b / a)², from the positive
-   x_t (--chain-start positive: exact fixed point up to discretisation, which --metropolis removes)
-   or from y / a (biased for small K); K = 1 is our one-step variant (the paper's DCD-VE may
-   differ).
+1. `langevin` negatives: K posterior Langevin steps of η = step_ratio (b / a)² from the positive x_t
+   (exact fixed point up to discretisation, which --metropolis removes) or from y / a (--chain-start
+   y: biased for small K); K = 1 is our one-step variant (the paper's DCD-VE may differ).
 2. `--adapt-step-ratio` (with --metropolis): each level's step ratio adapts toward 0.574 MALA
    acceptance in training (a model buffer the sampler and the denoiser use too).
 3. `importance` negatives: M proposals x̃_j ~ N(y / a, (b / a)² I) weighted ∝ exp(-E(x̃_j)) with

@@ -60,6 +60,10 @@ def test_table_from_records(tmp_path, monkeypatch, capsys):
         "dcd-denoise-langevin": {"run": "dcd-denoise-langevin", "train_segments": [
             {"wall_s": 360}], "eval": {}, "denoise_curve": [
             {"step": 1500, "psnr_mean": 18.331, "psnr_noisy": 19.18}]},
+        "dcd": {"run": "dcd", "train_segments": [{"wall_s": 720}], "eval": {},
+                "fid_curve": [{"step": 500, "fid": 380.7}]},
+        "dcd-chain-y": {"run": "dcd-chain-y", "train_segments": [{"wall_s": 360}], "eval": {},
+                        "fid_curve": [{"step": 500, "fid": 250.2}, {"step": 1000, "fid": 200.0}]},
         "dsm-denoise": {"run": "dsm-denoise", "train_segments": [], "eval": {"denoise": {
             "result": {"psnr_tweedie": 25.5, "psnr_noisy": 19.18, "train_wall_s": 360}}}},
     }
@@ -75,6 +79,9 @@ def test_table_from_records(tmp_path, monkeypatch, capsys):
                              "1.50 h", "0.30 |"]
     assert rows["dcd-denoise-langevin"][4:6] == ["18.33 / 19.18", "0.10 h"]
     assert rows["dsm-denoise"][4:6] == ["25.50 / 19.18", "0.10 h"]
+    # a stage of the run's protocol not run yet: "not measured"; one outside its protocol: "-"
+    assert rows["dcd"][:4] == ["not measured", "500: 381", "not measured", "-"]
+    assert rows["dcd-chain-y"][:4] == ["-", "500: 250, 1000: 200", "-", "-"]
     assert "cdrl" not in rows
 
 

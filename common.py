@@ -824,10 +824,8 @@ def args_from_checkpoint(args_class, saved: dict, path: str, overrides=None):
     top.
 
     Settings that today's Args does not know, or that the checkpoint lacks, are named in one
-    UserError: the checkpoint comes from an older or edited version of the script. Settings named
-    in Args.RETIRED (options a later version dropped, which changed no weights) are ignored."""
+    UserError: the checkpoint comes from an older or edited version of the script."""
     names = [field.name for field in dataclasses.fields(args_class)]
-    saved = {k: v for k, v in saved.items() if k not in getattr(args_class, "RETIRED", ())}
     unknown = sorted(set(saved) - set(names))
     missing = [name for name in names if name not in saved]
     if unknown or missing:
@@ -861,8 +859,6 @@ def check_resume_args(args, saved: dict, resumable: set, path: str):
     """Refuse a resume whose method settings differ from the checkpoint's, naming every mismatch."""
     mismatches = []
     for key, value in saved.items():
-        if key in getattr(args, "RETIRED", ()):
-            continue
         mine = getattr(args, key, None)
         mine = list(mine) if isinstance(mine, tuple) else mine
         if key not in resumable and mine != value:

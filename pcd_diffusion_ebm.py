@@ -11,8 +11,7 @@ from softmax_t f(x, t) over all levels. The loss is mean U(positives) - mean U(n
 (persistent contrastive divergence on the joint model). The high-noise levels mix fast and carry the
 chains between modes, which keeps persistent training stable where plain persistent EBMs diverge.
 After training, samples are chains started from noise at t = T and kept at their M-th visit to t =
-0 (`eval_fid_ood.py --long-run m` keeps them at the (m M)-th: the paper's long-run check); the
-energy at t = 0 scores OOD inputs.
+0; the energy at t = 0 scores OOD inputs.
 
 Deliberate differences from the official code (github.com/XinweiZhang/DAEBM):
 1. Correct MALA ratio: reverse-proposal term -ξ + (s/2)(∇U(x) + ∇U(x')); the official s²/2 is not
@@ -28,20 +27,24 @@ Deliberate differences from the official code (github.com/XinweiZhang/DAEBM):
    50,000 points drawn once, as in the official toy script.
 6. Optional EMA (`--ema-decay`, off as official): when on, "ema" in the checkpoint samples and
    evaluates; the persistent chains always use the trained weights.
-7. CIFAR-10/100, SVHN, CelebA and folders use the MNIST configuration with 3 channels.
-8. The 2D quick start trains 20,000 iterations (paper 100,000: `--steps 100000`).
-9. Post-training sampler: 1,000 chains for images (official 100), kept on the model between
+7. The long-run check also reports numbers (mean energy at t = 0, RMS drift), not only pictures.
+8. CIFAR-10/100, SVHN, CelebA and folders use the MNIST configuration with 3 channels.
+9. The 2D quick start trains 20,000 iterations (paper 100,000: `--steps 100000`).
+10. At the end of a run, final samples and the long-run check cost at most what training did
+   (--steps transitions, --steps x K MALA steps); `eval_fid_ood.py` and `sample` are unbounded.
+11. Post-training sampler: 1,000 chains for images (official 100), kept on the model between
    `sample` calls, so 50,000 samples in batches cost the transitions of one run.
-10. The 2D net's softplus is written as log(1 + e^x), F.softplus to float rounding, for CPU speed.
-11. Under torchrun the persistent chains are split over the ranks, each drawing its share of the
+12. The 2D net's softplus is written as log(1 + e^x), F.softplus to float rounding, for CPU speed.
+13. Under torchrun the persistent chains are split over the ranks, each drawing its share of the
    batch from its own rows; step sizes adapt on the acceptance summed over all ranks.
-12. `--preset cpu`: a reduced MNIST configuration (width 32, T = 10, K = 15, batch 64, 2,000
+14. `--preset cpu`: a reduced MNIST configuration (width 32, T = 10, K = 15, batch 64, 2,000
    iterations, lr 1e-4) with the official annealed sampler: early in such a run no MGMS chain from
    noise reached t = 0 (docs/RESULTS.md).
 """
 import copy
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -53,11 +56,11 @@ import torch.nn.functional as F
 import common
 
 # Per-dataset defaults of the fields left at None: "2d" for the toys (the paper's rings
-# configuration), "images" for every image set (the paper's MNIST configuration, docstring item 7).
+# configuration), "images" for every image set (the paper's MNIST configuration, docstring item 8).
 # paper = arXiv 2304.10707; official = github.com/XinweiZhang/DAEBM.
 PRESETS = {
     "2d": {
-        "steps": 20_000,  # ours, a quick start (paper 100,000; docstring item 8)
+        "steps": 20_000,  # ours, a quick start (paper 100,000; docstring item 9)
         "batch_size": 100,  # paper
         "lr": 5e-4,  # paper
         "sample_every": 5000,  # ours
@@ -70,6 +73,7 @@ PRESETS = {
         "adapt_every": 500,  # official: once per epoch (not scaled, docstring item 4)
         "warmup_steps": 500,  # official (scaled, docstring item 4)
         "lr_schedule": "multistep",  # official
+        "long_run_steps": 10_000,  # ours
         "sample_chains": 256,  # ours
         "langevin_steps": 40,  # paper
         "visits_to_keep": 50,  # paper
@@ -89,7 +93,8 @@ PRESETS = {
         "adapt_every": 100,  # official (not scaled, docstring item 4)
         "warmup_steps": 6000,  # official (scaled, docstring item 4)
         "lr_schedule": "linear",  # official
-        "sample_chains": 1000,  # ours (official post-sampling 100; docstring item 9)
+        "long_run_steps": 100_000,  # paper
+        "sample_chains": 1000,  # ours (official post-sampling 100; docstring item 11)
         "langevin_steps": 40,  # paper
         "visits_to_keep": 50,  # paper
         "sampler": "mgms",  # paper
@@ -117,6 +122,7 @@ PRESETS = {
         # cost); after 500 of the 2,000 iterations no MGMS chain from noise reached t = 0 within
         # 200 transitions (docs/RESULTS.md, image results)
         "sampler": "annealed",
+        "long_run_steps": 1000,  # ours: CPU budget (paper 100,000; eval_fid_ood.py --long-run)
         "sample_chains": 500,  # ours
         "channels": 32,  # ours: CPU budget (official 128)
         "channel_mult": (1, 2, 2),  # ours: CPU budget (official 1 2 2 2)
@@ -187,14 +193,18 @@ class Args(common.RunArgs):
     visits_to_keep: Optional[int] = None
     """M: a post-training chain is kept at its M-th visit to t = 0"""
     sample_chains: Optional[int] = None
-    """parallel chains of the post-training sampler"""
+    """parallel chains of the post-training sampler (2D: also the points of the final picture and of
+    the long-run check)"""
     max_transitions: int = 100000
     """post-training sampler gives up after this many MGMS transitions"""
+    final_samples: bool = True
+    """after training, draw samples_<sampler>.png with the post-training sampler (MGMS: bounded by
+    --steps transitions, the cost of training at most); --no-final-samples skips it"""
+    long_run_steps: Optional[int] = None
+    """MALA steps at t = 0 from real data after training (at most --steps x --langevin-steps); 0 =
+    skip"""
     n_grid: int = 64
     """images in each sample grid"""
-    # settings of older checkpoints, dropped (common.args_from_checkpoint): the end-of-run samples
-    # and long-run check that eval_fid_ood.py (--long-run) makes
-    RETIRED = ("final_samples", "long_run_steps")
 
     def __post_init__(self):
         common.check_dataset_name(self.dataset)
@@ -526,7 +536,7 @@ def adapt_step_sizes(model: DAEBM, accept_stats, metropolis: bool):
 
 
 def chain_pool(model: DAEBM, args, device, step_multiplier: int, n_chains: int) -> dict:
-    """The post-training sampler's chains {x, t, visits to t = 0}, kept on
+    """The post-training sampler's chains {x, t, visits to t = 0, Langevin steps taken}, kept on
     the model between calls: chains still running when one call has its samples go on in the next,
     so drawing 50,000 samples in batches costs no more transitions than drawing them at once. A
     fresh pool (N(0, I) at t = T) when the weights, step sizes or sampler settings changed: the key
@@ -537,26 +547,34 @@ def chain_pool(model: DAEBM, args, device, step_multiplier: int, n_chains: int) 
     if pool is None or pool["key"] != key:
         pool = {"key": key, "x": torch.randn((n_chains,) + sample_shape(args), device=device),
                 "t": torch.full((n_chains,), args.num_levels, device=device, dtype=torch.long),
-                "visits": torch.zeros(n_chains, dtype=torch.long, device=device)}
+                "visits": torch.zeros(n_chains, dtype=torch.long, device=device),
+                "steps_taken": torch.zeros(n_chains, dtype=torch.long, device=device)}
         model.chain_pool = pool
     return pool
 
 
-def generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1):
+def generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1, max_transitions=None,
+             n_chains=None):
     """The paper's post-training sampler: chains start at N(0, I) with t = T and run MGMS
     transitions (MALA on); a chain's x is kept at its M-th visit to t = 0, and that chain restarts
     from noise at t = T. step_multiplier m keeps it at the (m M)-th visit instead (about m times the
-    transitions), the evaluator's long-run check. --sample-chains chains run in parallel, persistent
-    across calls (chain_pool). It stops after m x --max-transitions transitions and prints progress
-    every 30 s. Returns samples (k, ...), k = n unless that budget ran out.
+    transitions), the evaluator's long-run check. n_chains (default --sample-chains) chains run in
+    parallel, persistent across calls (chain_pool). It stops after max_transitions (default m x
+    --max-transitions) and prints progress every 30 s.
+
+    Returns (samples (k, ...), Langevin steps each kept chain took (k,)), k = n unless the budget
+    ran out.
     """
-    pool = chain_pool(model, args, device, step_multiplier, args.sample_chains)
-    x, t, visits = pool["x"], pool["t"], pool["visits"]
-    kept, n_kept = [], 0
+    pool = chain_pool(model, args, device, step_multiplier, n_chains or args.sample_chains)
+    x, t, visits, steps_taken = pool["x"], pool["t"], pool["visits"], pool["steps_taken"]
+    kept, kept_steps = [], []
+    n_kept = 0
     visits_to_keep = args.visits_to_keep * step_multiplier
+    max_transitions = max_transitions or args.max_transitions * step_multiplier
     progress = common.Progress(f"MGMS sampler, chains kept of {n}", n, interval=30, quiet=True)
-    for _ in range(args.max_transitions * step_multiplier):
+    for _ in range(max_transitions):
         x, t = mgms_transition(model, x, t, args, metropolis=True)
+        steps_taken += args.langevin_steps
         visits += t == 0
         done = visits == visits_to_keep
         # one sync per transition (40 Langevin steps), outside the Langevin loop
@@ -564,13 +582,16 @@ def generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1):
         progress.update(min(n_done, n - n_kept))
         if n_done:
             kept.append(x[done])
+            kept_steps.append(steps_taken[done])
             n_kept += n_done
             x[done] = torch.randn_like(x[done])
-            t[done], visits[done] = args.num_levels, 0
+            t[done], visits[done], steps_taken[done] = args.num_levels, 0, 0
             if n_kept >= n:
                 break
     pool.update(x=x, t=t)
-    return torch.cat(kept)[:n] if kept else x[:0]
+    if not kept:
+        return x[:0], steps_taken[:0]
+    return torch.cat(kept)[:n], torch.cat(kept_steps)[:n]
 
 
 def annealed_generate(model: DAEBM, n: int, args, device, step_multiplier: int = 1):
@@ -585,6 +606,26 @@ def annealed_generate(model: DAEBM, n: int, args, device, step_multiplier: int =
                      official_ratio=args.official_mh_ratio)
         progress.update(1)
     return x
+
+
+def long_run(model: DAEBM, x0, n_steps: int, checkpoints, official_ratio=False):
+    """MALA at t = 0 from real data for n_steps; at each step count in `checkpoints` record the mean
+    energy and the RMS drift from the start (per coordinate). Runs in pieces of at most 1,000 steps
+    (the same numbers as one run: a piece starts from the state and random stream where the last
+    ended) so that it can print progress. Returns (records, final x)."""
+    t = torch.zeros(len(x0), dtype=torch.long, device=x0.device)
+    x, done, records = x0, 0, []
+    progress = common.Progress("long-run MALA steps", n_steps, interval=30, quiet=True)
+    for mark in checkpoints:
+        while done < mark:
+            piece = min(1000, mark - done)
+            x = langevin(model, x, t, piece, metropolis=True, official_ratio=official_ratio)
+            done += piece
+            progress.update(piece)
+        with torch.no_grad():
+            records.append({"mala_steps": mark, "mean_energy": model.energy(x, t).mean().item(),
+                            "rms_drift": (x - x0).pow(2).mean().sqrt().item()})
+    return records, x
 
 
 # ==================================================================================================
@@ -667,7 +708,7 @@ def sample(model: DAEBM, n: int, args, device, step_multiplier: int = 1) -> torc
     if args.sampler == "annealed":
         samples = annealed_generate(model, n, args, device, step_multiplier).detach()
     else:
-        samples = generate(model, n, args, device, step_multiplier)
+        samples, _ = generate(model, n, args, device, step_multiplier)
         if len(samples) < n:
             raise RuntimeError(f"post-training sampler kept {len(samples)}/{n} chains in "
                                f"{args.max_transitions * step_multiplier} transitions; raise "
@@ -685,8 +726,8 @@ def energy(model: DAEBM, x: torch.Tensor, args) -> torch.Tensor:
 # TRAINING
 # ==================================================================================================
 # settings that may change on --resume besides common.RESUMABLE (post-training options)
-RESUMABLE = common.RESUMABLE | {"n_grid", "sampler", "visits_to_keep", "sample_chains",
-                                "max_transitions"}
+RESUMABLE = common.RESUMABLE | {"long_run_steps", "n_grid", "sampler", "visits_to_keep",
+                                "sample_chains", "max_transitions", "final_samples"}
 
 
 def save_pictures(model: DAEBM, args, tag, device, box, chains_x, chains_t):
@@ -712,6 +753,50 @@ def save_pictures(model: DAEBM, args, tag, device, box, chains_x, chains_t):
         common.save_image_grid(annealed_generate(model, args.n_grid, args, device),
                                os.path.join(args.run_dir, f"annealed_{tag}.png"))
     model.train()
+
+
+def after_training(model: DAEBM, args, device, box, train_data, log):
+    """Samples of the post-training sampler (MGMS, the paper's: bounded by --steps transitions)
+    and the long-run stability check."""
+    model.eval()
+    if args.final_samples:
+        n = args.sample_chains if common.is_2d(args.dataset) else args.n_grid
+        budget = min(args.max_transitions, args.steps)
+        if args.sampler == "annealed":
+            generated, steps_taken = sample(model, n, args, device), None
+        else:
+            generated, steps_taken = generate(model, n, args, device, max_transitions=budget,
+                                              n_chains=min(n, args.sample_chains))
+        if len(generated) < n:
+            print(f"warning: the MGMS sampler kept {len(generated)} of {n} chains within "
+                  f"{min(args.max_transitions, args.steps)} transitions (bounded by --steps)",
+                  file=sys.stderr)
+        if len(generated):
+            path = os.path.join(args.run_dir, f"samples_{args.sampler}.png")
+            if common.is_2d(args.dataset):
+                common.save_panels([common.histogram_2d(generated.cpu(), *box, 200)], path)
+            else:
+                common.save_image_grid(generated, path)
+        if steps_taken is not None and len(generated):
+            log.log(args.steps,
+                    {"post_sampling_mean_langevin_steps": steps_taken.float().mean().item()})
+    # at most as many MALA steps as the training chains made Langevin steps (--steps x K)
+    n_steps = min(args.long_run_steps, args.steps * args.langevin_steps)
+    if n_steps < args.long_run_steps:
+        print(f"long-run check shortened to {n_steps} MALA steps (--steps x --langevin-steps)")
+    if n_steps > 0:
+        start = (common.draw_2d(args.dataset, args.sample_chains, seed=args.seed + 1)
+                 if common.is_2d(args.dataset)
+                 else common.to_model_space(train_data[: args.n_grid]))
+        marks = sorted({m for m in (10, 100, 1000, 10_000, 100_000, n_steps) if m <= n_steps})
+        records, x_end = long_run(model, start.to(device), n_steps, marks, args.official_mh_ratio)
+        for record in records:
+            log.log(args.steps, {f"long_run_{k}": v for k, v in record.items()})
+        path = os.path.join(args.run_dir, "long_run.png")
+        if common.is_2d(args.dataset):
+            common.save_panels([common.histogram_2d(x_end.cpu(), *box, 200)], path)
+        else:
+            common.save_image_grid(x_end, path)
 
 
 def main(args: Args):
@@ -812,7 +897,11 @@ def main(args: Args):
                 checkpoint(done, snapshot=done % args.save_every == 0, best=best)
                 guard.saved(args.run_dir, done, "pcd_diffusion_ebm.py")
     print(f"training done in {common.format_seconds(time.time() - t_start)}")
-    common.end_processes()
+
+    # ---- after training (rank 0): the paper's sampler and the long-run stability check ----
+    if common.end_processes():
+        with common.own_rng(args.seed + args.steps):
+            after_training(ema or model, args, device, box, train_data, log)
 
 
 if __name__ == "__main__":

@@ -153,8 +153,8 @@ def torchrun(ns, device, result, save):
                 command = [sys.executable, *launcher, os.path.join(ROOT, SCRIPTS[method]),
                            "--steps", "4", "--log-every", "2", "--sample-every", "100",
                            "--device", device.type, "--run-dir", run_dir]
-                if method != "daebm":  # small pictures (DA-EBM's show its persistent chains)
-                    command += ["--n-points", "100"]
+                command += (["--no-final-samples", "--long-run-steps", "0"] if method == "daebm"
+                            else ["--n-points", "100"])  # a small end-of-run picture
                 start = time.time()
                 proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
                 if proc.returncode != 0:

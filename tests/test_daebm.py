@@ -1,6 +1,7 @@
 """DA-EBM (pcd_diffusion_ebm.py): schedule, sampler and loss mathematics, smoke runs, resume,
 failures."""
 import dataclasses
+import json
 import math
 
 import pytest
@@ -19,7 +20,7 @@ def tiny_2d_args(run_dir, **overrides):
                   n_chains=64,
                   langevin_steps=3, mlp_width=16, log_every=5, sample_every=10, save_every=10,
                   mh_start=5,
-                  adapt_every=5, warmup_steps=5, visits_to_keep=1,
+                  adapt_every=5, warmup_steps=5, long_run_steps=5, visits_to_keep=1,
                   sample_chains=16, n_grid=8)
     fields.update(overrides)
     return daebm.Args(**fields)
@@ -31,7 +32,7 @@ def tiny_image_args(run_dir, folder, **overrides):
                   n_chains=16, num_levels=3, langevin_steps=2, channels=8, channel_mult=(1, 2),
                   log_every=2,
                   sample_every=3, save_every=3, mh_start=2, adapt_every=2, warmup_steps=2,
-                  visits_to_keep=1, sample_chains=4, n_grid=4)
+                  long_run_steps=3, visits_to_keep=1, sample_chains=4, n_grid=4)
     fields.update(overrides)
     return daebm.Args(**fields)
 
@@ -259,15 +260,14 @@ def test_all_levels_logits_match_per_level_calls(image_folder):
 
 def test_mgms_sampler_keeps_chains_at_their_mth_visit():
     # a model whose Gibbs draw always returns t = 0 (level 0 has all the mass): a chain visits t = 0
-    # on every transition, so it is kept after exactly M transitions: none within M - 1, and within
-    # M the first 5 chains, then their 5 restarts, and 2 of the restarts' restarts
-    for budget, kept in ((2, 0), (3, 5), (9, 12)):
-        model = daebm.DAEBM(LinearLevelNet(torch.zeros(3, 2)), 2, 1e-2, 3e-1, torch.full((3,), 0.1))
-        logits = torch.tensor([0.0, -1e9, -1e9])
-        model.all_levels_logits = lambda x, table=None: logits.expand(len(x), 3)
-        args = tiny_2d_args("unused", num_levels=2, visits_to_keep=3, langevin_steps=4,
-                            sample_chains=5, max_transitions=budget)
-        assert daebm.generate(model, 12, args, "cpu").shape == (kept, 2)
+    # on every transition, so it is kept after exactly M transitions of K steps
+    coefs = torch.zeros(3, 2)
+    model = daebm.DAEBM(LinearLevelNet(coefs), 2, 1e-2, 3e-1, torch.full((3,), 0.1))
+    logits = torch.tensor([0.0, -1e9, -1e9])
+    model.all_levels_logits = lambda x, table=None: logits.expand(len(x), 3)
+    args = tiny_2d_args("unused", num_levels=2, visits_to_keep=3, langevin_steps=4, sample_chains=5)
+    samples, steps = daebm.generate(model, 12, args, "cpu")
+    assert samples.shape == (12, 2) and torch.all(steps == 12)
 
 
 def test_mgms_chains_persist_across_calls_until_the_weights_change():
@@ -275,17 +275,16 @@ def test_mgms_chains_persist_across_calls_until_the_weights_change():
     model = daebm.DAEBM(LinearLevelNet(torch.zeros(3, 2)), 2, 1e-2, 3e-1, torch.full((3,), 0.1))
     logits = torch.tensor([0.0, -1e9, -1e9])
     model.all_levels_logits = lambda x: logits.expand(len(x), 3)
-    args = tiny_2d_args("unused", num_levels=2, visits_to_keep=3, langevin_steps=4, sample_chains=5,
-                        max_transitions=2)
-    assert len(daebm.generate(model, 5, args, "cpu")) == 0  # two visits each so far
-    args.max_transitions = 1
-    assert len(daebm.generate(model, 5, args, "cpu")) == 5  # the chains went on where they were
-    args.max_transitions = 2
-    daebm.generate(model, 5, args, "cpu")
+    args = tiny_2d_args("unused", num_levels=2, visits_to_keep=3, langevin_steps=4, sample_chains=5)
+    samples, _ = daebm.generate(model, 5, args, "cpu", max_transitions=2)
+    assert len(samples) == 0  # two visits each so far
+    samples, steps = daebm.generate(model, 5, args, "cpu", max_transitions=1)
+    assert len(samples) == 5 and torch.all(steps == 12)  # the chains went on where they were
+    daebm.generate(model, 5, args, "cpu", max_transitions=2)
     with torch.no_grad():
         model.net.coefs.add_(0.0)  # any in-place change of the weights starts a fresh pool
-    args.max_transitions = 1
-    assert len(daebm.generate(model, 5, args, "cpu")) == 0
+    samples, _ = daebm.generate(model, 5, args, "cpu", max_transitions=1)
+    assert len(samples) == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,14 +339,70 @@ def test_level_table_equals_per_row_embedding():
 
 
 # --------------------------------------------------------------------------------------------------
-# post-training sampler: progress on long phases
+# after training: the MGMS sampler is bounded by the run's length and can be skipped
 # --------------------------------------------------------------------------------------------------
-def test_post_training_sampler_prints_progress(monkeypatch, capsys):
+def count_transitions(monkeypatch):
+    calls = {"n": 0}
+    original = daebm.mgms_transition
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(daebm, "mgms_transition", counted)
+    return calls
+
+
+def test_final_samples_cost_at_most_the_run(tmp_path, image_folder, monkeypatch, capsys):
+    # the paper's M = 50 visits cannot be reached in 20 transitions: the run ends with a warning,
+    # not a sampler that runs for 100,000 transitions
+    calls = count_transitions(monkeypatch)
+    daebm.main(tiny_2d_args(tmp_path / "run", steps=20, visits_to_keep=50, long_run_steps=0))
+    assert calls["n"] == 20 + 20
+    assert "kept 0 of 16 chains within 20 transitions" in capsys.readouterr().err
+    calls["n"] = 0
+    daebm.main(tiny_2d_args(tmp_path / "skip", steps=20, final_samples=False, long_run_steps=0))
+    assert calls["n"] == 20 and not (tmp_path / "skip" / "samples_mgms.png").exists()
+
+
+def test_final_samples_use_the_configured_sampler(tmp_path, image_folder, monkeypatch):
+    # --sampler annealed (the CPU preset's): the final picture comes from the annealed sweep,
+    # no MGMS transition is made after training
+    calls = count_transitions(monkeypatch)
+    daebm.main(tiny_image_args(tmp_path / "run", image_folder, steps=4, sampler="annealed",
+                               long_run_steps=0))
+    assert calls["n"] == 4
+    assert (tmp_path / "run" / "samples_annealed.png").exists()
+    assert not (tmp_path / "run" / "samples_mgms.png").exists()
+
+
+def test_long_run_check_costs_at_most_the_runs_langevin_steps(tmp_path, capsys):
+    # the image preset's 100,000 MALA steps after a 4-step run with K = 3: 12 steps
+    daebm.main(tiny_2d_args(tmp_path, steps=4, long_run_steps=100_000, final_samples=False))
+    assert "shortened to 12 MALA steps" in capsys.readouterr().out
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["long_run_mala_steps"] for r in records if "long_run_mala_steps" in r] == [10, 12]
+
+
+def test_long_phases_print_progress(tmp_path, monkeypatch, capsys):
     # every clock reading 40 s after the last: each progress line is due
     monkeypatch.setattr(daebm.common.time, "time", iter(range(0, 10**6, 40)).__next__)
-    args = tiny_2d_args("unused", langevin_steps=2, visits_to_keep=2)
-    daebm.sample(daebm.build_model(args), 16, args, "cpu")
-    assert "MGMS sampler, chains kept of 16:" in capsys.readouterr().out
+    daebm.main(tiny_2d_args(tmp_path, steps=10, langevin_steps=100, long_run_steps=1000,
+                            visits_to_keep=2))
+    out = capsys.readouterr().out
+    assert "MGMS sampler, chains kept of 16:" in out
+    assert "long-run MALA steps: 100/1000" in out and "long-run MALA steps: 1000/1000" in out
+
+
+def test_long_run_in_pieces_is_one_mala_run():
+    model = daebm.build_model(tiny_2d_args("unused"))
+    x0 = torch.randn(16, 2)
+    torch.manual_seed(3)
+    records, pieces = daebm.long_run(model, x0, 1500, [10, 100, 1000, 1500])
+    torch.manual_seed(3)
+    whole = daebm.langevin(model, x0, torch.zeros(16, dtype=torch.long), 1500, metropolis=True)
+    assert torch.equal(pieces, whole)
+    assert [r["mala_steps"] for r in records] == [10, 100, 1000, 1500]
 
 
 def test_cpu_preset_schedule_follows_the_papers_at_every_fifth_level():
@@ -388,20 +443,3 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
-
-
-def test_checkpoints_with_retired_settings_still_load_and_resume(tmp_path):
-    # checkpoints written before the end-of-run samples and long-run check moved to the evaluator
-    # hold their two settings (Args.RETIRED): they load and resume; other unknown settings refuse
-    daebm.main(tiny_2d_args(tmp_path, steps=2, save_every=2, sample_every=100))
-    path = tmp_path / "ckpt.pt"
-    ckpt = torch.load(path, weights_only=True)
-    ckpt["args"].update(final_samples=True, long_run_steps=10)
-    torch.save(ckpt, path)
-    loaded = daebm.common.args_from_checkpoint(daebm.Args, ckpt["args"], str(path))
-    assert not hasattr(loaded, "long_run_steps") and loaded.steps == 2
-    daebm.main(daebm.common.parse_args(daebm.Args, "daebm",
-                                       ["--resume", "--run-dir", str(tmp_path), "--steps", "4"]))
-    assert torch.load(path, weights_only=True)["step"] == 4
-    with pytest.raises(daebm.common.UserError, match="unknown settings no_such"):
-        daebm.common.args_from_checkpoint(daebm.Args, {**ckpt["args"], "no_such": 1}, str(path))

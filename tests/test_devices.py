@@ -55,7 +55,11 @@ def test_every_phase_runs_with_the_default_device_elsewhere(method, kind, image_
             scores, _ = module.denoise_heldout(one_level, heldout, denoise_args, "cpu")
             assert scores["psnr_noisy"] > 0 and 0 <= scores["denoise_accept"] <= 1
         if method == "daebm":
+            kept, _ = module.generate(model, 2, args, "cpu", max_transitions=3, n_chains=4)
+            assert kept.device.type == "cpu"
             assert module.annealed_generate(model, 2, args, "cpu").device.type == "cpu"
+            records, _ = module.long_run(model, x0[:2], 3, [1, 3])
+            assert [r["mala_steps"] for r in records] == [1, 3]
         if kind == "image":
             ea = SimpleNamespace(batch_size=2, seed=5)
             def network(batch):

@@ -67,7 +67,7 @@ def test_daebm_learns_8gaussians(tmp_path):
                       n_chains=1000,
                       langevin_steps=20, mlp_width=64, adapt_every=100, mh_start=100,
                       warmup_steps=100,
-                      init_step_size=1.0, lr=1e-3, sample_chains=64,
+                      init_step_size=1.0, lr=1e-3, long_run_steps=0, sample_chains=64,
                       visits_to_keep=2, log_every=100, sample_every=600, save_every=600)
     trained, untrained, true = train_and_score(daebm, args)
     assert true < NLL_BAR < untrained - 0.8

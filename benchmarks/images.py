@@ -68,7 +68,8 @@ RUNS = {
         # here: the 1x pass ran at 1.9 samples/s, about 53 s)
         "eval": {"score": SCORE, "long_run": ["--fid-samples", "0", "--ood", "none",
                                               "--long-run", "100", "--long-run-samples", "100"],
-                 "chains": "persistent_chains"},  # a function of this file (below)
+                 "chains": "persistent_chains",  # functions of this file (below)
+                 "mala_from_data": "mala_from_data"},
     },
     "cdrl": {
         "train": ["cdrl.py", "--dataset", "mnist", "--preset", "cpu", "--conditional",
@@ -266,6 +267,19 @@ def persistent_chains(run_dir):
     common.save_image_grid(at_zero[:64], os.path.join(run_dir, "chains_t0_final.png"))
     return {"n_chains": len(ckpt["chains_t"]), "n_at_t0": len(at_zero), "step": ckpt["step"],
             "fid": common.frechet_distance(common.feature_statistics(features), reference)}
+
+
+def mala_from_data(run_dir):
+    """DA-EBM: the script's own long-run check at the end of training (../shared/methods/daebm.md:
+    MALA at t = 0 from real digits, --long-run-steps of them, with numbers), as metrics.jsonl
+    recorded it (its picture: long_run.png in the run folder)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if "long_run_mala_steps" in line]
+    with open(os.path.join(run_dir, "args.json")) as f:
+        n_digits = json.load(f)["n_grid"]  # the check starts from the first n_grid digits
+    return {"n_digits": n_digits, "records": [
+        {key[len("long_run_"):]: value for key, value in record.items()
+         if key.startswith("long_run_")} for record in records]}
 
 
 def composition(run_dir):
@@ -509,6 +523,12 @@ def claims(records) -> list:
         lines.append(f"- CDRL inpainting, {region}: " + (
             f"MSE {inpaint['mse']:.3f} against {inpaint['mse_known_mean']:.3f} for the known-mean "
             f"fill ({inpaint['n']} held-out digits)" if inpaint else "not measured"))
+    mala = daebm.get("mala_from_data")
+    lines.append("- DA-EBM long-run check of the script (MALA at t = 0 from real digits), mean "
+                 "energy / RMS drift per pixel after each number of steps: " + (
+                     f"{mala['n_digits']} training digits, " + ", ".join(
+                         f"{r['mala_steps']}: {r['mean_energy']:.0f} / {r['rms_drift']:.3f}"
+                         for r in mala["records"]) if mala else "not measured"))
     chains = daebm.get("chains")
     lines.append("- DA-EBM persistent chains at t = 0 (final checkpoint): " + (
         f"{chains['n_at_t0']} of {chains['n_chains']}, FID {chains['fid']:.1f} on those"

@@ -100,6 +100,28 @@ def test_claims_below_the_table():
            "held-out digits)" in lines
     assert "- CDRL inpainting, right: not measured" in lines
     assert "- DA-EBM persistent chains at t = 0 (final checkpoint): not measured" in lines
+    assert "- DA-EBM long-run check of the script (MALA at t = 0 from real digits), mean " \
+           "energy / RMS drift per pixel after each number of steps: not measured" in lines
+
+
+def test_the_scripts_long_run_check_from_its_metrics(tmp_path):
+    """DA-EBM's own long-run check (MALA from real digits at the end of training) is read from the
+    run's metrics.jsonl, the training records beside it left out, and shown below the table."""
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for record in ({"step": 2000, "loss": 0.5},
+                       {"step": 2000, "long_run_mala_steps": 10, "long_run_mean_energy": -940.4,
+                        "long_run_rms_drift": 0.0294, "it_per_s": 0.0},
+                       {"step": 2000, "long_run_mala_steps": 1000, "long_run_mean_energy": -778.3,
+                        "long_run_rms_drift": 0.2961, "it_per_s": 0.0}):
+            f.write(json.dumps(record) + "\n")
+    with open(tmp_path / "args.json", "w") as f:
+        json.dump({"n_grid": 64}, f)
+    result = images.mala_from_data(str(tmp_path))
+    assert result == {"n_digits": 64, "records": [
+        {"mala_steps": 10, "mean_energy": -940.4, "rms_drift": 0.0294},
+        {"mala_steps": 1000, "mean_energy": -778.3, "rms_drift": 0.2961}]}
+    lines = images.claims([{"run": "daebm", "eval": {"mala_from_data": {"result": result}}}])
+    assert lines[-2].endswith("64 training digits, 10: -940 / 0.029, 1000: -778 / 0.296")
 
 
 def test_two_drivers_of_one_run_keep_both_stages(tmp_path, monkeypatch):

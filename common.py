@@ -1,9 +1,10 @@
 """Method-agnostic plumbing shared by the method scripts and the evaluator.
 
-Datasets (2D toys and image sets), seeding and devices, several processes under torchrun, the run
-folder and metric log, checkpoint I/O, FID (the evaluator's and --fid-every's), image grids and 2D
-pictures. Nothing here knows about energies, noise schedules, samplers or losses: those live in each
-method script so that one script plus this file can be copied alone.
+In banner sections, in about the order a run meets them: data (2D toys, images); settings;
+before training (run folder, seeds, device); during training (schedule, metrics, signals);
+checkpoints; several processes under torchrun; speed flags; pictures; FID (the evaluator's and
+--fid-every's). Nothing here knows about energies, noise schedules, samplers or losses: those live
+in each method script so that one script plus this file can be copied alone.
 """
 import contextlib
 import copy
@@ -46,8 +47,10 @@ def run_cli(entry):
 
 
 # --------------------------------------------------------------------------------------------------
-# 2D toy data
+# Data: 2D toys
 # --------------------------------------------------------------------------------------------------
+# What a script or the evaluator draws 2D data from: the six toys (draw_2d) and points:PATH files;
+# the box and grid of every 2D picture and density.
 def draw_2d(name: str, n: int, seed: int) -> torch.Tensor:
     """Draw n points (n, 2) of the named 2D toy, reproducibly from `seed`; for a `points:PATH` data
     set, n of the file's points drawn with replacement (the file is the whole distribution).
@@ -153,8 +156,11 @@ def grid_2d(lo: float, hi: float, resolution: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Image data
+# Data: images
 # --------------------------------------------------------------------------------------------------
+# Every image set as one uint8 tensor in memory (load_images, load_labels; one clear line for
+# missing files) and what a script trains on: training_data, EpochLoader (shuffled epochs that
+# resume exactly), to_model_space.
 def image_shape(dataset: str):
     """(C, H, W) of a named image dataset without loading it (folder: datasets are known once
     loaded)."""
@@ -433,284 +439,11 @@ def to_model_space(batch: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Seeding, devices, run folder, logging
+# Settings: the command line, presets, resuming from a checkpoint's settings, --help defaults
 # --------------------------------------------------------------------------------------------------
-def seed_everything(seed: int):
-    """Seed the global generators; under torchrun rank r uses seed + r (rank 0 draws what one
-    process draws), so that the ranks' noise is independent."""
-    seed += rank_and_world()[0]
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu. On CUDA, TF32 matmuls and convolutions are on."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"--device {name} is not supported: use auto, cpu, cuda or cuda:N")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for but CUDA is not available; use --device "
-                            "cpu")
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"--device {name} is not a device name; use cuda or cuda:N") from None
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-        return device
-    return torch.device("cpu")
-
-
-# --------------------------------------------------------------------------------------------------
-# Several processes (torchrun): data parallel, --batch-size is the global batch
-# --------------------------------------------------------------------------------------------------
-def rank_and_world() -> tuple:
-    """(this process's rank, number of processes); (0, 1) without torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main() -> bool:
-    """Rank 0, the one process that prints, logs, draws pictures and writes checkpoints."""
-    return rank_and_world()[0] == 0
-
-
-# How long a collective waits for the slowest rank. Sample batches are dealt round robin, so in an
-# FID phase one rank can draw a whole batch more than another before they gather: at DA-EBM's
-# paper configuration one batch of 200 samples is about 15 minutes on an H100, past the 10-minute
-# default, after which NCCL would abort the run.
-COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
-
-
-def start_processes(device_name: str) -> torch.device:
-    """This process's device. Under torchrun with several processes (WORLD_SIZE > 1): join the
-    process group (NCCL on CUDA, one GPU per process by LOCAL_RANK; gloo on a CPU; collectives wait
-    COLLECTIVE_TIMEOUT) unless the caller has joined one already, and silence stdout on every rank
-    but 0 (errors still reach stderr). One process, with or without torchrun, is the plain
-    single-device run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_name)
-    if world == 1:
-        return device
-    if device.type == "cuda":
-        if device.index is not None:
-            raise UserError(f"--device {device_name} under torchrun: each process takes the GPU "
-                            "of its LOCAL_RANK; use --device auto or cuda (choose GPUs with "
-                            "CUDA_VISIBLE_DEVICES)")
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        _PROCESS_GROUP["ours"] = True
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT)
-        else:
-            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
-        if dist.get_rank() != 0:
-            sys.stdout = open(os.devnull, "w")
-    return device
-
-
-_PROCESS_GROUP = {"ours": False}  # whether start_processes created the group (then it ends it)
-
-
-def end_processes() -> bool:
-    """After the training loop: the ranks wait for each other and leave the process group (unless
-    the caller made it); what follows (final pictures and samples) is rank 0's alone. True on rank
-    0 (and with one process)."""
-    rank, world = rank_and_world()
-    if world > 1:
-        dist.barrier()
-        if _PROCESS_GROUP["ours"]:
-            dist.destroy_process_group()
-    return rank == 0
-
-
-def check_divisible(**sizes):
-    """Global sizes (batch, chains) must split evenly over the processes: one clear line if not."""
-    world = rank_and_world()[1]
-    for name, value in sizes.items():
-        if value % world:
-            raise UserError(f"--{name.replace('_', '-')} {value} does not split over {world} "
-                            f"processes; use a multiple of {world}")
-
-
-def shard(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of a global tensor, as its own tensor: rows rank, rank + world, ... (the
-    tensor itself with one process)."""
-    rank, world = rank_and_world()
-    return tensor[rank::world].contiguous() if world > 1 else tensor
-
-
-def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's `shard` back into the global tensor in its global row order (a collective: every
-    rank calls it)."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.stack(parts, 1).flatten(0, 1)
-
-
-def batches_of_this_rank(n: int, batch_size: int) -> list:
-    """(index, first row, rows) of the batches of n rows that this process computes: the rows in
-    batches of batch_size, in order, dealt round robin over the ranks (all of them with one
-    process). Which rank computes a batch changes nothing else: see gather_batches."""
-    rank, world = rank_and_world()
-    firsts = list(range(0, n, batch_size))
-    return [(index, firsts[index], min(batch_size, n - firsts[index]))
-            for index in range(rank, len(firsts), world)]
-
-
-def gather_batches(outputs: list, n: int, batch_size: int) -> torch.Tensor:
-    """Every rank's outputs for its batches_of_this_rank(n, batch_size) (CPU tensors, one per batch,
-    rows first) as one CPU tensor in the global row order, on every rank (a collective: one padded
-    all-gather)."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return torch.cat(outputs)
-    # rank 0 always holds batch 0: its row shape and dtype are every rank's
-    spec = [(tuple(outputs[0].shape[1:]), outputs[0].dtype) if rank == 0 else None]
-    dist.broadcast_object_list(spec, 0)
-    row_shape, dtype = spec[0]
-    rows = [min(batch_size, n - first) for first in range(0, n, batch_size)]
-    rounds = -(-len(rows) // world)
-    local = torch.zeros(rounds, batch_size, *row_shape, dtype=dtype, device=_collective_device())
-    for index, output in enumerate(outputs):
-        local[index, :len(output)] = output
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local)
-    by_batch = torch.stack(parts, 1).flatten(0, 1).cpu()  # batch index = round * world + rank
-    return torch.cat([by_batch[index, :count] for index, count in enumerate(rows)])
-
-
-def _collective_device() -> torch.device:
-    """Where the process group's tensors live: this rank's GPU under NCCL, else the CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def average_gradients(parameters):
-    """Replace every rank's gradients by their mean over the ranks: one all-reduce of one flat
-    buffer (each rank's loss is a mean over its equal share of the global batch, so the mean of
-    the ranks' gradients is the gradient of the global batch's loss). Explicit rather than
-    DistributedDataParallel: the samplers run the network many times for input gradients only,
-    which DDP's one-forward-one-backward hooks do not expect; overlapping the all-reduce with the
-    loss's backward could hide it only behind that one pass of the many per iteration."""
-    if rank_and_world()[1] == 1:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= rank_and_world()[1]
-    torch._foreach_copy_(grads, [part.view_as(g) for part, g in
-                                 zip(flat.split([g.numel() for g in grads]), grads)])
-
-
-def sum_over_ranks_(*tensors):
-    """In place: each tensor becomes its sum over the ranks (a collective)."""
-    if rank_and_world()[1] > 1:
-        for tensor in tensors:
-            dist.all_reduce(tensor)
-
-
-def mean_over_ranks(*tensors) -> tuple:
-    """Each tensor's mean over the ranks, as new tensors (for logged figures)."""
-    if rank_and_world()[1] == 1:
-        return tensors
-    stacked = torch.stack([t.detach().float() for t in tensors])
-    dist.all_reduce(stacked)
-    return tuple(stacked / rank_and_world()[1])
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when it is true on any (a collective): decisions that must be the same
-    everywhere (save, stop, diverged)."""
-    if rank_and_world()[1] == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=_collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def broadcast_from_main(module):
-    """Every parameter and buffer of `module` set to rank 0's (the ranks build their models from
-    different random streams)."""
-    if rank_and_world()[1] > 1:
-        for tensor in module.state_dict().values():
-            dense = tensor.contiguous()  # a channels-last weight travels as a dense copy
-            dist.broadcast(dense, 0)
-            tensor.copy_(dense)
-
-
-def gather_objects(obj) -> list:
-    """Every rank's `obj` (small: random states, statistics), in rank order, on every rank."""
-    out = [None] * rank_and_world()[1]
-    dist.all_gather_object(out, obj)
-    return out
-
-
-@contextlib.contextmanager
-def own_rng(seed: int):
-    """Run a block (pictures, evaluations during training) on its own random numbers: the global CPU
-    and CUDA generators are saved, seeded with `seed`, and restored afterwards, so that drawing
-    pictures never changes what training draws next."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def autocast_bf16(enabled: bool, device_type: str):
-    """bfloat16 autocast for --amp bf16; otherwise a no-op context (also on devices autocast does
-    not know, such as the meta device that benchmarks/bench.py counts FLOPs on)."""
-    return torch.autocast(device_type, torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
-def compiled(function, enabled: bool):
-    """torch.compile(function) for --compile, else function itself. Dynamo is allowed to trace
-    torch.autograd.grad (otherwise the graph breaks there), so an energy-and-input-gradient function
-    becomes one graph: forward, input gradient and the elementwise work fused. Shape-generic
-    (dynamic=True), so one compilation serves the training batch, the sampler's batch and the
-    pictures' sizes (about half the compile time of a static first graph plus a dynamic recompile:
-    docs/RESULTS.md); torch.compile keeps its cache on the code object, so wrapping again is
-    cheap."""
-    if not enabled:
-        return function
-    torch._dynamo.config.trace_autograd_ops = True
-    # no duck shaping: a batch equal to a width (CDRL: 256 rows, 256-wide embeddings) would share
-    # one size symbol with it, which the weights then pin, and every other batch (the sampler's
-    # 500) would recompile (tests/test_speed_paths.py)
-    import torch.fx.experimental._config as fx_config
-
-    fx_config.use_duck_shape = False
-    return torch.compile(function, dynamic=True)
-
-
-def memory_layout(model, channels_last: bool):
-    """--channels-last: the model's 4D tensors (convolution weights) stored NHWC, so convolutions
-    return NHWC activations and their input gradients; nn.Module.to changes no other tensor, so a 2D
-    network is untouched. load_state_dict copies into these tensors and keeps their layout: a
-    checkpoint does not depend on it."""
-    return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
-def every(done: int, interval: int, total: int) -> bool:
-    """True at iterations that are a multiple of `interval` and at the last one (done counts from
-    1); never for interval 0 (an option that is off)."""
-    return interval > 0 and (done % interval == 0 or done == total)
-
-
-# --------------------------------------------------------------------------------------------------
-# Settings: the command line, resuming from a checkpoint's settings, --help defaults
-# --------------------------------------------------------------------------------------------------
+# Each script's Args extends RunArgs; parse_args reads the command line (with --resume, over the
+# checkpoint's settings); Args.__post_init__ fills the PRESETS values (apply_presets) and checks
+# them (require, check_positive).
 @dataclasses.dataclass
 class RunArgs:
     """The settings every method script shares, with the same names, order and meaning
@@ -926,8 +659,11 @@ def set_image_shape(args):
 
 
 # --------------------------------------------------------------------------------------------------
-# The run folder: refusal of a used folder, checks before training, metrics, signals
+# Before training: the run folder, seeds, the device
 # --------------------------------------------------------------------------------------------------
+# open_run checks the folder (a new run refuses one that holds a checkpoint) and returns the
+# checkpoint to resume; prepare_run_dir writes args.json; seed_everything, pick_device; own_rng
+# gives pictures their own random numbers.
 # Args fields that may change on --resume in every script: run length, logging, saving, device,
 # precision and memory layout, where the data are (their shape is re-read from the data); each
 # script adds its sampling options.
@@ -1019,6 +755,60 @@ def args_to_dict(args) -> dict:
 def print_start(args, description: str):
     print(f"{description}, run dir {args.run_dir}")
     print("args: " + ", ".join(f"{k}={v}" for k, v in args_to_dict(args).items()))
+
+
+def seed_everything(seed: int):
+    """Seed the global generators; under torchrun rank r uses seed + r (rank 0 draws what one
+    process draws), so that the ranks' noise is independent."""
+    seed += rank_and_world()[0]
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+@contextlib.contextmanager
+def own_rng(seed: int):
+    """Run a block (pictures, evaluations during training) on its own random numbers: the global CPU
+    and CUDA generators are saved, seeded with `seed`, and restored afterwards, so that drawing
+    pictures never changes what training draws next."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu. On CUDA, TF32 matmuls and convolutions are on."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"--device {name} is not supported: use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for but CUDA is not available; use --device "
+                            "cpu")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name} is not a device name; use cuda or cuda:N") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        return device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# During training: the loop's schedule, metrics, progress, signals, divergence
+# --------------------------------------------------------------------------------------------------
+# StopGuard.due says what is due after an iteration and turns SIGINT / SIGTERM into a save and a
+# clean exit; MetricLog writes metrics.jsonl and the progress line; Progress reports long phases;
+# stop_if_diverged stops on non-finite values before they reach a checkpoint.
+def every(done: int, interval: int, total: int) -> bool:
+    """True at iterations that are a multiple of `interval` and at the last one (done counts from
+    1); never for interval 0 (an option that is off)."""
+    return interval > 0 and (done % interval == 0 or done == total)
 
 
 def stop_if_diverged(step: int, loss: torch.Tensor, energy_pos, energy_neg, run_dir: str,
@@ -1191,8 +981,10 @@ class StopGuard:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: the EMA, atomic saves, exact resume
 # --------------------------------------------------------------------------------------------------
+# checkpoint_state gathers a run's state (weights, EMA, random generators, loader) into one dict;
+# save_checkpoint writes it atomically; load_checkpoint and restore bring a run back exactly.
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if rank_and_world()[1] > 1:  # one GPU per process: only its own generator
@@ -1329,8 +1121,293 @@ def load_checkpoint(path: str, method=None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# Several processes (torchrun): data parallel, --batch-size is the global batch
+# --------------------------------------------------------------------------------------------------
+# start_processes / end_processes around main; shard and gather_shards for persistent chains; the
+# collectives of a training step (average_gradients, sum / mean over ranks); batches_of_this_rank
+# and gather_batches for sampling and scoring on every rank. One process: all of them no-ops.
+def rank_and_world() -> tuple:
+    """(this process's rank, number of processes); (0, 1) without torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """Rank 0, the one process that prints, logs, draws pictures and writes checkpoints."""
+    return rank_and_world()[0] == 0
+
+
+# How long a collective waits for the slowest rank. Sample batches are dealt round robin, so in an
+# FID phase one rank can draw a whole batch more than another before they gather: at DA-EBM's
+# paper configuration one batch of 200 samples is about 15 minutes on an H100, past the 10-minute
+# default, after which NCCL would abort the run.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def start_processes(device_name: str) -> torch.device:
+    """This process's device. Under torchrun with several processes (WORLD_SIZE > 1): join the
+    process group (NCCL on CUDA, one GPU per process by LOCAL_RANK; gloo on a CPU; collectives wait
+    COLLECTIVE_TIMEOUT) unless the caller has joined one already, and silence stdout on every rank
+    but 0 (errors still reach stderr). One process, with or without torchrun, is the plain
+    single-device run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return device
+    if device.type == "cuda":
+        if device.index is not None:
+            raise UserError(f"--device {device_name} under torchrun: each process takes the GPU "
+                            "of its LOCAL_RANK; use --device auto or cuda (choose GPUs with "
+                            "CUDA_VISIBLE_DEVICES)")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        _PROCESS_GROUP["ours"] = True
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT)
+        else:
+            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+        if dist.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")
+    return device
+
+
+_PROCESS_GROUP = {"ours": False}  # whether start_processes created the group (then it ends it)
+
+
+def end_processes() -> bool:
+    """After the training loop: the ranks wait for each other and leave the process group (unless
+    the caller made it); what follows (final pictures and samples) is rank 0's alone. True on rank
+    0 (and with one process)."""
+    rank, world = rank_and_world()
+    if world > 1:
+        dist.barrier()
+        if _PROCESS_GROUP["ours"]:
+            dist.destroy_process_group()
+    return rank == 0
+
+
+def check_divisible(**sizes):
+    """Global sizes (batch, chains) must split evenly over the processes: one clear line if not."""
+    world = rank_and_world()[1]
+    for name, value in sizes.items():
+        if value % world:
+            raise UserError(f"--{name.replace('_', '-')} {value} does not split over {world} "
+                            f"processes; use a multiple of {world}")
+
+
+def shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a global tensor, as its own tensor: rows rank, rank + world, ... (the
+    tensor itself with one process)."""
+    rank, world = rank_and_world()
+    return tensor[rank::world].contiguous() if world > 1 else tensor
+
+
+def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `shard` back into the global tensor in its global row order (a collective: every
+    rank calls it)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts, 1).flatten(0, 1)
+
+
+def batches_of_this_rank(n: int, batch_size: int) -> list:
+    """(index, first row, rows) of the batches of n rows that this process computes: the rows in
+    batches of batch_size, in order, dealt round robin over the ranks (all of them with one
+    process). Which rank computes a batch changes nothing else: see gather_batches."""
+    rank, world = rank_and_world()
+    firsts = list(range(0, n, batch_size))
+    return [(index, firsts[index], min(batch_size, n - firsts[index]))
+            for index in range(rank, len(firsts), world)]
+
+
+def gather_batches(outputs: list, n: int, batch_size: int) -> torch.Tensor:
+    """Every rank's outputs for its batches_of_this_rank(n, batch_size) (CPU tensors, one per batch,
+    rows first) as one CPU tensor in the global row order, on every rank (a collective: one padded
+    all-gather)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return torch.cat(outputs)
+    # rank 0 always holds batch 0: its row shape and dtype are every rank's
+    spec = [(tuple(outputs[0].shape[1:]), outputs[0].dtype) if rank == 0 else None]
+    dist.broadcast_object_list(spec, 0)
+    row_shape, dtype = spec[0]
+    rows = [min(batch_size, n - first) for first in range(0, n, batch_size)]
+    rounds = -(-len(rows) // world)
+    local = torch.zeros(rounds, batch_size, *row_shape, dtype=dtype, device=_collective_device())
+    for index, output in enumerate(outputs):
+        local[index, :len(output)] = output
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    by_batch = torch.stack(parts, 1).flatten(0, 1).cpu()  # batch index = round * world + rank
+    return torch.cat([by_batch[index, :count] for index, count in enumerate(rows)])
+
+
+def _collective_device() -> torch.device:
+    """Where the process group's tensors live: this rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def average_gradients(parameters):
+    """Replace every rank's gradients by their mean over the ranks: one all-reduce of one flat
+    buffer (each rank's loss is a mean over its equal share of the global batch, so the mean of
+    the ranks' gradients is the gradient of the global batch's loss). Explicit rather than
+    DistributedDataParallel: the samplers run the network many times for input gradients only,
+    which DDP's one-forward-one-backward hooks do not expect; overlapping the all-reduce with the
+    loss's backward could hide it only behind that one pass of the many per iteration."""
+    if rank_and_world()[1] == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= rank_and_world()[1]
+    torch._foreach_copy_(grads, [part.view_as(g) for part, g in
+                                 zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def sum_over_ranks_(*tensors):
+    """In place: each tensor becomes its sum over the ranks (a collective)."""
+    if rank_and_world()[1] > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+
+
+def mean_over_ranks(*tensors) -> tuple:
+    """Each tensor's mean over the ranks, as new tensors (for logged figures)."""
+    if rank_and_world()[1] == 1:
+        return tensors
+    stacked = torch.stack([t.detach().float() for t in tensors])
+    dist.all_reduce(stacked)
+    return tuple(stacked / rank_and_world()[1])
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any (a collective): decisions that must be the same
+    everywhere (save, stop, diverged)."""
+    if rank_and_world()[1] == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast_from_main(module):
+    """Every parameter and buffer of `module` set to rank 0's (the ranks build their models from
+    different random streams)."""
+    if rank_and_world()[1] > 1:
+        for tensor in module.state_dict().values():
+            dense = tensor.contiguous()  # a channels-last weight travels as a dense copy
+            dist.broadcast(dense, 0)
+            tensor.copy_(dense)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (small: random states, statistics), in rank order, on every rank."""
+    out = [None] * rank_and_world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed flags: --amp bf16, --compile, --channels-last
+# --------------------------------------------------------------------------------------------------
+# What the scripts wrap their networks' passes in; the defaults (fp32, eager, contiguous) leave
+# every number as it is.
+def autocast_bf16(enabled: bool, device_type: str):
+    """bfloat16 autocast for --amp bf16; otherwise a no-op context (also on devices autocast does
+    not know, such as the meta device that benchmarks/bench.py counts FLOPs on)."""
+    return torch.autocast(device_type, torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def compiled(function, enabled: bool):
+    """torch.compile(function) for --compile, else function itself. Dynamo is allowed to trace
+    torch.autograd.grad (otherwise the graph breaks there), so an energy-and-input-gradient function
+    becomes one graph: forward, input gradient and the elementwise work fused. Shape-generic
+    (dynamic=True), so one compilation serves the training batch, the sampler's batch and the
+    pictures' sizes (about half the compile time of a static first graph plus a dynamic recompile:
+    docs/RESULTS.md); torch.compile keeps its cache on the code object, so wrapping again is
+    cheap."""
+    if not enabled:
+        return function
+    torch._dynamo.config.trace_autograd_ops = True
+    # no duck shaping: a batch equal to a width (CDRL: 256 rows, 256-wide embeddings) would share
+    # one size symbol with it, which the weights then pin, and every other batch (the sampler's
+    # 500) would recompile (tests/test_speed_paths.py)
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
+    return torch.compile(function, dynamic=True)
+
+
+def memory_layout(model, channels_last: bool):
+    """--channels-last: the model's 4D tensors (convolution weights) stored NHWC, so convolutions
+    return NHWC activations and their input gradients; nn.Module.to changes no other tensor, so a 2D
+    network is untouched. load_state_dict copies into these tensors and keeps their layout: a
+    checkpoint does not depend on it."""
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures (no matplotlib: PNGs written through torchvision)
+# --------------------------------------------------------------------------------------------------
+# Sample grids of images; 2D densities and histograms as colour panels side by side.
+def save_image_grid(images: torch.Tensor, path: str, nrow=None):
+    """Images in [-1, 1] (N, C, H, W) -> one PNG grid."""
+    import torchvision
+
+    nrow = nrow or max(1, int(math.sqrt(len(images))))
+    torchvision.utils.save_image((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, path,
+                                 nrow=nrow, padding=1)
+
+
+_MAGMA = torch.tensor([[0, 0, 4], [59, 15, 112], [140, 41, 129], [222, 73, 104], [254, 159, 109],
+                       [252, 253, 191]], dtype=torch.float32) / 255
+
+
+def colorize(values: torch.Tensor) -> torch.Tensor:
+    """A 2D array -> RGB image (3, H, W) through a magma-like colour map, scaled to its own
+    min/max."""
+    v = values.float()
+    v = (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12)
+    pos = v * (len(_MAGMA) - 1)
+    low = pos.floor().long().clamp(max=len(_MAGMA) - 2)
+    frac = (pos - low).unsqueeze(-1)
+    rgb = _MAGMA[low] * (1 - frac) + _MAGMA[low + 1] * frac
+    return rgb.permute(2, 0, 1)
+
+
+def histogram_2d(points: torch.Tensor, lo: float, hi: float, resolution: int) -> torch.Tensor:
+    """Counts of 2D points on a resolution^2 grid over [lo, hi]^2, row = y (same layout as
+    grid_2d)."""
+    idx = ((points.double() - lo) / (hi - lo) * resolution).floor().long()
+    inside = ((idx >= 0) & (idx < resolution)).all(1)
+    idx = idx[inside]
+    counts = torch.zeros(resolution * resolution, dtype=torch.float64)
+    counts.index_add_(0, idx[:, 1] * resolution + idx[:, 0],
+                      torch.ones(len(idx), dtype=torch.float64))
+    return counts.view(resolution, resolution)
+
+
+def save_panels(panels, path: str):
+    """A row of 2D arrays (each resolution x resolution, row = y) -> one PNG, y axis pointing up."""
+    import torchvision
+
+    images = [colorize(p.flip(0)) for p in panels]
+    torchvision.utils.save_image(torch.stack(images), path, nrow=len(images), padding=2,
+                                 pad_value=1.0)
+
+
+# --------------------------------------------------------------------------------------------------
 # FID: torch-fidelity's Inception, statistics and Frechet formula (eval_fid_ood.py and --fid-every)
 # --------------------------------------------------------------------------------------------------
+# The evaluator's FID and --fid-every's (TrainingFid) share every piece: sampling in seeded
+# batches, the Inception network, cached reference statistics, the Frechet distance.
 def batch_seed(seed: int, index: int) -> int:
     """The seed of sample batch `index`: its own stream, whichever process draws it."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
@@ -1524,52 +1601,3 @@ class TrainingFid:
         log.note(step, {"fid": fid, "best_fid": self.best, "fid_samples": n,
                         "fid_seconds": time.time() - start})
         return improved
-
-
-# --------------------------------------------------------------------------------------------------
-# Pictures (no matplotlib: PNGs written through torchvision)
-# --------------------------------------------------------------------------------------------------
-def save_image_grid(images: torch.Tensor, path: str, nrow=None):
-    """Images in [-1, 1] (N, C, H, W) -> one PNG grid."""
-    import torchvision
-
-    nrow = nrow or max(1, int(math.sqrt(len(images))))
-    torchvision.utils.save_image((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, path,
-                                 nrow=nrow, padding=1)
-
-
-_MAGMA = torch.tensor([[0, 0, 4], [59, 15, 112], [140, 41, 129], [222, 73, 104], [254, 159, 109],
-                       [252, 253, 191]], dtype=torch.float32) / 255
-
-
-def colorize(values: torch.Tensor) -> torch.Tensor:
-    """A 2D array -> RGB image (3, H, W) through a magma-like colour map, scaled to its own
-    min/max."""
-    v = values.float()
-    v = (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12)
-    pos = v * (len(_MAGMA) - 1)
-    low = pos.floor().long().clamp(max=len(_MAGMA) - 2)
-    frac = (pos - low).unsqueeze(-1)
-    rgb = _MAGMA[low] * (1 - frac) + _MAGMA[low + 1] * frac
-    return rgb.permute(2, 0, 1)
-
-
-def histogram_2d(points: torch.Tensor, lo: float, hi: float, resolution: int) -> torch.Tensor:
-    """Counts of 2D points on a resolution^2 grid over [lo, hi]^2, row = y (same layout as
-    grid_2d)."""
-    idx = ((points.double() - lo) / (hi - lo) * resolution).floor().long()
-    inside = ((idx >= 0) & (idx < resolution)).all(1)
-    idx = idx[inside]
-    counts = torch.zeros(resolution * resolution, dtype=torch.float64)
-    counts.index_add_(0, idx[:, 1] * resolution + idx[:, 0],
-                      torch.ones(len(idx), dtype=torch.float64))
-    return counts.view(resolution, resolution)
-
-
-def save_panels(panels, path: str):
-    """A row of 2D arrays (each resolution x resolution, row = y) -> one PNG, y axis pointing up."""
-    import torchvision
-
-    images = [colorize(p.flip(0)) for p in panels]
-    torchvision.utils.save_image(torch.stack(images), path, nrow=len(images), padding=2,
-                                 pad_value=1.0)

@@ -64,8 +64,8 @@ RUNS = {
         "train": ["pcd_diffusion_ebm.py", "--dataset", "mnist", "--preset", "cpu",
                   "--channels-last", "--compile", *FID_CURVE],
         # the paper's headline: long-run stability, FID after 1x, 10x and 100x the sampler's
-        # steps (100 samples each; 100x costs 100 times a sample: ~100 minutes in all on one core
-        # here: the 1x pass ran at 1.9 samples/s, about 53 s)
+        # steps (100 samples each; 100x costs 100 times a sample: the stage took 3,516 s on one
+        # core here, docs/RESULTS.md)
         "eval": {"score": SCORE, "long_run": ["--fid-samples", "0", "--ood", "none",
                                               "--long-run", "100", "--long-run-samples", "100"],
                  "chains": "persistent_chains",  # functions of this file (below)
@@ -94,8 +94,9 @@ RUNS = {
     },
 }
 # DCD generation with the training chains started at y / a, where the ladder's sampler starts,
-# instead of at the positive (docs/RESULTS.md, "DCD: generation": the energy is shaped only near
-# the training chains); the preset run's first 1,000 iterations otherwise, for its FID curve
+# instead of at the positive: the preset run's first 1,000 iterations otherwise, for its FID curve;
+# it tested (and refuted) the reading that the energy is shaped only near the training chains
+# (docs/RESULTS.md, "DCD: generation")
 RUNS["dcd-chain-y"] = {"train": [*RUNS["dcd"]["train"], "--chain-start", "y", "--steps", "1000"],
                        "eval": {}}
 # --task denoise: DCD's estimators and CD against a plain denoising-score-matching reference of the

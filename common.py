@@ -870,8 +870,8 @@ class MetricLog:
 
 
     def note(self, step: int, metrics: dict):
-        """A record of an evaluation during training (no it/s): its time is left out of the next
-        record's it/s."""
+        """A record of an evaluation, during or after training (no it/s): its time is left out of
+        the next record's it/s."""
         if not is_main():
             return
         with open(self.path, "a") as f:

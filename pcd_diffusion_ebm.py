@@ -778,8 +778,8 @@ def after_training(model: DAEBM, args, device, box, train_data, log):
             else:
                 common.save_image_grid(generated, path)
         if steps_taken is not None and len(generated):
-            log.log(args.steps,
-                    {"post_sampling_mean_langevin_steps": steps_taken.float().mean().item()})
+            log.note(args.steps,
+                     {"post_sampling_mean_langevin_steps": steps_taken.float().mean().item()})
     # at most as many MALA steps as the training chains made Langevin steps (--steps x K)
     n_steps = min(args.long_run_steps, args.steps * args.langevin_steps)
     if n_steps < args.long_run_steps:
@@ -791,7 +791,7 @@ def after_training(model: DAEBM, args, device, box, train_data, log):
         marks = sorted({m for m in (10, 100, 1000, 10_000, 100_000, n_steps) if m <= n_steps})
         records, x_end = long_run(model, start.to(device), n_steps, marks, args.official_mh_ratio)
         for record in records:
-            log.log(args.steps, {f"long_run_{k}": v for k, v in record.items()})
+            log.note(args.steps, {f"long_run_{k}": v for k, v in record.items()})
         path = os.path.join(args.run_dir, "long_run.png")
         if common.is_2d(args.dataset):
             common.save_panels([common.histogram_2d(x_end.cpu(), *box, 200)], path)

@@ -382,6 +382,8 @@ def test_long_run_check_costs_at_most_the_runs_langevin_steps(tmp_path, capsys):
     assert "shortened to 12 MALA steps" in capsys.readouterr().out
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["long_run_mala_steps"] for r in records if "long_run_mala_steps" in r] == [10, 12]
+    # after training nothing is timed: no it/s of 0 among the training speeds
+    assert all("it_per_s" not in r for r in records if "long_run_mala_steps" in r)
 
 
 def test_long_phases_print_progress(tmp_path, monkeypatch, capsys):
@@ -392,6 +394,9 @@ def test_long_phases_print_progress(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "MGMS sampler, chains kept of 16:" in out
     assert "long-run MALA steps: 100/1000" in out and "long-run MALA steps: 1000/1000" in out
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    after = [r for r in records if "post_sampling_mean_langevin_steps" in r]
+    assert len(after) == 1 and "it_per_s" not in after[0]
 
 
 def test_long_run_in_pieces_is_one_mala_run():
